@@ -1,0 +1,16 @@
+"""lime_attr: Layer-wise Relevance Propagation for transformers and multimodal LLMs, and LIME.
+
+LRP is patented (see the README's licensing note); lime_attr is free software, but the patent holder's
+terms for LRP apply to its use.
+"""
+from .attribution import LRP
+from .composites import Composite, available_composites, get_composite, register_composite
+from .rules import available_rules, get_rule, register_rule
+from .scope import LRPScope, lrp_scope
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LRP", "Composite", "available_composites", "get_composite", "register_composite",
+    "available_rules", "get_rule", "register_rule", "LRPScope", "lrp_scope", "__version__",
+]

@@ -1,0 +1,4 @@
+"""Captum-compatible attribution classes."""
+from .lrp import LRP
+
+__all__ = ["LRP"]

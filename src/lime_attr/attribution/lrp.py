@@ -1,0 +1,224 @@
+"""``LRP``: Captum-compatible Layer-wise Relevance Propagation in gradient form."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from captum._utils.common import (_format_additional_forward_args, _format_output, _format_tensor_into_tuples,
+                                  _is_tuple, _run_forward)
+from captum.attr import GradientAttribution
+from torch import Tensor, nn
+
+from ..composites import Composite
+from ..scope import LRPScope
+from ._forward import HFForward, hf_input_name, is_hf_model
+
+__all__ = ["LRP", "validate_inputs", "validate_target"]
+
+
+def validate_inputs(inputs: tuple) -> None:
+    """Clear errors for non-tensor, non-float, empty or non-finite inputs."""
+    for i, x in enumerate(inputs):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input {i} must be a torch.Tensor, got {type(x).__name__}; LRP explains "
+                            "float tensors (for token ids pass the embeddings: model.get_input_embeddings()(ids))")
+        if not x.is_floating_point():
+            raise TypeError(f"input {i} has dtype {x.dtype}; LRP needs a floating-point tensor (relevance is "
+                            "x * gradient). For token ids pass inputs_embeds instead")
+        if x.dim() == 0:
+            raise ValueError(f"input {i} is a scalar; inputs need a batch dimension (dim 0)")
+        if x.numel() == 0:
+            raise ValueError(f"input {i} is empty (shape {tuple(x.shape)})")
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(f"input {i} contains {bad} NaN/inf value(s); relevance of non-finite inputs is "
+                             "undefined. Clean the input (e.g. torch.nan_to_num) before attributing")
+
+
+def validate_target(output: Tensor, target: Any) -> None:
+    """Check a Captum-format target against the model output shape, with a clear message."""
+    if target is None:
+        if output.dim() > 1 and output[0].numel() != 1:
+            raise ValueError(f"target=None needs a scalar output per example, but the output has shape "
+                             f"{tuple(output.shape)}; pass target=<class index> (or a tuple for >2-D outputs)")
+        return
+    n = output.shape[0]
+
+    def check_index(idx: Any, dims: tuple, what: str) -> None:
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if len(idx) > len(dims):
+            raise ValueError(f"target {what}{idx} has {len(idx)} indices but the output has only {len(dims)} "
+                             f"non-batch dimensions (shape {tuple(output.shape)})")
+        for i, d in zip(idx, dims):
+            if isinstance(i, slice):
+                continue
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise TypeError(f"target indices must be ints, got {i!r}")
+            if not -d <= i < d:
+                raise IndexError(f"target {what}{i} is out of range for an output dimension of size {d} "
+                                 f"(output shape {tuple(output.shape)})")
+
+    dims = tuple(output.shape[1:])
+    if isinstance(target, Tensor):
+        if target.numel() == 1:
+            check_index(int(target.item()), dims, "")
+            return
+        if target.dim() != 1 or target.numel() != n:
+            raise ValueError(f"a tensor target must hold one index per example ({n}), got shape {tuple(target.shape)}")
+        target = target.tolist()
+    if isinstance(target, list):
+        if len(target) != n:
+            raise ValueError(f"a list target must hold one entry per example: {len(target)} targets for {n} examples")
+        for t in target:
+            check_index(t, dims, "")
+        return
+    if isinstance(target, (int, tuple)) and not isinstance(target, bool):
+        check_index(target, dims, "")
+        return
+    raise TypeError(f"unsupported target {target!r}: use an int, a tuple, a list of ints/tuples or a tensor "
+                    "(Captum's target formats)")
+
+
+class LRP(GradientAttribution):
+    r"""Layer-wise Relevance Propagation for any torch or Hugging Face model, in one backward pass.
+
+    Relevance of an input ``x`` is ``x * g`` where ``g`` is the rule-modified gradient of the explained
+    output, obtained with one backward pass seeded with 1 at that output: the relevances sum to the
+    explained logit (up to what biases, stabilisers and the non-conservative softmax rule keep).
+
+    Parameters
+    ----------
+    model : nn.Module or callable
+        A torch module, or a Hugging Face model (pass the model itself; inputs are then its
+        ``inputs_embeds`` / ``pixel_values`` / ``input_features``).
+    composite : str or Composite
+        Which rule applies where (default ``"attnlrp"``; see :func:`lime_attr.available_composites`).
+    canonizer : "auto", None, str or Canonizer
+        Per-architecture adapter; ``"auto"`` picks it from ``model.config.model_type``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lime_attr import LRP
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> x = torch.randn(2, 4)
+    >>> attr, delta = LRP(model, composite="epsilon-plus").attribute(x, target=1, return_convergence_delta=True)
+    >>> attr.shape
+    torch.Size([2, 4])
+    """
+
+    def __init__(self, model: Union[nn.Module, Callable], composite: Union[str, Composite] = "attnlrp",
+                 canonizer: Any = "auto") -> None:
+        super().__init__(model)
+        if not isinstance(model, nn.Module):
+            raise TypeError("LRP needs the model itself (a torch.nn.Module), not a function: rules attach to "
+                            "its modules")
+        self.model = model
+        self.composite = composite
+        self.canonizer = canonizer
+        self._scope: Optional[LRPScope] = None
+
+    @property
+    def multiplies_by_inputs(self) -> bool:  # noqa: D401
+        """True: LRP relevance is input times modified gradient."""
+        return True
+
+    def has_convergence_delta(self) -> bool:
+        """True: the delta is the explained output minus the sum of relevance, per example."""
+        return True
+
+    def scope(self) -> LRPScope:
+        """A (reusable) scope applying this attribution's composite and canonizer to the model."""
+        if self._scope is None:
+            self._scope = LRPScope(self.model, self.composite, self.canonizer)
+        return self._scope
+
+    def attribute(self, inputs: Union[Tensor, tuple[Tensor, ...]], target: Any = None,
+                  additional_forward_args: Any = None, return_convergence_delta: bool = False,
+                  create_graph: bool = False, **model_kwargs: Any) -> Any:
+        r"""Relevance of ``inputs`` for the ``target`` output.
+
+        Parameters
+        ----------
+        inputs : Tensor or tuple of Tensor
+            Batch on dim 0; the output has the same structure. For Hugging Face models: the
+            ``inputs_embeds`` (token models) or ``pixel_values`` / ``input_features``.
+        target : int, tuple, list, Tensor or None
+            Captum's formats. For a Hugging Face token model an int is a token id explained at the last
+            position; a tuple ``(position, token_id)`` selects another position.
+        additional_forward_args : Any
+            Passed after ``inputs`` to the model (for Hugging Face models: a dict of keyword arguments).
+        return_convergence_delta : bool
+            Also return ``output - sum(relevance)`` per example.
+        create_graph : bool
+            Keep the graph so that the relevance can itself be differentiated (LIME needs this).
+        **model_kwargs
+            Hugging Face models only: further keyword inputs (``attention_mask``, ``pixel_values``...).
+
+        Returns
+        -------
+        Tensor or tuple of Tensor, and optionally the delta Tensor of shape ``[batch]``.
+        """
+        is_tuple = _is_tuple(inputs)
+        inputs_t = _format_tensor_into_tuples(inputs)
+        validate_inputs(inputs_t)
+        forward_func, additional = self._forward_func(inputs_t, target, additional_forward_args, model_kwargs)
+        work = tuple(x if x.requires_grad else x.detach().requires_grad_(True) for x in inputs_t)
+        scope = self.scope()
+        with torch.enable_grad(), scope:
+            raw = forward_func(*work, *(_format_additional_forward_args(additional) or ()))
+            validate_target(raw, target)
+            out = _run_forward(lambda *a: raw, work, target, None) if target is not None else raw
+            carriers = scope.pop_carriers()
+        out = out.reshape(out.shape[0], -1)
+        if out.shape[1] != 1:
+            raise ValueError(f"the selected output has {out.shape[1]} values per example; the target must select "
+                             "one scalar per example")
+        out = out[:, 0]
+        if not bool(torch.isfinite(out).all()):
+            raise FloatingPointError("the explained output is NaN/inf; check the model's dtype (fp16 overflows "
+                                     "easily: use bf16 or fp32) and its inputs")
+        carrier_t = [c for _, c in carriers]
+        grads = torch.autograd.grad(out, list(work) + carrier_t, grad_outputs=torch.ones_like(out),
+                                    create_graph=create_graph, allow_unused=True)
+        if not create_graph:
+            work = tuple(x.detach() for x in work)
+            grads = tuple(None if g is None else g.detach() for g in grads)
+            carriers = [(x, c.detach()) for x, c in carriers]
+        rel = [x * (g if g is not None else torch.zeros_like(x)) for x, g in zip(work, grads[: len(work)])]
+        for (x_in, c), g in zip(carriers, grads[len(work):]):
+            if g is None:
+                continue
+            idx = _match_input(x_in, inputs_t, work)
+            if idx is None:
+                raise ValueError("a first-layer rule (flat / wsquare / zbox) was applied to a layer whose input "
+                                 "is not a model input; map it only to the first layer ('first_layer')")
+            rel[idx] = rel[idx] + c * g
+        rel_t = tuple(rel)
+        result = _format_output(is_tuple, rel_t)
+        if return_convergence_delta:
+            total = sum(r.reshape(r.shape[0], -1).sum(1) for r in rel_t)
+            delta = out.detach() - total.detach() if not create_graph else out - total
+            return result, delta
+        return result
+
+    def _forward_func(self, inputs_t: tuple, target: Any, additional: Any, model_kwargs: dict):
+        model = self.model
+        if is_hf_model(model):
+            keep = isinstance(target, tuple) or (isinstance(target, list) and target and isinstance(target[0], tuple))
+            kw = dict(model_kwargs)
+            fwd = HFForward(model, model_kwargs.pop("input_name", None) or hf_input_name(model), kw, keep)
+            return fwd, additional
+        if model_kwargs:
+            raise TypeError(f"unexpected keyword arguments {sorted(model_kwargs)}; for plain torch models pass "
+                            "extra model inputs through additional_forward_args")
+        return model, additional
+
+
+def _match_input(x: Tensor, originals: Sequence[Tensor], inputs: Sequence[Tensor]) -> Optional[int]:
+    for i, (orig, inp) in enumerate(zip(originals, inputs)):
+        for cand in (orig, inp):
+            if x is cand or (x.shape == cand.shape and x.data_ptr() == cand.data_ptr()):
+                return i
+    return None

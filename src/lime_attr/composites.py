@@ -1,0 +1,271 @@
+"""Composites: which rule applies where, first match wins; the named-composite registry; zennit interop.
+
+A :class:`Composite` is an ordered list of ``(matcher, rule)`` pairs. A matcher is
+
+* a module type or a tuple of types (subclass-aware ``isinstance``),
+* ``"site:<kind>"`` -- any site of that kind (``site:layer``, ``site:attention``, ``site:product``, ...),
+* ``"first_layer"`` -- the first weight-bearing layer of the model,
+* ``"op:<name>"`` -- an op site whose torch function is called ``name`` (``op:mul``, ``op:matmul``),
+* any other string -- an fnmatch pattern on the qualified module name (``"encoder.layer.*.output.dense"``),
+* or a callable ``(site) -> bool``.
+
+For each site the first entry whose matcher matches *and* whose rule supports the site's kind wins.
+A rule may also be a zennit rule (``zennit.core.Hook``): it then drives that Linear/Conv module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+from torch import nn
+
+from .errors import UnknownNameError
+from .rules import Rule, get_rule
+from .sites import Site
+
+__all__ = ["Composite", "register_composite", "get_composite", "available_composites", "ZennitRule"]
+
+Matcher = Union[type, tuple, str, Callable[[Site], bool]]
+
+
+class ZennitRule(Rule):
+    """Adapter that lets a zennit rule (a ``zennit.core.Hook``) drive one Linear/Conv/activation module.
+
+    zennit hooks pass *relevance* backwards where lime_attr passes gradients; the adapter converts at
+    the module's boundaries (``R_out = y * g`` before the hook, ``g_in = R_in / x`` after it), so the
+    zennit rule computes exactly what it computes inside zennit.
+    """
+
+    def __init__(self, hook: Any) -> None:
+        self.hook = hook
+
+    @classmethod
+    def sites(cls) -> frozenset[str]:
+        return frozenset({"layer", "affine", "activation"})
+
+    def __repr__(self) -> str:
+        return f"ZennitRule({type(self.hook).__name__})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ZennitRule) and other.hook is self.hook
+
+    __hash__ = object.__hash__
+
+
+def _as_rule(rule: Any) -> Rule:
+    if isinstance(rule, Rule):
+        return rule
+    if isinstance(rule, str):
+        return get_rule(rule)
+    try:
+        from zennit.core import Hook  # noqa: WPS433
+    except Exception:  # pragma: no cover - zennit missing
+        Hook = ()  # type: ignore
+    if Hook and isinstance(rule, Hook):
+        return ZennitRule(rule)
+    raise TypeError(f"a composite maps places to rules: expected a Rule, a rule name or a zennit rule, got {rule!r}")
+
+
+def _matches(matcher: Matcher, site: Site) -> bool:
+    if isinstance(matcher, type) or (isinstance(matcher, tuple) and all(isinstance(t, type) for t in matcher)):
+        return site.module is not None and isinstance(site.module, matcher) and not site.op
+    if isinstance(matcher, str):
+        if matcher.startswith("site:"):
+            return site.kind == matcher[5:]
+        if matcher == "first_layer":
+            return site.first_layer
+        if matcher.startswith("op:"):
+            return site.op == matcher[3:]
+        return site.matches_name(matcher)
+    if callable(matcher):
+        return bool(matcher(site))
+    raise TypeError(f"unknown matcher {matcher!r}")
+
+
+@dataclass
+class Composite:
+    """An ordered mapping from places in a model to rules; the first match wins.
+
+    Parameters
+    ----------
+    entries : sequence of (matcher, rule)
+        See the module docstring for matchers. Rules may be names, rule objects or zennit rules.
+    canonizers : sequence, optional
+        zennit canonizers (e.g. ``SequentialMergeBatchNorm()``) applied inside the scope and reverted.
+    name : str
+        Display name.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lime_attr import Composite
+    >>> comp = Composite([(torch.nn.Conv2d, "gamma"), ("site:layer", "epsilon"), ("site:activation", "identity")])
+    """
+
+    entries: Sequence[tuple[Matcher, Any]]
+    canonizers: Sequence[Any] = ()
+    name: str = "custom"
+    _rules: list = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._rules = [(m, _as_rule(r)) for m, r in self.entries]
+
+    def rule_for(self, site: Site) -> Optional[Rule]:
+        """The rule for ``site`` (first entry that matches and supports the site's kind), or None."""
+        for matcher, rule in self._rules:
+            if _matches(matcher, site) and rule.supports(site.kind):
+                return rule
+        return None
+
+    def matched_unsupported(self, site: Site) -> list[Rule]:
+        """Rules whose matcher matched ``site`` but which cannot apply to its kind (for error messages)."""
+        return [r for m, r in self._rules if _matches(m, site) and not r.supports(site.kind)]
+
+    def prepend(self, *entries: tuple[Matcher, Any]) -> "Composite":
+        """A new composite with ``entries`` taking precedence over this one's."""
+        return Composite([*entries, *self.entries], self.canonizers, self.name)
+
+    @classmethod
+    def from_zennit(cls, composite: Any, base: Union[str, "Composite"] = "attnlrp") -> "Composite":
+        """Let a zennit composite drive the modules it maps; everything else comes from ``base``.
+
+        Each module zennit's ``module_map`` assigns a rule gets that (copied) zennit rule; transformer
+        parts zennit has no rules for (attention, norms, products) keep ``base``'s rules.
+        """
+        base_c = get_composite(base) if isinstance(base, str) else base
+        ctx: dict = {}
+
+        def zennit_matcher_factory():
+            assigned: dict[int, Any] = {}
+
+            def matcher(site: Site) -> bool:
+                if site.module is None or site.op:
+                    return False
+                key = id(site.module)
+                if key not in assigned:
+                    assigned[key] = composite.module_map(ctx, site.name, site.module)
+                return assigned[key] is not None
+
+            return matcher, assigned
+
+        matcher, assigned = zennit_matcher_factory()
+        entry_rule = _ZennitLookup(composite, assigned)
+        comp = Composite([(matcher, entry_rule), *base_c.entries], tuple(getattr(composite, "canonizers", ())),
+                         name=f"zennit:{type(composite).__name__}")
+        return comp
+
+
+class _ZennitLookup(Rule):
+    """Resolves to the zennit rule assigned to a module by a zennit composite's ``module_map``."""
+
+    def __init__(self, composite: Any, assigned: dict) -> None:
+        self.composite = composite
+        self.assigned = assigned
+
+    @classmethod
+    def sites(cls) -> frozenset[str]:
+        return frozenset({"layer", "affine", "activation", "softmax", "norm", "passthrough", "unknown"})
+
+    def __repr__(self) -> str:
+        return f"zennit composite {type(self.composite).__name__}"
+
+    def resolve(self, site: Site) -> ZennitRule:
+        return ZennitRule(self.assigned[id(site.module)].copy())
+
+
+_COMPOSITES: dict[str, Callable[..., Composite]] = {}
+
+
+def register_composite(name: str, *, overwrite: bool = False) -> Callable:
+    """Decorator registering a composite factory ``(**params) -> Composite`` under ``name``."""
+
+    def decorator(factory: Callable[..., Composite]) -> Callable[..., Composite]:
+        if name in _COMPOSITES and not overwrite:
+            raise ValueError(f"a composite named {name!r} is already registered; pass overwrite=True")
+        _COMPOSITES[name] = factory
+        return factory
+
+    return decorator
+
+
+def get_composite(name: Union[str, Composite], **params: Any) -> Composite:
+    """The composite registered as ``name`` (built with ``params``), or ``name`` itself if a Composite.
+
+    Raises
+    ------
+    UnknownNameError
+        With the list of registered composites.
+    """
+    if isinstance(name, Composite):
+        return name
+    if type(name).__module__.startswith("zennit"):
+        return Composite.from_zennit(name)
+    try:
+        factory = _COMPOSITES[name]
+    except (KeyError, TypeError):
+        raise UnknownNameError(
+            f"unknown composite {name!r}; available composites: {', '.join(available_composites())}. "
+            "Build one with lime_attr.Composite([...]) or register it with @register_composite(name)."
+        ) from None
+    comp = factory(**params)
+    comp.name = name
+    return comp
+
+
+def available_composites() -> list[str]:
+    """Sorted names of the registered composites."""
+    return sorted(_COMPOSITES)
+
+
+# --------------------------------------------------------------------------------- built-in composites
+
+_TRANSFORMER = [
+    ("site:attention", "bilinear"),
+    ("site:matmul", "bilinear"),
+    ("site:softmax", "softmax"),
+    ("site:product", "uniform"),
+    ("site:norm", "norm"),
+    ("site:activation", "identity"),
+]
+
+
+@register_composite("attnlrp")
+def _attnlrp(epsilon: float = 0.0) -> Composite:
+    """AttnLRP (Achtibat et al., 2024): bilinear + softmax rules in attention, uniform on products, identity
+    on activations, norm rule, epsilon (default eps -> 0, i.e. the plain gradient) on linear layers."""
+    return Composite([*_TRANSFORMER, ("site:layer", get_rule("epsilon", epsilon=epsilon)),
+                      ("site:affine", get_rule("epsilon", epsilon=epsilon))])
+
+
+@register_composite("cp-lrp")
+def _cplrp(epsilon: float = 0.0) -> Composite:
+    """CP-LRP (Ali et al., 2022): attention weights and MLP gates constant; otherwise as ``attnlrp``."""
+    return Composite([
+        ("site:attention", "cp_attention"), ("site:softmax", "cp_attention"), ("site:matmul", "cp_attention"),
+        ("site:product", "cp_attention"), ("site:norm", "norm"), ("site:activation", "identity"),
+        ("site:layer", get_rule("epsilon", epsilon=epsilon)), ("site:affine", get_rule("epsilon", epsilon=epsilon)),
+    ])
+
+
+@register_composite("epsilon-gamma")
+def _epsilon_gamma(epsilon: float = 1e-6, gamma: float = 0.25, low: Any = -3.0, high: Any = 3.0) -> Composite:
+    """zbox on the first layer, gamma on convolutions, epsilon on dense layers (zennit's EpsilonGammaBox),
+    AttnLRP rules on transformer parts. ``low``/``high`` bound the input (defaults suit standardised data)."""
+    return Composite([
+        ("first_layer", get_rule("zbox", low=low, high=high)),
+        ((nn.Conv1d, nn.Conv2d, nn.Conv3d), get_rule("gamma", gamma=gamma)),
+        ("site:layer", get_rule("epsilon", epsilon=epsilon)),
+        ("site:affine", get_rule("epsilon", epsilon=0.0)),
+        *_TRANSFORMER,
+    ])
+
+
+@register_composite("epsilon-plus")
+def _epsilon_plus(epsilon: float = 1e-6) -> Composite:
+    """z+ on convolutions, epsilon on dense layers (zennit's EpsilonPlus), AttnLRP rules on transformer parts."""
+    return Composite([
+        ((nn.Conv1d, nn.Conv2d, nn.Conv3d), "zplus"),
+        ("site:layer", get_rule("epsilon", epsilon=epsilon)),
+        ("site:affine", get_rule("epsilon", epsilon=0.0)),
+        *_TRANSFORMER,
+    ])

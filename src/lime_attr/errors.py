@@ -1,0 +1,50 @@
+"""Exceptions raised by lime_attr.
+
+Every error names the problem and the fix. They subclass the built-in exception a user would expect
+(``ValueError``, ``TypeError``, ``KeyError``) so that generic handlers keep working.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "LimeAttrError",
+    "UnknownNameError",
+    "RuleParameterError",
+    "UncoveredModuleError",
+    "UncoveredOpError",
+    "UnsupportedModelError",
+    "RuleSiteError",
+]
+
+
+class LimeAttrError(Exception):
+    """Base class of every lime_attr error."""
+
+
+class UnknownNameError(LimeAttrError, KeyError):
+    """A rule, composite or canonizer name that is not registered.
+
+    The message lists the registered names.
+    """
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class RuleParameterError(LimeAttrError, ValueError):
+    """A rule parameter outside its valid range."""
+
+
+class RuleSiteError(LimeAttrError, TypeError):
+    """A rule was mapped to a place (module or op) it cannot be applied to."""
+
+
+class UncoveredModuleError(LimeAttrError, TypeError):
+    """A parametric, normalisation or unknown module that no rule of the composite covers."""
+
+
+class UncoveredOpError(LimeAttrError, TypeError):
+    """A nonlinear or bilinear op on an input-dependent path that no rule covers."""
+
+
+class UnsupportedModelError(LimeAttrError, ValueError):
+    """A model (``config.model_type``) for which no canonizer is registered."""

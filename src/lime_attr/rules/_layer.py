@@ -1,0 +1,55 @@
+"""Functional forward of weight-bearing layers with substituted parameters."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def layer_params(module: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+    """The (weight, bias) of a layer, detached (rules treat parameters as constants)."""
+    w = module.weight.detach()
+    b = getattr(module, "bias", None)
+    return w, (b.detach() if isinstance(b, Tensor) else None)
+
+
+def layer_forward(module: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``module``'s forward computed with ``weight`` and ``bias`` in place of its own parameters.
+
+    Supports ``nn.Linear``, ``nn.Conv1d/2d/3d`` and Hugging Face's ``Conv1D`` (GPT-2); other layers
+    must be adapted by a canonizer.
+    """
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        return module._conv_forward(x, weight, bias)
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
+        size_out = x.size()[:-1] + (module.nf,)
+        out = x.reshape(-1, x.size(-1)) @ weight
+        if bias is not None:
+            out = out + bias
+        return out.view(size_out)
+    raise TypeError(
+        f"no functional forward known for layer type {type(module).__name__}; LRP layer rules support "
+        "nn.Linear, nn.Conv1d/2d/3d and transformers' Conv1D. Use the 'epsilon' rule (gradient form, "
+        "no re-evaluation) or write a canonizer that exposes the layer as one of these."
+    )
+
+
+def layer_forward_multi(module: nn.Module, x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]]) -> list[Tensor]:
+    """Evaluate several parameter variants on the same input in one call (weights stacked on the output axis)."""
+    if len(weights) == 1:
+        return [layer_forward(module, x, weights[0], biases[0])]
+    if isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed):
+        w = torch.cat(weights, dim=0)
+        if all(b is None for b in biases):
+            b = None
+        else:
+            b = torch.cat([bb if bb is not None else torch.zeros(ww.shape[0], dtype=ww.dtype, device=ww.device)
+                           for ww, bb in zip(weights, biases)])
+        out = layer_forward(module, x, w, b)
+        dim = -1 if isinstance(module, nn.Linear) else 1
+        return list(out.split([ww.shape[0] for ww in weights], dim=dim))
+    return [layer_forward(module, x, w, b) for w, b in zip(weights, biases)]

@@ -1,0 +1,490 @@
+"""The built-in rules.
+
+Module rules follow Montavon et al., "Layer-wise relevance propagation: an overview" (2019) and zennit's
+conventions (Anders et al., 2021); transformer rules follow AttnLRP (Achtibat et al., ICML 2024,
+arXiv:2402.05602) and CP-LRP (Ali et al., ICML 2022). Everything is in *gradient form*: relevance of a
+tensor ``x`` is ``x * g`` with ``g`` the rule-modified gradient of one backward pass seeded with 1 at the
+explained output, so relevance at the output equals the explained logit.
+
+For a layer ``y = f(x; W, b)`` with incoming gradient ``g`` (so ``R_out = y * g``), the layer rules
+compute ``g_in = sum_k J_k^T (y * g / z_k)`` with the rule's modified forward passes ``z_k``; each
+modified forward is evaluated once, in the forward pass, and autograd carries the rest.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..errors import RuleParameterError
+from ._grad import replace_grad, scale_grad, stabilize
+from ._layer import layer_forward, layer_forward_multi, layer_params
+from .registry import Rule, register_rule
+
+__all__ = [
+    "Epsilon", "Gamma", "ZPlus", "AlphaBeta", "Flat", "WSquare", "ZBox", "Identity", "Pass",
+    "Uniform", "Softmax", "Bilinear", "Norm", "CPAttention", "Gradient",
+]
+
+
+def _check_nonneg(name: str, value: float, rule: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise RuleParameterError(f"{rule}: {name} must be a finite number >= 0, got {value!r}")
+
+
+def _plus(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.clamp(min=0)
+
+
+def _minus(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.clamp(max=0)
+
+
+def _current_carriers() -> Any:
+    from ..scope import current_scope  # local import: scope imports rules
+
+    return current_scope()
+
+
+# --------------------------------------------------------------------------------------------- layers
+
+
+@register_rule("epsilon")
+@dataclass(frozen=True)
+class Epsilon(Rule):
+    """LRP-epsilon (Bach et al., 2015).
+
+    ``R_i = sum_j x_i W_ji / (z_j + eps * sign(z_j)) * R_j`` with ``z_j = sum_i x_i W_ji + b_j`` and
+    ``sign(0) = +1``. ``eps = 0`` is LRP-0, which in gradient form is the plain gradient: the rule then
+    adds no work at all. Also applies to elementwise affine modules (BatchNorm in eval mode).
+
+    Parameters
+    ----------
+    epsilon : float
+        Stabiliser, >= 0 (default 1e-6, as zennit). The bias and the stabiliser absorb relevance.
+    """
+
+    epsilon: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_nonneg("epsilon", self.epsilon, "epsilon")
+
+    def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
+        if self.epsilon == 0:
+            return y
+        ratio = (y / stabilize(y, self.epsilon)).detach()
+        return replace_grad(y, y * ratio)
+
+    apply_affine = apply_layer
+
+
+@register_rule("gradient")
+@dataclass(frozen=True)
+class Gradient(Rule):
+    """The op's own Jacobian (LRP-0 for linear maps): ``g_in = J^T g``. Marks a place as covered."""
+
+    def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
+        return y
+
+    apply_affine = apply_layer
+
+    def apply_activation(self, x: Tensor, y: Tensor) -> Tensor:
+        return y
+
+
+def _check_stabilizer(stabilizer: float, rule: str) -> None:
+    _check_nonneg("stabilizer", stabilizer, rule)
+
+
+@register_rule("gamma")
+@dataclass(frozen=True)
+class Gamma(Rule):
+    """Generalised LRP-gamma (Montavon et al., 2019; Andéol et al., 2021), valid for negative inputs.
+
+    For ``z_j > 0``: ``R_i = [x_i^+ (W + g W^+)_ji + x_i^- (W + g W^-)_ji] / z^>_j * R_j`` with
+    ``z^>_j = sum_i x_i^+ (W + g W^+)_ji + x_i^- (W + g W^-)_ji + (b + g b^+)_j``;
+    for ``z_j < 0`` the pairings swap (``x^+`` with ``W + g W^-``, ``x^-`` with ``W + g W^+``, bias
+    ``b + g b^-``). Identical to zennit's ``Gamma``; where the input is non-negative (after a ReLU) the
+    ``x^-`` passes are skipped.
+
+    Parameters
+    ----------
+    gamma : float
+        >= 0 (default 0.25). ``gamma = 0`` is LRP-0.
+    stabilizer : float
+        Added with the denominator's sign (default 1e-6).
+    """
+
+    gamma: float = 0.25
+    stabilizer: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_nonneg("gamma", self.gamma, "gamma")
+        _check_stabilizer(self.stabilizer, "gamma")
+
+    def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
+        w, b = layer_params(module)
+        g = self.gamma
+        w_up, w_dn = w + g * w.clamp(min=0), w + g * w.clamp(max=0)
+        b_up = None if b is None else b + g * b.clamp(min=0)
+        b_dn = None if b is None else b + g * b.clamp(max=0)
+        xp = x.clamp(min=0)
+        z_pos, z_neg = layer_forward_multi(module, xp, [w_up, w_dn], [b_up, b_dn])
+        if bool((x < 0).any()):
+            xn = x.clamp(max=0)
+            zn_pos, zn_neg = layer_forward_multi(module, xn, [w_dn, w_up], [None, None])
+            z_pos, z_neg = z_pos + zn_pos, z_neg + zn_neg
+        m_pos = ((y > 0) * y / stabilize(z_pos, self.stabilizer)).detach()
+        m_neg = ((y < 0) * y / stabilize(z_neg, self.stabilizer)).detach()
+        return replace_grad(y, z_pos * m_pos + z_neg * m_neg)
+
+
+@register_rule("zplus")
+@dataclass(frozen=True)
+class ZPlus(Rule):
+    """LRP-z+ (Bach et al., 2015; Montavon et al., 2017), as zennit's ``ZPlus``.
+
+    ``z^+_j = sum_i x_i^+ W_ji^+ + x_i^- W_ji^- + b_j^+``;
+    ``R_i = (x_i^+ W_ji^+ + x_i^- W_ji^-) / z^+_j * R_j``.
+
+    Parameters
+    ----------
+    stabilizer : float
+        Added with the denominator's sign (default 1e-6).
+    """
+
+    stabilizer: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_stabilizer(self.stabilizer, "zplus")
+
+    def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
+        w, b = layer_params(module)
+        z = layer_forward(module, x.clamp(min=0), w.clamp(min=0), _plus(b))
+        if bool((x < 0).any()):
+            z = z + layer_forward(module, x.clamp(max=0), w.clamp(max=0), None)
+        m = (y / stabilize(z, self.stabilizer)).detach()
+        return replace_grad(y, z * m)
+
+
+@register_rule("alpha_beta")
+@dataclass(frozen=True)
+class AlphaBeta(Rule):
+    """LRP-alpha-beta (Bach et al., 2015), as zennit's ``AlphaBeta``.
+
+    ``R_i = alpha * (x_i^+ W^+ + x_i^- W^-)_ij / z^+_j R_j - beta * (x_i^+ W^- + x_i^- W^+)_ij / z^-_j R_j``
+    with ``z^+ = x^+ W^+ + x^- W^- + b^+`` and ``z^- = x^+ W^- + x^- W^+ + b^-``.
+
+    Parameters
+    ----------
+    alpha, beta : float
+        Both >= 0 with ``alpha - beta = 1`` (conservation); anything else is rejected.
+    stabilizer : float
+        Added with the denominator's sign (default 1e-6).
+    """
+
+    alpha: float = 2.0
+    beta: float = 1.0
+    stabilizer: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_nonneg("alpha", self.alpha, "alpha_beta")
+        _check_nonneg("beta", self.beta, "alpha_beta")
+        _check_stabilizer(self.stabilizer, "alpha_beta")
+        if abs(self.alpha - self.beta - 1.0) > 1e-12:
+            raise RuleParameterError(
+                f"alpha_beta: alpha - beta must equal 1 (got alpha={self.alpha}, beta={self.beta}); "
+                "common choices are (1, 0) and (2, 1)"
+            )
+
+    def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
+        w, b = layer_params(module)
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        xp = x.clamp(min=0)
+        z_a, z_b = layer_forward_multi(module, xp, [wp, wn], [_plus(b), _minus(b)])
+        if bool((x < 0).any()):
+            a2, b2 = layer_forward_multi(module, x.clamp(max=0), [wn, wp], [None, None])
+            z_a, z_b = z_a + a2, z_b + b2
+        m_a = (self.alpha * y / stabilize(z_a, self.stabilizer)).detach()
+        m_b = (self.beta * y / stabilize(z_b, self.stabilizer)).detach()
+        return replace_grad(y, z_a * m_a - z_b * m_b)
+
+
+class _FirstLayerRule(Rule):
+    """First-layer rules whose input relevance does not carry a factor ``x``.
+
+    Their relevance is carried by auxiliary tensors (ones, or the box bounds) registered with the active
+    scope; the attribution adds ``carrier * d/d carrier`` to the relevance of the model input that the
+    layer consumes. They therefore only apply to a layer whose input is a model input.
+    """
+
+    def _carrier(self, like: Tensor, value: Union[float, Tensor], x: Tensor) -> Tensor:
+        scope = _current_carriers()
+        c = torch.as_tensor(value, dtype=like.dtype, device=like.device).expand_as(like).clone()
+        c.requires_grad_(True)
+        if scope is not None:
+            scope.add_carrier(x, c)
+        return c
+
+
+@register_rule("flat")
+@dataclass(frozen=True)
+class Flat(_FirstLayerRule):
+    """LRP-flat (Lapuschkin et al., 2019): all weights and inputs set to 1, bias dropped.
+
+    ``R_i = sum_j 1 / (sum_i' 1) * R_j`` over the receptive field. First layer only.
+    """
+
+    stabilizer: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_stabilizer(self.stabilizer, "flat")
+
+    def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
+        w, _ = layer_params(module)
+        ones = self._carrier(x, 1.0, x)
+        z = layer_forward(module, ones, torch.ones_like(w), None)
+        m = (y / stabilize(z, self.stabilizer)).detach()
+        return replace_grad(y, z * m)
+
+
+@register_rule("wsquare")
+@dataclass(frozen=True)
+class WSquare(_FirstLayerRule):
+    """LRP-w^2 (Montavon et al., 2017): weights squared, inputs set to 1 (as zennit, the bias squared too).
+
+    ``R_i = sum_j W_ji^2 / (sum_i' W_i'j^2 + b_j^2) * R_j``. First layer only.
+    """
+
+    stabilizer: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_stabilizer(self.stabilizer, "wsquare")
+
+    def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
+        w, b = layer_params(module)
+        ones = self._carrier(x, 1.0, x)
+        z = layer_forward(module, ones, w * w, None if b is None else b * b)
+        m = (y / stabilize(z, self.stabilizer)).detach()
+        return replace_grad(y, z * m)
+
+
+@register_rule("zbox")
+@dataclass(frozen=True)
+class ZBox(_FirstLayerRule):
+    """LRP-z^B (Montavon et al., 2017) for inputs bounded by a box ``[low, high]``, as zennit's ``ZBox``.
+
+    ``z_j = sum_i x_i W_ji - l_i W_ji^+ - h_i W_ji^- (+ b_j - b_j^+ - b_j^-)``,
+    ``R_i = (x_i W_ji - l_i W_ji^+ - h_i W_ji^-) / z_j * R_j``. First layer only.
+
+    Parameters
+    ----------
+    low, high : float or Tensor
+        Lowest / highest valid input value (broadcast against one example); ``low <= high``.
+    """
+
+    low: Union[float, Tensor] = 0.0
+    high: Union[float, Tensor] = 1.0
+    stabilizer: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_stabilizer(self.stabilizer, "zbox")
+        if bool(torch.as_tensor(self.low).gt(torch.as_tensor(self.high)).any()):
+            raise RuleParameterError(f"zbox: low must be <= high (got low={self.low}, high={self.high})")
+
+    def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
+        w, b = layer_params(module)
+        lo = self._carrier(x, torch.as_tensor(self.low).to(x), x)
+        hi = self._carrier(x, torch.as_tensor(self.high).to(x), x)
+        z = (layer_forward(module, x, w, b) - layer_forward(module, lo, w.clamp(min=0), _plus(b))
+             - layer_forward(module, hi, w.clamp(max=0), _minus(b)))
+        m = (y / stabilize(z.detach(), self.stabilizer)).detach()
+        # carriers enter with a minus sign: their relevance is -l W^+ s and -h W^- s
+        return replace_grad(y, z * m)
+
+
+# ------------------------------------------------------------------------------ elementwise and products
+
+
+@register_rule("identity")
+@dataclass(frozen=True)
+class Identity(Rule):
+    """Identity rule (AttnLRP, Prop. 3.1): ``R_in = R_out`` through an elementwise nonlinearity.
+
+    Gradient form: the local Jacobian ``f'(x)`` is replaced by ``f(x) / x`` (0 where ``x = 0``), a
+    constant, so that ``x * g_in = f(x) * g_out``.
+    """
+
+    def apply_activation(self, x: Tensor, y: Tensor) -> Tensor:
+        zero = x == 0
+        ratio = torch.where(zero, torch.zeros_like(y), y / torch.where(zero, torch.ones_like(x), x)).detach()
+        return replace_grad(y, x * ratio)
+
+    def apply_softmax(self, x: Tensor, y: Tensor) -> Tensor:  # used only if mapped explicitly
+        return self.apply_activation(x, y)
+
+
+@register_rule("pass")
+@dataclass(frozen=True)
+class Pass(Identity):
+    """Pass rule (zennit's ``Pass``): ``R_in = R_out``; the same as ``identity`` in gradient form."""
+
+
+@register_rule("uniform")
+@dataclass(frozen=True)
+class Uniform(Rule):
+    """Uniform rule for a k-way elementwise product (AttnLRP, Prop. 3.3).
+
+    Each of the k input-dependent factors receives ``R_out / k``: the gradient to each factor is divided
+    by k. A factor that carries no gradient (a constant or detached tensor) is not counted, so the other
+    receives everything.
+
+    Parameters
+    ----------
+    weights : tuple of float, optional
+        Explicit shares per factor instead of ``1/k`` (must sum to 1); ``(0, 1)`` detaches the first.
+    """
+
+    weights: Optional[tuple[float, ...]] = None
+
+    def __post_init__(self) -> None:
+        if self.weights is not None:
+            if any((not math.isfinite(w)) or w < 0 for w in self.weights):
+                raise RuleParameterError(f"uniform: weights must be finite and >= 0, got {self.weights}")
+            if abs(sum(self.weights) - 1.0) > 1e-9:
+                raise RuleParameterError(f"uniform: weights must sum to 1 (conservation), got {self.weights}")
+
+    def apply_product(self, factors: Sequence[Tensor]) -> list[Tensor]:
+        live = [i for i, f in enumerate(factors) if isinstance(f, Tensor) and f.requires_grad]
+        if self.weights is not None:
+            if len(self.weights) != len(factors):
+                raise RuleParameterError(f"uniform: {len(self.weights)} weights for a {len(factors)}-way product")
+            return [scale_grad(f, w) if isinstance(f, Tensor) else f for f, w in zip(factors, self.weights)]
+        k = max(len(live), 1)
+        return [scale_grad(f, 1.0 / k) if i in live else f for i, f in enumerate(factors)]
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+@register_rule("softmax")
+@dataclass(frozen=True)
+class Softmax(Rule):
+    """AttnLRP softmax rule (Achtibat et al., 2024, Prop. 3.2): Taylor decomposition at ``x`` with bias.
+
+    ``R_in_i = x_i * (R_out_i - s_i * sum_j R_out_j)`` with ``s = softmax(x)``. In gradient form this is
+    exactly ``x * (J_softmax^T g)``: the plain gradient, so the rule adds no work and keeps fused
+    kernels usable. Not conservative by design; masked (-inf) logits get 0.
+    """
+
+    def apply_softmax(self, x: Tensor, y: Tensor) -> Tensor:
+        return y
+
+
+@register_rule("bilinear")
+@dataclass(frozen=True)
+class Bilinear(Rule):
+    """AttnLRP bilinear rule for matrix products (Achtibat et al., 2024, Prop. 3.3 / 3.4).
+
+    For ``O = A V``: ``R_A[j,i] = sum_p A_ji V_ip R_jp / (2 O_jp + eps)`` and
+    ``R_V[i,p] = sum_j A_ji V_ip R_jp / (2 O_jp + eps)`` (the epsilon rule per factor, then a uniform half
+    split); the same for ``q k^T``. In gradient form (eps -> 0): each factor's gradient is halved. At an
+    attention kernel ``softmax(q k^T) V`` (with the softmax rule inside) this is: gradients of q and k
+    divided by 4, of v by 2, at the kernel's inputs, so fused kernels (SDPA, flash) keep working.
+    """
+
+    def apply_matmul(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        a_live = isinstance(a, Tensor) and a.requires_grad
+        b_live = isinstance(b, Tensor) and b.requires_grad
+        if a_live and b_live:
+            return scale_grad(a, 0.5), scale_grad(b, 0.5)
+        return a, b
+
+    def apply_attention(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return scale_grad(q, 0.25), scale_grad(k, 0.25), scale_grad(v, 0.5)
+
+
+@register_rule("cp_attention")
+@dataclass(frozen=True)
+class CPAttention(Rule):
+    """CP-LRP (Ali et al., ICML 2022): attention weights treated as constants.
+
+    Relevance flows only through the value path: at an attention kernel q and k are detached and v keeps
+    its full gradient; at an explicit softmax its output is detached; in a gated MLP (as a product rule)
+    the gate factor (the first) is detached and the other factor receives all relevance.
+    """
+
+    def apply_attention(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return q.detach(), k.detach(), v
+
+    def apply_softmax(self, x: Tensor, y: Tensor) -> Tensor:
+        return y.detach()
+
+    def apply_matmul(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        return a, b  # the softmax output is already constant; products keep their true gradient
+
+    def apply_product(self, factors: Sequence[Tensor]) -> list[Tensor]:
+        return [factors[0].detach() if isinstance(factors[0], Tensor) else factors[0], *factors[1:]]
+
+
+# ------------------------------------------------------------------------------------------------ norm
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """How to recompute a normalisation with its scale held constant.
+
+    Parameters
+    ----------
+    kind : {"layernorm", "rmsnorm"}
+        LayerNorm subtracts the mean (kept linear); RMSNorm does not.
+    weight, bias : Tensor or None
+        The affine parameters (detached) applied after normalising.
+    eps : float
+        The variance epsilon.
+    weight_offset : float
+        Added to the weight (Gemma's RMSNorm multiplies by ``1 + weight``).
+    dims : int
+        Number of trailing dimensions normalised over (1 for transformer norms).
+    upcast : bool
+        Compute in float32 like Hugging Face norms do, then cast back.
+    """
+
+    kind: str
+    weight: Optional[Tensor] = None
+    bias: Optional[Tensor] = None
+    eps: float = 1e-6
+    weight_offset: float = 0.0
+    dims: int = 1
+    upcast: bool = True
+
+
+@register_rule("norm")
+@dataclass(frozen=True)
+class Norm(Rule):
+    """AttnLRP norm rule (Achtibat et al., 2024, Prop. 3.4): ``1/sigma`` treated as a constant.
+
+    LayerNorm ``y = (x - mean(x)) / sigma * w + b`` and RMSNorm ``y = x / rms(x) * w``: the normaliser is
+    computed and detached (stop-gradient), the mean subtraction stays linear, and the gradient flows as
+    through a linear map ``x -> (x - mean) * (w / sigma)``. The forward value is unchanged.
+    """
+
+    def apply_norm(self, spec: NormSpec, x: Tensor, y: Tensor) -> Tensor:
+        dims = tuple(range(-spec.dims, 0))
+        h = x.float() if spec.upcast else x
+        if spec.kind == "layernorm":
+            centred = h - h.mean(dim=dims, keepdim=True)
+            sigma = torch.sqrt(centred.detach().pow(2).mean(dim=dims, keepdim=True) + spec.eps)
+            lin = centred / sigma
+        elif spec.kind == "rmsnorm":
+            sigma = torch.sqrt(h.detach().pow(2).mean(dim=dims, keepdim=True) + spec.eps)
+            lin = h / sigma
+        else:
+            raise ValueError(f"norm: unknown NormSpec.kind {spec.kind!r} (expected 'layernorm' or 'rmsnorm')")
+        if spec.weight is not None:
+            lin = lin * (spec.weight.float() + spec.weight_offset if spec.upcast else spec.weight + spec.weight_offset)
+        lin = lin.to(y.dtype)
+        return replace_grad(y, lin)

@@ -1,0 +1,172 @@
+"""The rule registry: ``register_rule``, ``get_rule``, ``available_rules``.
+
+A rule is a small, typed, picklable dataclass. Its docstring carries the formula and the source. A rule
+declares the *sites* it can be applied to by overriding the matching ``apply_<site>`` method of
+:class:`Rule`:
+
+=============  ==============================================================  ============================
+site           where                                                           method
+=============  ==============================================================  ============================
+``layer``      modules with a weight (Linear, Conv, HF Conv1D)                  ``apply_layer(module, x, y)``
+``affine``     elementwise affine modules (BatchNorm in eval mode)              ``apply_affine(module, x, y)``
+``activation`` elementwise nonlinearities (ReLU, SiLU, GELU, tanh, ...)         ``apply_activation(x, y)``
+``product``    a k-way elementwise product of input-dependent factors            ``apply_product(factors)``
+``matmul``     a product of two input-dependent matrices (q k^T, A V)            ``apply_matmul(a, b)``
+``softmax``    a softmax over input-dependent logits                            ``apply_softmax(x, y)``
+``attention``  a fused attention kernel (SDPA, flash, eager function)           ``apply_attention(q, k, v)``
+``norm``       LayerNorm / RMSNorm / F.normalize                                ``apply_norm(spec, x, y)``
+=============  ==============================================================  ============================
+
+Each method returns tensors whose forward values are unchanged and whose gradients are the rule's
+modified gradients (see :mod:`lime_attr.rules._grad`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, Sequence, TypeVar
+
+from torch import Tensor
+
+from ..errors import RuleSiteError, UnknownNameError
+
+__all__ = ["Rule", "register_rule", "get_rule", "available_rules", "SITES"]
+
+SITES = ("layer", "affine", "activation", "product", "matmul", "softmax", "attention", "norm")
+
+_RULES: dict[str, type["Rule"]] = {}
+
+R = TypeVar("R", bound=type)
+
+
+class Rule:
+    """Base class of every rule. Subclasses are dataclasses and override ``apply_<site>`` methods."""
+
+    #: registered name (set by :func:`register_rule`)
+    name: ClassVar[str] = ""
+
+    @classmethod
+    def sites(cls) -> frozenset[str]:
+        """The sites this rule can be applied to (those whose ``apply_<site>`` it overrides)."""
+        return frozenset(s for s in SITES if getattr(cls, f"apply_{s}") is not getattr(Rule, f"apply_{s}"))
+
+    def supports(self, site: str) -> bool:
+        """Whether the rule can be applied to ``site``."""
+        return site in self.sites()
+
+    def _unsupported(self, site: str, where: str = "") -> RuleSiteError:
+        return RuleSiteError(
+            f"rule {self!r} cannot be applied to a {site!r} site{(' (' + where + ')') if where else ''}; "
+            f"it applies to {sorted(self.sites())}. Map that place to a rule that supports {site!r} "
+            f"(rules supporting it: {available_rules(site)})."
+        )
+
+    # The default implementations raise: a rule must not silently fall back to a plain gradient.
+    def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
+        """Modify the gradient of a weight-bearing layer ``y = module(x)``."""
+        raise self._unsupported("layer", type(module).__name__)
+
+    def apply_affine(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
+        """Modify the gradient of an elementwise affine module."""
+        raise self._unsupported("affine", type(module).__name__)
+
+    def apply_activation(self, x: Tensor, y: Tensor) -> Tensor:
+        """Modify the gradient of an elementwise nonlinearity ``y = f(x)``."""
+        raise self._unsupported("activation")
+
+    def apply_product(self, factors: Sequence[Tensor]) -> list[Tensor]:
+        """Modify the gradients of the factors of an elementwise product (the caller multiplies)."""
+        raise self._unsupported("product")
+
+    def apply_matmul(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """Modify the gradients of the two factors of a matrix product (the caller multiplies)."""
+        raise self._unsupported("matmul")
+
+    def apply_softmax(self, x: Tensor, y: Tensor) -> Tensor:
+        """Modify the gradient of ``y = softmax(x)``."""
+        raise self._unsupported("softmax")
+
+    def apply_attention(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Modify the gradients of the inputs of an attention kernel ``softmax(q k^T) v``."""
+        raise self._unsupported("attention")
+
+    def apply_norm(self, spec: Any, x: Tensor, y: Tensor) -> Tensor:
+        """Modify the gradient of a normalisation ``y = norm(x)`` described by ``spec``."""
+        raise self._unsupported("norm")
+
+
+def register_rule(name: str, *, overwrite: bool = False) -> Callable[[R], R]:
+    """Class decorator registering a rule under ``name``.
+
+    Parameters
+    ----------
+    name : str
+        The name used with :func:`get_rule` and in composites.
+    overwrite : bool
+        Replace an existing rule of that name (otherwise a second registration is an error).
+
+    Examples
+    --------
+    >>> from dataclasses import dataclass
+    >>> from lime_attr.rules import Rule, register_rule, scale_grad
+    >>> @register_rule("half_activation", overwrite=True)
+    ... @dataclass(frozen=True)
+    ... class HalfActivation(Rule):
+    ...     '''R_in = R_out / 2 through an elementwise activation.'''
+    ...     def apply_activation(self, x, y):
+    ...         return scale_grad(y, 0.5)
+    """
+
+    def decorator(cls: R) -> R:
+        if not (isinstance(cls, type) and issubclass(cls, Rule)):
+            raise TypeError(f"@register_rule({name!r}) expects a subclass of lime_attr.rules.Rule, got {cls!r}")
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"rule {cls.__name__} must be a dataclass (rules are data: typed and picklable)")
+        if name in _RULES and _RULES[name] is not cls and not overwrite:
+            raise ValueError(f"a rule named {name!r} is already registered ({_RULES[name].__name__}); "
+                             "pass overwrite=True to replace it")
+        if not cls.__dict__.get("name"):
+            cls.name = name
+        _RULES[name] = cls
+        return cls
+
+    return decorator
+
+
+def get_rule(name: str | Rule, **params: Any) -> Rule:
+    """Instantiate the rule registered as ``name`` with ``params``.
+
+    Parameters
+    ----------
+    name : str or Rule
+        A registered name, or a rule object (returned unchanged; ``params`` must then be empty).
+    **params
+        The rule's parameters (see its docstring); validated by the rule.
+
+    Raises
+    ------
+    UnknownNameError
+        If no rule is registered under ``name``; the message lists the available rules.
+    """
+    if isinstance(name, Rule):
+        if params:
+            raise TypeError("get_rule(rule_object, **params): parameters only go with a rule name")
+        return name
+    try:
+        cls = _RULES[name]
+    except KeyError:
+        raise UnknownNameError(
+            f"unknown rule {name!r}; available rules: {', '.join(available_rules())}. "
+            "Register your own with @lime_attr.rules.register_rule(name)."
+        ) from None
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        fields = [f.name for f in dataclasses.fields(cls)]
+        raise TypeError(f"rule {name!r} takes parameters {fields}: {exc}") from None
+
+
+def available_rules(site: str | None = None) -> list[str]:
+    """Sorted names of the registered rules, optionally only those that apply to ``site``."""
+    if site is None:
+        return sorted(_RULES)
+    return sorted(n for n, c in _RULES.items() if site in c.sites())

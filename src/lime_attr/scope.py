@@ -1,0 +1,392 @@
+"""Scopes: apply a composite (and canonizer) to one model instance, and restore it exactly on exit.
+
+Nothing global is touched: rules are attached as hooks to this model's module instances, op rules run
+in a function mode pushed only around this model's own forward, attention goes through a per-instance
+attention implementation set by the canonizer. On exit every hook is removed and every attribute a
+canonizer changed is restored, so the model computes bit-identical outputs and gradients.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Callable, Iterator, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .composites import Composite, ZennitRule, _ZennitLookup, get_composite
+from .errors import UncoveredModuleError
+from .ops import RuleMode
+from .rules import Rule
+from .rules._grad import grad_to_relevance, relevance_to_grad, scale_grad
+from .sites import Site, discover_sites
+
+__all__ = ["LRPScope", "lrp_scope", "current_scope"]
+
+_local = threading.local()
+
+_RULE_KINDS = ("layer", "affine", "activation", "softmax", "norm")
+
+
+def current_scope() -> Optional["LRPScope"]:
+    """The innermost scope whose model is currently running its forward (or None)."""
+    stack = getattr(_local, "stack", None)
+    return stack[-1] if stack else None
+
+
+def _product_weights(rule: Rule, k: int) -> list[float]:
+    from .rules.builtin import CPAttention, Uniform
+
+    if isinstance(rule, Uniform):
+        return list(rule.weights) if rule.weights is not None else [1.0 / k] * k
+    if isinstance(rule, CPAttention):
+        return [0.0] + [1.0 / (k - 1)] * (k - 1)
+    raise TypeError(f"rule {rule!r} cannot be applied at a gated-MLP product declared by a canonizer "
+                    "(supported: 'uniform' and 'cp_attention')")
+
+
+class LRPScope:
+    """Rules of ``composite`` applied to one model instance (a reusable context manager).
+
+    Parameters
+    ----------
+    model : nn.Module
+    composite : str or Composite
+        Default ``"attnlrp"``.
+    canonizer : "auto", None, or a canonizer object
+        ``"auto"`` looks up ``model.config.model_type`` in the canonizer registry for Hugging Face models
+        and uses the generic module discovery for plain torch models.
+    check_ops : {"first", "always", "never"}
+        Run the op-coverage check on the first forward in the scope (default), on every forward, or never.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lime_attr import lrp_scope
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> x = torch.randn(1, 4, requires_grad=True)
+    >>> with lrp_scope(model, "epsilon-plus"):
+    ...     out = model(x)[0, 1]
+    ...     (g,) = torch.autograd.grad(out, x)
+    >>> relevance = x * g
+    """
+
+    def __init__(self, model: nn.Module, composite: Union[str, Composite] = "attnlrp", canonizer: Any = "auto",
+                 check_ops: str = "first") -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"lrp_scope needs a torch.nn.Module, got {type(model).__name__}")
+        if check_ops not in ("first", "always", "never"):
+            raise ValueError(f"check_ops must be 'first', 'always' or 'never', got {check_ops!r}")
+        self.model = model
+        self.composite = get_composite(composite)
+        self.canonizer = _resolve_canonizer(model, canonizer)
+        self.check_ops = check_ops
+        self.covered_depth = 0
+        self._module_stack: list[tuple[str, nn.Module]] = []
+        self._handles: list[Any] = []
+        self._reverts: list[Callable[[], None]] = []
+        self._carriers: list[tuple[Tensor, Tensor]] = []
+        self._attention: dict[int, Rule] = {}
+        self.attention_transforms: list[Callable] = []  # (module, q, k, v, kwargs) -> (q, k, v)
+        self._active = False
+        self._checked = False
+        self._needs_op_rules = False
+        self._op_rule_cache: dict[tuple[str, str], Optional[Rule]] = {}
+        self.sites: list[Site] = []
+        self.enabled = True
+
+    # ------------------------------------------------------------------ public helpers
+    def add_carrier(self, x: Tensor, carrier: Tensor) -> None:
+        """Register an auxiliary tensor whose relevance belongs to the module input ``x`` (first-layer rules)."""
+        self._carriers.append((x, carrier))
+
+    def pop_carriers(self) -> list[tuple[Tensor, Tensor]]:
+        """Return and clear the carriers recorded by the last forward."""
+        out, self._carriers = self._carriers, []
+        return out
+
+    def attention_rule(self, module: nn.Module) -> Optional[Rule]:
+        """The attention rule for an attention module (used by canonizers' attention functions)."""
+        return self._attention.get(id(module))
+
+    def rule_for_op(self, kind: str, name: str) -> Optional[Rule]:
+        mod_name = self.current_module_name()
+        key = (kind, name, mod_name)
+        if key not in self._op_rule_cache:
+            module = self._module_stack[-1][1] if self._module_stack else self.model
+            site = Site(kind, mod_name, module, op=name)
+            self._op_rule_cache[key] = self.composite.rule_for(site)
+        return self._op_rule_cache[key]
+
+    def current_module_name(self) -> str:
+        return self._module_stack[-1][0] if self._module_stack else ""
+
+    def current_module_type(self) -> str:
+        return type(self._module_stack[-1][1]).__name__ if self._module_stack else type(self.model).__name__
+
+    # ------------------------------------------------------------------ enter / exit
+    def __enter__(self) -> nn.Module:
+        if self._active:
+            raise RuntimeError("this scope is already active; create a new LRPScope to nest")
+        try:
+            self._install()
+        except BaseException:
+            self._uninstall()
+            raise
+        self._active = True
+        return self.model
+
+    def __exit__(self, *exc: Any) -> None:
+        self._uninstall()
+        self._active = False
+
+    def _uninstall(self) -> None:
+        for h in reversed(self._handles):
+            h.remove()
+        self._handles.clear()
+        for revert in reversed(self._reverts):
+            revert()
+        self._reverts.clear()
+        self._carriers.clear()
+        self._attention.clear()
+        self._module_stack.clear()
+        self.covered_depth = 0
+
+    def _install(self) -> None:
+        model = self.model
+        # zennit canonizers (e.g. BatchNorm merging) first: they change the module structure's parameters
+        for zc in self.composite.canonizers:
+            zc = zc.copy() if hasattr(zc, "copy") else zc
+            zc.register(model) if hasattr(zc, "register") else None
+            self._reverts.append(getattr(zc, "remove"))
+        overrides: dict = {}
+        if self.canonizer is not None:
+            overrides = self.canonizer.apply(model, self) or {}
+        self.sites = discover_sites(model, overrides)
+        problems: list[str] = []
+        for site in self.sites:
+            if site.kind in ("container", "passthrough"):
+                continue
+            if site.kind == "attention":
+                rule = self.composite.rule_for(site)
+                if rule is None:
+                    problems.append(f"  {site.name or '<root>'} ({type(site.module).__name__}): attention, no rule")
+                else:
+                    self._attention[id(site.module)] = rule
+                continue
+            if site.kind == "product":
+                rule = self.composite.rule_for(site)
+                if rule is None:
+                    problems.append(f"  {site.name} ({type(site.module).__name__}): gated product, no rule")
+                else:
+                    self._install_product(site, rule)
+                continue
+            rule = self.composite.rule_for(site)
+            if isinstance(rule, _ZennitLookup):
+                rule = rule.resolve(site)
+            if rule is None:
+                if site.kind == "unknown" and len(site.module._parameters) == 0:
+                    # parameter-free module we do not know: its ops are checked by the op mode
+                    self._track_module(site)
+                    continue
+                why = "no rule for this kind" if site.kind != "unknown" else "unknown module type"
+                bad = self.composite.matched_unsupported(site)
+                if bad:
+                    why += f"; matched {bad[0]!r}, which does not apply to {site.kind!r}"
+                problems.append(f"  {site.name or '<root>'} ({type(site.module).__name__}, {site.kind}): {why}")
+                continue
+            self._install_module_rule(site, rule)
+        if problems:
+            raise UncoveredModuleError(
+                f"composite {self.composite.name!r} does not cover these modules of {type(model).__name__}:\n"
+                + "\n".join(problems)
+                + "\nMap them in the composite (by type, name pattern or 'site:<kind>'), or add a canonizer "
+                "that declares what they are (docs: writing_a_canonizer). lime_attr never falls back to a "
+                "silent plain gradient."
+            )
+        self._wrap_root_forward()
+
+    # ------------------------------------------------------------------ hooks
+    def _track_module(self, site: Site) -> None:
+        self._handles.append(site.module.register_forward_pre_hook(self._push_hook(site.name)))
+        self._handles.append(site.module.register_forward_hook(self._pop_hook))
+
+    def _install_module_rule(self, site: Site, rule: Rule) -> None:
+        module = site.module
+        if isinstance(rule, ZennitRule):
+            self._install_zennit(module, rule)
+            return
+
+        def pre(mod, args):
+            self.covered_depth += 1
+
+        kind, spec = site.kind, site.spec
+
+        def post(mod, args, out):
+            try:
+                if not (self.enabled and torch.is_grad_enabled()) or not args or not isinstance(out, Tensor):
+                    return None
+                return apply(mod, args[0], out)
+            finally:
+                self.covered_depth = max(self.covered_depth - 1, 0)
+
+        def apply(mod, x, out):
+            if kind == "layer":
+                return rule.apply_layer(mod, x, out)
+            if kind == "affine":
+                return rule.apply_affine(mod, x, out)
+            if kind == "activation":
+                return rule.apply_activation(x, out)
+            if kind == "softmax":
+                return rule.apply_softmax(x, out)
+            if kind == "norm":
+                return rule.apply_norm(spec, x, out)
+            raise RuntimeError(f"rule {rule!r} mapped to {site.kind!r} site {site.name!r}: cannot be applied")
+
+        self._handles.append(module.register_forward_pre_hook(pre))
+        self._handles.append(module.register_forward_hook(post))
+
+    def _install_product(self, site: Site, rule: Rule) -> None:
+        """A canonizer-declared gated product ``act(gate) * up`` consumed by ``spec['consumer']``."""
+        w_gate, w_up = _product_weights(rule, 2)
+        consumer, act = site.spec["consumer"], site.spec.get("gate")
+        scale_out = w_up if w_up != 0 else w_gate
+        gate_extra = (w_gate / scale_out) if scale_out else 0.0
+
+        def pre(mod, args):
+            if not (self.enabled and torch.is_grad_enabled()) or not args:
+                return None
+            return (scale_grad(args[0], scale_out), *args[1:])
+
+        self._handles.append(consumer.register_forward_pre_hook(pre))
+        if gate_extra != 1.0:
+            if act is None:
+                raise TypeError(f"product rule {rule!r} needs the gate module of {site.name}; the canonizer "
+                                "declares none")
+
+            def gate_post(mod, args, out):
+                if not (self.enabled and torch.is_grad_enabled()):
+                    return None
+                return scale_grad(out, gate_extra)
+
+            self._handles.append(act.register_forward_hook(gate_post))
+        if w_up == 0 and site.spec.get("up") is not None:
+            self._handles.append(site.spec["up"].register_forward_hook(
+                lambda mod, args, out: out.detach() if torch.is_grad_enabled() else None))
+
+    def _install_zennit(self, module: nn.Module, rule: ZennitRule) -> None:
+        def to_grad(mod, args):
+            if not (self.enabled and torch.is_grad_enabled()) or not args or not args[0].requires_grad:
+                return None
+            return (relevance_to_grad(args[0]), *args[1:])
+
+        def to_rel(mod, args, out):
+            if not (self.enabled and torch.is_grad_enabled()) or out.grad_fn is None:
+                return None
+            return grad_to_relevance(out)
+
+        self._handles.append(module.register_forward_pre_hook(to_grad))
+        self._handles.append(rule.hook.register(module))
+        self._handles.append(module.register_forward_hook(to_rel))
+        self._handles.append(module.register_forward_pre_hook(lambda m, a: setattr(self, "covered_depth", self.covered_depth + 1)))
+        self._handles.append(module.register_forward_hook(lambda m, a, o: setattr(self, "covered_depth", max(self.covered_depth - 1, 0))))
+
+    def _wrap_root_forward(self) -> None:
+        model = self.model
+        had_instance_forward = "forward" in model.__dict__
+        original = model.__dict__.get("forward", None)
+        bound = model.forward
+        scope = self
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            stack = getattr(_local, "stack", None)
+            if stack is None:
+                stack = _local.stack = []
+            stack.append(scope)
+            scope._module_stack.clear()
+            scope.covered_depth = 0
+            try:
+                check = scope.check_ops == "always" or (scope.check_ops == "first" and not scope._checked)
+                if torch.is_grad_enabled() and (check or scope._needs_op_rules):
+                    mode = RuleMode(scope)
+                    mode.seed(_leaf_inputs(args, kwargs))
+                    with mode:
+                        out = bound(*args, **kwargs)
+                    scope._checked = True
+                    scope._needs_op_rules = scope._needs_op_rules or bool(mode.ruled_ops)
+                    scope.ruled_ops = mode.ruled_ops
+                    return out
+                return bound(*args, **kwargs)
+            finally:
+                stack.pop()
+
+        forward.__wrapped__ = bound  # type: ignore[attr-defined]
+        model.forward = forward  # instance attribute: this model only
+
+        def revert() -> None:
+            if had_instance_forward:
+                model.forward = original
+            else:
+                model.__dict__.pop("forward", None)
+
+        self._reverts.append(revert)
+        # module stack for error messages and op-rule matching by module name
+        for name, module in model.named_modules():
+            if name and len(module._modules) > 0:
+                self._handles.append(module.register_forward_pre_hook(self._push_hook(name)))
+                self._handles.append(module.register_forward_hook(self._pop_hook))
+
+    def _push_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: Any) -> None:
+            self._module_stack.append((name, module))
+        return hook
+
+    def _pop_hook(self, module: nn.Module, args: Any, out: Any) -> None:
+        if self._module_stack:
+            self._module_stack.pop()
+
+
+def _leaf_inputs(args: Any, kwargs: Any) -> list:
+    out: list = []
+
+    def walk(o: Any) -> None:
+        if isinstance(o, Tensor):
+            if o.requires_grad:
+                out.append(o)
+        elif isinstance(o, (list, tuple)):
+            for i in o:
+                walk(i)
+        elif isinstance(o, dict):
+            for i in o.values():
+                walk(i)
+
+    walk(args)
+    walk(kwargs)
+    return out
+
+
+def _resolve_canonizer(model: nn.Module, canonizer: Any) -> Any:
+    if canonizer is None:
+        return None
+    if canonizer == "auto":
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type is None:
+            return None
+        from .canonizers import canonizer_for
+
+        return canonizer_for(model)
+    if isinstance(canonizer, str):
+        from .canonizers import get_canonizer
+
+        return get_canonizer(canonizer)
+    return canonizer
+
+
+@contextlib.contextmanager
+def lrp_scope(model: nn.Module, composite: Union[str, Composite] = "attnlrp", canonizer: Any = "auto",
+              check_ops: str = "first") -> Iterator[nn.Module]:
+    """Context manager: ``composite``'s rules applied to ``model`` (see :class:`LRPScope`)."""
+    scope = LRPScope(model, composite, canonizer, check_ops)
+    with scope as m:
+        yield m
