@@ -164,6 +164,7 @@ class LRPScope:
             overrides = self.canonizer.apply(model, self) or {}
         self.sites = discover_sites(model, overrides)
         problems: list[str] = []
+        products: list = []
         for site in self.sites:
             if site.kind in ("container", "passthrough"):
                 continue
@@ -179,7 +180,7 @@ class LRPScope:
                 if rule is None:
                     problems.append(f"  {site.name} ({type(site.module).__name__}): gated product, no rule")
                 else:
-                    self._install_product(site, rule)
+                    products.append((site, rule))
                 continue
             rule = self.composite.rule_for(site)
             if isinstance(rule, _ZennitLookup):
@@ -196,6 +197,9 @@ class LRPScope:
                 problems.append(f"  {site.name or '<root>'} ({type(site.module).__name__}, {site.kind}): {why}")
                 continue
             self._install_module_rule(site, rule)
+        # products last: their gate hooks must act on the activation rule's output
+        for site, rule in products:
+            self._install_product(site, rule)
         if problems:
             raise UncoveredModuleError(
                 f"composite {self.composite.name!r} does not cover these modules of {type(model).__name__}:\n"

@@ -1,4 +1,10 @@
-"""Per-architecture canonizers, keyed by Hugging Face ``config.model_type``."""
-from .base import Canonizer, available_canonizers, canonizer_for, get_canonizer, register_canonizer
+"""Per-architecture canonizers, keyed by Hugging Face ``config.model_type``.
 
-__all__ = ["Canonizer", "register_canonizer", "canonizer_for", "get_canonizer", "available_canonizers"]
+Importing this package registers every built-in family (one module per family).
+"""
+from .base import (Canonizer, GatedMLP, HFCanonizer, available_canonizers, canonizer_for, get_canonizer,
+                   register_canonizer)
+from . import llama  # noqa: F401  (registers)
+
+__all__ = ["Canonizer", "HFCanonizer", "GatedMLP", "register_canonizer", "canonizer_for", "get_canonizer",
+           "available_canonizers"]

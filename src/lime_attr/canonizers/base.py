@@ -1,27 +1,230 @@
-"""Canonizer base and registry (placeholder until the Hugging Face canonizers land)."""
+"""Canonizer base, the Hugging Face attention bridge, and the canonizer registry.
+
+A canonizer is a small declarative adapter for one model family (one file per family). It names the
+family's attention modules, norms, gated MLPs, activations and passthrough modules; the shared base
+below turns those names into *sites* for the scope, and routes attention through transformers'
+``AttentionInterface``: one named function per original implementation (``lime_attr:sdpa``,
+``lime_attr:eager``...) is registered -- existing entries are never replaced -- and selected for this
+model instance only by setting its configs' attention implementation, which the scope restores exactly
+on exit. The registered function wraps the implementation the model had, so fused kernels keep
+working: AttnLRP acts on the kernel's inputs (q, k, v), not inside it.
+"""
 from __future__ import annotations
 
-from typing import Any, Callable
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
+import torch
 from torch import nn
 
 from ..errors import UnknownNameError, UnsupportedModelError
+from ..rules.builtin import NormSpec
+from ..sites import norm_spec_for
+
+__all__ = ["Canonizer", "HFCanonizer", "register_canonizer", "canonizer_for", "get_canonizer",
+           "available_canonizers", "attention_function_name"]
 
 _CANONIZERS: dict[str, type] = {}
+_PREFIX = "lime_attr:"
 
 
 class Canonizer:
-    """Declarative per-family adapter applied to one model instance inside a scope."""
+    """Base of all canonizers: prepare one model instance inside a scope, reversibly.
+
+    Subclasses implement :meth:`apply`, which may register reverts with ``scope._reverts`` and returns
+    site overrides ``{qualified_module_name: (kind, spec)}``.
+    """
 
     model_types: tuple[str, ...] = ()
 
     def apply(self, model: nn.Module, scope: Any) -> dict:
-        """Prepare ``model`` (reversibly, via ``scope``) and return site overrides."""
+        """Prepare ``model`` and return site overrides (default: none)."""
         return {}
 
 
+# ------------------------------------------------------------------------------- attention bridge
+
+
+def attention_function_name(original: str) -> str:
+    """The registered name of the wrapper around the attention implementation ``original``."""
+    return _PREFIX + original
+
+
+def _original_function(original: str, module: nn.Module) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if original == "eager":
+        mod = sys.modules.get(type(module).__module__)
+        fn = getattr(mod, "eager_attention_forward", None)
+        if fn is None:
+            raise UnsupportedModelError(
+                f"{type(module).__name__} runs 'eager' attention but its modeling file has no "
+                "eager_attention_forward; use attn_implementation='sdpa' or give its canonizer an `eager` function")
+        return fn
+    return ALL_ATTENTION_FUNCTIONS[original]
+
+
+def _make_bridge(original: str) -> Callable:
+    def lime_attr_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Optional[torch.Tensor], **kwargs: Any):
+        from ..scope import current_scope
+
+        fn = _original_function(original, module)
+        scope = current_scope()
+        if scope is None or not torch.is_grad_enabled():
+            return fn(module, query, key, value, attention_mask, **kwargs)
+        for transform in scope.attention_transforms:
+            query, key, value = transform(module, query, key, value, kwargs)
+        rule = scope.attention_rule(module)
+        if rule is not None:
+            query, key, value = rule.apply_attention(query, key, value)
+        scope.covered_depth += 1
+        try:
+            return fn(module, query, key, value, attention_mask, **kwargs)
+        finally:
+            scope.covered_depth -= 1
+
+    lime_attr_attention.__name__ = f"lime_attr_attention_{original}"
+    return lime_attr_attention
+
+
+def _ensure_registered(original: str) -> str:
+    from transformers import AttentionInterface
+
+    from transformers.masking_utils import AttentionMaskInterface
+
+    name = attention_function_name(original)
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, _make_bridge(original))
+    # the mask built for the wrapper must be the one the original implementation gets
+    mask_fn = AttentionMaskInterface._global_mapping.get(original)
+    if mask_fn is not None and name not in AttentionMaskInterface._global_mapping:
+        AttentionMaskInterface.register(name, mask_fn)
+    return name
+
+
+def _configs_of(model: nn.Module) -> list:
+    seen: dict[int, Any] = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation_internal") and id(cfg) not in seen:
+            seen[id(cfg)] = cfg
+    # sub-configs reachable from the configs (vision_config, text_config, audio_config, ...)
+    stack = list(seen.values())
+    while stack:
+        cfg = stack.pop()
+        for key in getattr(cfg, "sub_configs", {}) or {}:
+            sub = getattr(cfg, key, None)
+            if sub is not None and hasattr(sub, "_attn_implementation_internal") and id(sub) not in seen:
+                seen[id(sub)] = sub
+                stack.append(sub)
+    return list(seen.values())
+
+
+def install_attention_bridge(model: nn.Module, scope: Any) -> None:
+    """Select the lime_attr attention wrapper for every config of ``model``; restored on scope exit."""
+    for cfg in _configs_of(model):
+        current = cfg._attn_implementation_internal
+        if current is None or isinstance(current, dict):
+            continue
+        if current.startswith(_PREFIX):
+            raise RuntimeError("this model is already inside a lime_attr scope; exit it before entering another")
+        if current.startswith("paged|") or current.startswith("flex"):
+            raise UnsupportedModelError(f"attention implementation {current!r} is not supported inside an LRP scope; "
+                                        "load the model with attn_implementation='sdpa' or 'eager'")
+        cfg._attn_implementation_internal = _ensure_registered(current)
+
+        def revert(cfg=cfg, value=current) -> None:
+            cfg._attn_implementation_internal = value
+
+        scope._reverts.append(revert)
+
+
+# ------------------------------------------------------------------------------- declarative base
+
+
+@dataclass(frozen=True)
+class GatedMLP:
+    """Attribute names inside a gated MLP ``consumer(act(gate(x)) * up(x))``."""
+
+    act: str = "act_fn"
+    consumer: str = "down_proj"
+    up: Optional[str] = "up_proj"
+
+
+class HFCanonizer(Canonizer):
+    """Declarative canonizer for Hugging Face families.
+
+    Class attributes (module *class names*, matched exactly; subclass in one small file per family):
+
+    attention
+        Modules that call transformers' attention interface (their kernel gets the attention rule).
+    norms
+        ``{class_name: dict(kind=..., weight_offset=...)}`` overrides; other ``*RMSNorm`` /
+        ``*LayerNorm`` classes are recognised automatically.
+    gated_mlps
+        ``{class_name: GatedMLP(...)}``: the product ``act(gate) * up`` gets the product rule.
+    activations
+        Extra elementwise activation classes.
+    passthrough
+        Modules covered as they are (rotary embeddings, patch/position embedding holders whose ops are
+        linear in the input); their ops are still checked by the op-coverage mode.
+    op_modules
+        Modules whose products / matmuls go through the op mode (e.g. MoE expert blocks).
+    """
+
+    attention: tuple[str, ...] = ()
+    norms: dict[str, dict] = {}
+    gated_mlps: dict[str, GatedMLP] = {}
+    activations: tuple[str, ...] = ()
+    passthrough: tuple[str, ...] = ()
+    op_modules: tuple[str, ...] = ()
+
+    def apply(self, model: nn.Module, scope: Any) -> dict:
+        overrides: dict[str, tuple[str, Any]] = {}
+        for name, module in model.named_modules():
+            cls = type(module).__name__
+            if cls in self.attention:
+                overrides[name] = ("attention", None)
+            elif cls in self.norms:
+                spec = norm_spec_for(module)
+                base = dict(kind=spec.kind if spec else "rmsnorm", weight=spec.weight if spec else None,
+                            bias=spec.bias if spec else None, eps=spec.eps if spec else 1e-6,
+                            upcast=spec.upcast if spec else True)
+                base.update(self.norms[cls])
+                if base.get("weight") is None and getattr(module, "weight", None) is not None:
+                    base["weight"] = module.weight.detach()
+                overrides[name] = ("norm", NormSpec(**base))
+            elif cls in self.gated_mlps:
+                g = self.gated_mlps[cls]
+                overrides[name] = ("product", {"consumer": getattr(module, g.consumer),
+                                               "gate": getattr(module, g.act),
+                                               "up": getattr(module, g.up) if g.up else None})
+            elif cls in self.activations:
+                overrides[name] = ("activation", None)
+            elif cls in self.passthrough:
+                overrides[name] = ("passthrough", None)
+            elif cls in self.op_modules:
+                overrides[name] = ("container", None)
+        self.check_declared(model, overrides)
+        install_attention_bridge(model, scope)
+        return overrides
+
+    def check_declared(self, model: nn.Module, overrides: dict) -> None:
+        """Hook for families to validate the model against their declaration (default: nothing)."""
+
+
 def register_canonizer(*model_types: str) -> Callable[[type], type]:
-    """Class decorator registering a canonizer for ``model_types``."""
+    """Class decorator registering a canonizer for one or more ``config.model_type`` values.
+
+    Examples
+    --------
+    >>> from lime_attr.canonizers import HFCanonizer, register_canonizer
+    >>> @register_canonizer("my_llama_variant")
+    ... class MyCanonizer(HFCanonizer):
+    ...     attention = ("MyAttention",)
+    """
 
     def decorator(cls: type) -> type:
         cls.model_types = tuple(model_types)
@@ -33,16 +236,17 @@ def register_canonizer(*model_types: str) -> Callable[[type], type]:
 
 
 def available_canonizers() -> list[str]:
-    """Sorted model types that have a canonizer."""
+    """Sorted ``model_type`` values that have a canonizer."""
     return sorted(_CANONIZERS)
 
 
 def get_canonizer(model_type: str) -> Canonizer:
-    """The canonizer registered for ``model_type``."""
+    """An instance of the canonizer registered for ``model_type``."""
     try:
         return _CANONIZERS[model_type]()
     except KeyError:
-        raise UnknownNameError(f"no canonizer named {model_type!r}; available: {available_canonizers()}") from None
+        raise UnknownNameError(f"no canonizer for model_type {model_type!r}; available: "
+                               f"{', '.join(available_canonizers())}") from None
 
 
 def canonizer_for(model: nn.Module) -> Canonizer:
@@ -50,8 +254,8 @@ def canonizer_for(model: nn.Module) -> Canonizer:
     mt = model.config.model_type
     if mt not in _CANONIZERS:
         raise UnsupportedModelError(
-            f"no canonizer is registered for model_type {mt!r} ({type(model).__name__}). Supported: "
-            f"{', '.join(available_canonizers()) or '(none yet)'}. See the docs page 'Writing a canonizer' "
-            "(docs/writing_a_canonizer.rst) to add one in a few lines with @register_canonizer."
+            f"no canonizer is registered for model_type {mt!r} ({type(model).__name__}). Supported model types: "
+            f"{', '.join(available_canonizers())}. To add one (usually under 60 lines), see the docs page "
+            "'Writing a canonizer' (docs/writing_a_canonizer.rst) and use @lime_attr.canonizers.register_canonizer."
         )
     return _CANONIZERS[mt]()

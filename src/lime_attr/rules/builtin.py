@@ -474,7 +474,7 @@ class Norm(Rule):
 
     def apply_norm(self, spec: NormSpec, x: Tensor, y: Tensor) -> Tensor:
         dims = tuple(range(-spec.dims, 0))
-        h = x.float() if spec.upcast else x
+        h = x.to(torch.promote_types(x.dtype, torch.float32)) if spec.upcast else x
         if spec.kind == "layernorm":
             centred = h - h.mean(dim=dims, keepdim=True)
             sigma = torch.sqrt(centred.detach().pow(2).mean(dim=dims, keepdim=True) + spec.eps)
@@ -485,6 +485,6 @@ class Norm(Rule):
         else:
             raise ValueError(f"norm: unknown NormSpec.kind {spec.kind!r} (expected 'layernorm' or 'rmsnorm')")
         if spec.weight is not None:
-            lin = lin * (spec.weight.float() + spec.weight_offset if spec.upcast else spec.weight + spec.weight_offset)
+            lin = lin * (spec.weight.to(h.dtype) + spec.weight_offset)
         lin = lin.to(y.dtype)
         return replace_grad(y, lin)
