@@ -4,18 +4,18 @@ A rule is a small, typed, picklable dataclass. Its docstring carries the formula
 declares the *sites* it can be applied to by overriding the matching ``apply_<site>`` method of
 :class:`Rule`:
 
-=============  ==============================================================  ============================
-site           where                                                           method
-=============  ==============================================================  ============================
-``layer``      modules with a weight (Linear, Conv, HF Conv1D)                  ``apply_layer(module, x, y)``
-``affine``     elementwise affine modules (BatchNorm in eval mode)              ``apply_affine(module, x, y)``
-``activation`` elementwise nonlinearities (ReLU, SiLU, GELU, tanh, ...)         ``apply_activation(x, y)``
-``product``    a k-way elementwise product of input-dependent factors            ``apply_product(factors)``
-``matmul``     a product of two input-dependent matrices (q k^T, A V)            ``apply_matmul(a, b)``
-``softmax``    a softmax over input-dependent logits                            ``apply_softmax(x, y)``
-``attention``  a fused attention kernel (SDPA, flash, eager function)           ``apply_attention(q, k, v)``
-``norm``       LayerNorm / RMSNorm / F.normalize                                ``apply_norm(spec, x, y)``
-=============  ==============================================================  ============================
+==============  ==============================================================  ================================
+site            where                                                           method
+==============  ==============================================================  ================================
+``layer``       modules with a weight (Linear, Conv, HF Conv1D)                 ``apply_layer(module, x, y)``
+``affine``      elementwise affine modules (BatchNorm in eval mode)             ``apply_affine(module, x, y)``
+``activation``  elementwise nonlinearities (ReLU, SiLU, GELU, tanh, ...)        ``apply_activation(x, y)``
+``product``     a k-way elementwise product of input-dependent factors          ``apply_product(factors)``
+``matmul``      a product of two input-dependent matrices (q k^T, A V)          ``apply_matmul(a, b)``
+``softmax``     a softmax over input-dependent logits                           ``apply_softmax(x, y)``
+``attention``   a fused attention kernel (SDPA, flash, eager function)          ``apply_attention(q, k, v)``
+``norm``        LayerNorm / RMSNorm / F.normalize                               ``apply_norm(spec, x, y)``
+==============  ==============================================================  ================================
 
 Each method returns tensors whose forward values are unchanged and whose gradients are the rule's
 modified gradients (see :mod:`lime_attr.rules._grad`).
