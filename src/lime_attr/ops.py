@@ -60,7 +60,8 @@ _LINEAR_NAMES = (
     "retain_grad register_hook __hash__ __contains__ __iter__ __reversed__ __index__ __int__ __float__ "
     "masked_select new_tensor flatten_ sort topk_indices nonzero argsort bincount unique __get__ __set__ "
     "element_size nbytes itemsize is_complex get_device dim_order fill_ zero_ normal_ uniform_ apply_ "
-    "index_put index_put_ masked_fill_ expand_copy view_copy reshape_as new_empty_strided"
+    "index_put index_put_ masked_fill_ expand_copy view_copy reshape_as new_empty_strided "
+    "masked_scatter masked_scatter_"  # multimodal merges: features written into placeholder positions
 )
 _LINEAR = set(_LINEAR_NAMES.split())
 
@@ -73,7 +74,9 @@ _PRODUCT = {"mul", "__mul__", "__rmul__", "multiply", "__imul__"}
 _DIVIDE = {"div", "__truediv__", "divide", "true_divide", "__itruediv__"}
 _MATMUL = {"matmul", "__matmul__", "__rmatmul__", "bmm", "mm", "einsum", "baddbmm_"}
 _SOFTMAX = {"softmax", "_softmax"}
-_ATTENTION = {"scaled_dot_product_attention"}
+# fused kernels taking (query, key, value, ...) first; for torch.nn.MultiheadAttention the q/k/v are the inputs
+# of its (linear) in-projection, so scaling their gradients is the same as scaling the projected ones
+_ATTENTION = {"scaled_dot_product_attention", "multi_head_attention_forward"}
 _NORM = {"layer_norm", "rms_norm", "normalize"}
 _MAXLIKE = {"max", "min", "amax", "amin", "maximum", "minimum", "clamp", "clip", "clamp_min", "clamp_max",
             "topk", "sort"}  # piecewise-selection: gradient = selection
@@ -143,15 +146,24 @@ class RuleMode(TorchFunctionMode):
         if not isinstance(t, Tensor):
             return False
         if t in self.dependent:
-            return True
+            # a tensor without gradient (detached by a rule, e.g. CP-LRP's constant attention weights or
+            # gates) cannot carry relevance, so no op on it can hide a plain gradient
+            return t.requires_grad
         # leaves that require grad but are not parameters (e.g. inputs, perturbations) count as inputs
         return t.requires_grad and t.grad_fn is None and not isinstance(t, torch.nn.Parameter)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: C901
         kwargs = kwargs or {}
         scope = self.scope
-        if scope.covered_depth > 0 or not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
             return func(*args, **kwargs)
+        if scope.covered_depth > 0:
+            # inside a module (or attention kernel) a rule covers: not checked, but what it computes from
+            # the input stays input-dependent, so the ops after it are still seen
+            out = func(*args, **kwargs)
+            if any(self._dep(t) for t in _tensors(args, []) + _tensors(kwargs, [])):
+                self._mark(out)
+            return out
         name = op_name(func)
         ins = _tensors(args, []) + _tensors(kwargs, [])
         deps = [t for t in ins if self._dep(t)]
@@ -204,6 +216,8 @@ class RuleMode(TorchFunctionMode):
         tens = [a for a in args[:2] if isinstance(a, Tensor)]
         if name in _PRODUCT:
             live = [a for a in args[:2] if self._dep(a)]
+            if len(live) >= 2 and self.scope.declared_product_depth > 0:
+                return "linear"  # the canonizer-declared gated product: ruled by the scope's hooks
             return "product" if len(live) >= 2 else "linear"
         if name in _MATMUL:
             if name == "einsum":

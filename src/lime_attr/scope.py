@@ -94,6 +94,11 @@ class LRPScope:
         self._op_rule_cache: dict[tuple[str, str], Optional[Rule]] = {}
         self.sites: list[Site] = []
         self.enabled = True
+        self._mode_running = False
+        self._noop_modules: list[nn.Module] = []
+        self._product_modules: list[nn.Module] = []
+        self.declared_product_depth = 0
+        self._mode: Any = None  # the RuleMode while it runs
 
     # ------------------------------------------------------------------ public helpers
     def add_carrier(self, x: Tensor, carrier: Tensor) -> None:
@@ -149,16 +154,20 @@ class LRPScope:
         self._reverts.clear()
         self._carriers.clear()
         self._attention.clear()
+        self._noop_modules.clear()
+        self._product_modules.clear()
+        self.declared_product_depth = 0
         self._module_stack.clear()
         self.covered_depth = 0
 
     def _install(self) -> None:
         model = self.model
         # zennit canonizers (e.g. BatchNorm merging) first: they change the module structure's parameters
+        # (zennit's protocol: ``canonizer.apply(root) -> [instances]``, each reverted by ``instance.remove()``)
         for zc in self.composite.canonizers:
             zc = zc.copy() if hasattr(zc, "copy") else zc
-            zc.register(model) if hasattr(zc, "register") else None
-            self._reverts.append(getattr(zc, "remove"))
+            for instance in zc.apply(model) or ():
+                self._reverts.append(instance.remove)
         overrides: dict = {}
         if self.canonizer is not None:
             overrides = self.canonizer.apply(model, self) or {}
@@ -200,6 +209,7 @@ class LRPScope:
         # products last: their gate hooks must act on the activation rule's output
         for site, rule in products:
             self._install_product(site, rule)
+            self._product_modules.append(site.module)
         if problems:
             raise UncoveredModuleError(
                 f"composite {self.composite.name!r} does not cover these modules of {type(model).__name__}:\n"
@@ -217,6 +227,11 @@ class LRPScope:
 
     def _install_module_rule(self, site: Site, rule: Rule) -> None:
         module = site.module
+        if _is_noop(rule, site.kind):
+            # the rule is the op's own Jacobian (e.g. epsilon with eps=0 on a linear layer): no hook at all,
+            # only the coverage marker used by the op mode
+            self._noop_modules.append(module)
+            return
         if isinstance(rule, ZennitRule):
             self._install_zennit(module, rule)
             return
@@ -263,15 +278,19 @@ class LRPScope:
             return (scale_grad(args[0], scale_out), *args[1:])
 
         self._handles.append(consumer.register_forward_pre_hook(pre))
-        if gate_extra != 1.0:
-            if act is None:
-                raise TypeError(f"product rule {rule!r} needs the gate module of {site.name}; the canonizer "
-                                "declares none")
+        if gate_extra != 1.0 and act is None:
+            raise TypeError(f"product rule {rule!r} needs the gate module of {site.name}; the canonizer "
+                            "declares none")
+        if act is not None:
 
             def gate_post(mod, args, out):
-                if not (self.enabled and torch.is_grad_enabled()):
+                if not (self.enabled and torch.is_grad_enabled()) or (gate_extra == 1.0 and self._mode is None):
                     return None
-                return scale_grad(out, gate_extra)
+                # the gate's output is hidden from the op mode (computed with torch functions disabled, so
+                # not marked input-dependent): the declared product it feeds is ruled by these hooks, and the
+                # op mode must not rule that product a second time
+                with torch._C.DisableTorchFunction():
+                    return scale_grad(out, gate_extra) if gate_extra != 1.0 else out.view_as(out)
 
             self._handles.append(act.register_forward_hook(gate_post))
         if w_up == 0 and site.spec.get("up") is not None:
@@ -314,8 +333,12 @@ class LRPScope:
                 if torch.is_grad_enabled() and (check or scope._needs_op_rules):
                     mode = RuleMode(scope)
                     mode.seed(_leaf_inputs(args, kwargs))
-                    with mode:
-                        out = bound(*args, **kwargs)
+                    scope._mode_running, scope._mode = True, mode
+                    try:
+                        with scope._tracking_modules(), mode:
+                            out = bound(*args, **kwargs)
+                    finally:
+                        scope._mode_running, scope._mode = False, None
                     scope._checked = True
                     scope._needs_op_rules = scope._needs_op_rules or bool(mode.ruled_ops)
                     scope.ruled_ops = mode.ruled_ops
@@ -334,11 +357,41 @@ class LRPScope:
                 model.__dict__.pop("forward", None)
 
         self._reverts.append(revert)
-        # module stack for error messages and op-rule matching by module name
-        for name, module in model.named_modules():
+
+    @contextlib.contextmanager
+    def _tracking_modules(self) -> Iterator[None]:
+        """Module-stack hooks on containers, only while the op mode runs (error messages, name matching)."""
+        handles = []
+        for name, module in self.model.named_modules():
             if name and len(module._modules) > 0:
-                self._handles.append(module.register_forward_pre_hook(self._push_hook(name)))
-                self._handles.append(module.register_forward_hook(self._pop_hook))
+                handles.append(module.register_forward_pre_hook(self._push_hook(name)))
+                handles.append(module.register_forward_hook(self._pop_hook))
+        for module in self._noop_modules:
+            handles.append(module.register_forward_pre_hook(self._cover_hook))
+            handles.append(module.register_forward_hook(self._uncover_hook))
+        for module in self._product_modules:
+            # the product inside a canonizer-declared gated MLP is ruled by the consumer/gate hooks
+            handles.append(module.register_forward_pre_hook(self._enter_product))
+            handles.append(module.register_forward_hook(self._exit_product))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _enter_product(self, module: nn.Module, args: Any) -> None:
+        self.declared_product_depth += 1
+
+    def _exit_product(self, module: nn.Module, args: Any, out: Any) -> None:
+        self.declared_product_depth = max(self.declared_product_depth - 1, 0)
+
+    def _cover_hook(self, module: nn.Module, args: Any) -> None:
+        if self._mode_running:
+            self.covered_depth += 1
+
+    def _uncover_hook(self, module: nn.Module, args: Any, out: Any) -> None:
+        if self._mode_running:
+            self.covered_depth = max(self.covered_depth - 1, 0)
 
     def _push_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: Any) -> None:
@@ -348,6 +401,16 @@ class LRPScope:
     def _pop_hook(self, module: nn.Module, args: Any, out: Any) -> None:
         if self._module_stack:
             self._module_stack.pop()
+
+
+def _is_noop(rule: Rule, kind: str) -> bool:
+    from .rules.builtin import Epsilon, Gradient, Softmax
+
+    if isinstance(rule, Gradient):
+        return True
+    if isinstance(rule, Epsilon) and rule.epsilon == 0 and kind in ("layer", "affine"):
+        return True
+    return isinstance(rule, Softmax) and kind == "softmax"
 
 
 def _leaf_inputs(args: Any, kwargs: Any) -> list:

@@ -26,6 +26,10 @@ defined and gives 0 when TP = 0 (where the reference scripts divide 0 by 0).
 Undefined ratios -- precision with no predicted positives, recall with no positive labels, F1 with
 neither -- take the value ``zero_division`` (default 0.0, scikit-learn's default) and a note is added
 to the result; the reference scripts raise ``ZeroDivisionError`` there.
+
+The module also holds the plumbing shared by the POPE and audio-QA scorers: reading answer files
+(:func:`load_answers`), putting answers in item order (:func:`align_answers`) and
+:func:`score_binary_qa`.
 """
 from __future__ import annotations
 

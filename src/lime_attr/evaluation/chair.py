@@ -32,7 +32,7 @@ How words become categories (this implementation)
    singularised. Singular candidates are tried in order, the first that is a synonym wins: an
    irregular table (men, women, children, people, mice, geese, feet, teeth, knives, wives, leaves,
    shelves, wolves, halves, calves, loaves, oxen), ``-ies -> -y``, ``-ves -> -f`` / ``-fe``,
-   ``-es -> ''``, ``-s -> ''`` (not for ``-ss``). Because only synonyms are accepted, a wrong
+   ``-es -> ''`` after s, x, z, ch, sh or o, and ``-s -> ''`` (not for ``-ss``). Because only synonyms are accepted, a wrong
    candidate never creates an object.
 5. **Phrase rules** (COCO, ``coco_rules=True``): the hand-written exceptions of the original code --
    "baby X" / "adult X" is the animal X (bird, cat, dog, horse, sheep, cow, elephant, bear, zebra,
@@ -42,7 +42,10 @@ How words become categories (this implementation)
 
 The original implementation singularises every token with ``pattern.en`` and tokenises with NLTK;
 the two agree on ordinary captions but can differ on rare inflections and punctuation, and its
-``length`` counts NLTK tokens including punctuation. Report which implementation produced a number.
+``length`` counts NLTK tokens including punctuation. It also splits synonym lines on ``", "`` without
+stripping, so an entry after a double space (" motor bike", " cheesecake" in the released file) and a
+capitalised entry ("iPhone") never match there; here entries are stripped and lower-cased, so they
+do. Report which implementation produced a number.
 
 Files (all supplied by the user; nothing is downloaded)
 -------------------------------------------------------
@@ -146,7 +149,7 @@ def singular_candidates(word: str) -> list[str]:
         out.append(word[:-3] + "y")
     if len(word) > 3 and word.endswith("ves"):
         out.extend((word[:-3] + "f", word[:-3] + "fe"))
-    if len(word) > 2 and word.endswith("es"):
+    if len(word) > 3 and word.endswith("es") and word[:-2].endswith(("s", "x", "z", "ch", "sh", "o")):
         out.append(word[:-2])
     if len(word) > 1 and word.endswith("s") and not word.endswith("ss"):
         out.append(word[:-1])

@@ -26,7 +26,6 @@ from typing import Any, Optional, Union
 from lime_attr.evaluation._common import (
     EvaluationDataError,
     PathLike,
-    field_of,
     read_json_records,
     require_file,
 )

@@ -97,8 +97,8 @@ class EvalResult:
     def to_row(self) -> dict[str, Any]:
         """Flat dict for a CSV row: benchmark, metadata and metric/count columns, parser name, config.
 
-        Metric columns keep their names, count columns are prefixed ``n_`` unless they already are,
-        metadata columns are prefixed ``meta_``; the config is one JSON string column.
+        Metric and count columns keep their names (a count whose name is taken gets a ``count_``
+        prefix), metadata columns are prefixed ``meta_``; the config is one JSON string column.
         """
         row: dict[str, Any] = {"benchmark": self.benchmark}
         for k, v in self.metadata.items():
@@ -108,7 +108,7 @@ class EvalResult:
         for k, v in jsonable(self.metrics).items():
             row[k] = "" if v is None else v
         for k, v in self.counts.items():
-            row[k if k.startswith("n_") else f"n_{k}"] = v
+            row[f"count_{k}" if k in row else k] = v
         row["config"] = json.dumps(jsonable(self.config), sort_keys=True)
         return row
 
