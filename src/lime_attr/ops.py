@@ -71,7 +71,7 @@ _ACTIVATION = set(
     "gelu_ _gelu".split()
 )
 _PRODUCT = {"mul", "__mul__", "__rmul__", "multiply", "__imul__"}
-_DIVIDE = {"div", "__truediv__", "divide", "true_divide", "__itruediv__"}
+_DIVIDE = {"div", "__truediv__", "divide", "true_divide", "__itruediv__", "div_"}
 _MATMUL = {"matmul", "__matmul__", "__rmatmul__", "bmm", "mm", "einsum", "baddbmm_"}
 _SOFTMAX = {"softmax", "_softmax"}
 # fused kernels taking (query, key, value, ...) first; for torch.nn.MultiheadAttention the q/k/v are the inputs
@@ -227,7 +227,14 @@ class RuleMode(TorchFunctionMode):
             return "matmul" if len(live) >= 2 else "linear"
         if name in _DIVIDE:
             den = args[1] if len(args) > 1 else kwargs.get("other")
-            return None if self._dep(den) else "linear"
+            if not self._dep(den):
+                return "linear"
+            # inside a module a canonizer declares normalising (e.g. MoE top-k weights / their sum):
+            # a normalisation, ruled like a norm (the normaliser held constant)
+            ids = getattr(self.scope, "normalizing_modules", None)
+            if ids and any(id(m) in ids for _, m in self.scope._module_stack):
+                return "norm"
+            return None
         return None
 
     def _apply(self, kind: str, rule, func, args, kwargs):
@@ -255,6 +262,14 @@ class RuleMode(TorchFunctionMode):
             v = args[2] if len(args) > 2 else kwargs.pop("value")
             q, k, v = rule.apply_attention(q, k, v)
             return func(q, k, v, *args[3:], **kwargs)
+        if kind == "norm" and op_name(func) in _DIVIDE:
+            from .rules.builtin import Norm
+
+            if not isinstance(rule, Norm):
+                raise TypeError(f"a normalising division needs the 'norm' rule at 'site:norm', got {rule!r}")
+            den = args[1] if len(args) > 1 else kwargs.pop("other")
+            # the same (possibly in-place) op with the normaliser constant
+            return func(args[0], den.detach(), *args[2:], **kwargs)
         if kind == "norm":
             y = func(*args, **kwargs)
             name = op_name(func)

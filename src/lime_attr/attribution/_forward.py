@@ -26,7 +26,7 @@ def model_output_tensor(output: Any) -> Tensor:
     """The tensor to explain from a model output: ``logits`` if present, else the first tensor."""
     if isinstance(output, Tensor):
         return output
-    for key in ("logits", "last_hidden_state", "pooler_output"):
+    for key in ("logits", "image_embeds", "text_embeds", "audio_embeds", "last_hidden_state", "pooler_output"):
         value = getattr(output, key, None)
         if isinstance(value, Tensor):
             return value

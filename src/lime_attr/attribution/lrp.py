@@ -1,6 +1,7 @@
 """``LRP``: Captum-compatible Layer-wise Relevance Propagation in gradient form."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -11,7 +12,9 @@ from captum.attr import GradientAttribution
 from torch import Tensor, nn
 
 from ..composites import Composite
+from ..errors import LimeAttrError
 from ..scope import LRPScope
+from .latent import LatentRecorder
 from ._forward import HFForward, hf_input_name, is_hf_model
 
 __all__ = ["LRP", "validate_inputs", "validate_target"]
@@ -136,7 +139,7 @@ class LRP(GradientAttribution):
 
     def attribute(self, inputs: Union[Tensor, tuple[Tensor, ...]], target: Any = None,
                   additional_forward_args: Any = None, return_convergence_delta: bool = False,
-                  create_graph: bool = False, **model_kwargs: Any) -> Any:
+                  create_graph: bool = False, latent: Optional[Sequence[str]] = None, **model_kwargs: Any) -> Any:
         r"""Relevance of ``inputs`` for the ``target`` output.
 
         Parameters
@@ -153,35 +156,57 @@ class LRP(GradientAttribution):
             Also return ``output - sum(relevance)`` per example.
         create_graph : bool
             Keep the graph so that the relevance can itself be differentiated (LIME needs this).
+        latent : sequence of str, optional
+            Qualified module names whose output relevance (hidden state times modified gradient, from the
+            same backward pass) is returned too, as a dict appended to the return value
+            (docs: latent_relevance).
         **model_kwargs
             Hugging Face models only: further keyword inputs (``attention_mask``, ``pixel_values``...).
 
         Returns
         -------
-        Tensor or tuple of Tensor, and optionally the delta Tensor of shape ``[batch]``.
+        Tensor or tuple of Tensor, and optionally the delta Tensor of shape ``[batch]``; with ``latent``,
+        also ``{module_name: relevance}`` last.
         """
+        if not isinstance(inputs, (Tensor, tuple)):
+            raise TypeError(f"inputs must be a torch.Tensor or a tuple of tensors (batch on dim 0), got "
+                            f"{type(inputs).__name__}; convert it with torch.as_tensor(..., dtype=torch.float32)")
         is_tuple = _is_tuple(inputs)
         inputs_t = _format_tensor_into_tuples(inputs)
         validate_inputs(inputs_t)
         forward_func, additional = self._forward_func(inputs_t, target, additional_forward_args, model_kwargs)
         work = tuple(x if x.requires_grad else x.detach().requires_grad_(True) for x in inputs_t)
         scope = self.scope()
-        with torch.enable_grad(), scope:
-            raw = forward_func(*work, *(_format_additional_forward_args(additional) or ()))
+        recorder = LatentRecorder(self.model, latent) if latent else None
+        with torch.enable_grad(), scope, (recorder or contextlib.nullcontext()):
+            try:
+                raw = forward_func(*work, *(_format_additional_forward_args(additional) or ()))
+            except RuntimeError as exc:
+                if isinstance(exc, LimeAttrError):
+                    raise
+                shapes = ", ".join(str(tuple(x.shape)) for x in work)
+                raise RuntimeError(f"the model's forward failed on input(s) of shape {shapes} (does the input "
+                                   f"shape match the model?): {exc}") from exc
             validate_target(raw, target)
             out = _run_forward(lambda *a: raw, work, target, None) if target is not None else raw
             carriers = scope.pop_carriers()
-        out = out.reshape(out.shape[0], -1)
-        if out.shape[1] != 1:
-            raise ValueError(f"the selected output has {out.shape[1]} values per example; the target must select "
-                             "one scalar per example")
-        out = out[:, 0]
-        if not bool(torch.isfinite(out).all()):
-            raise FloatingPointError("the explained output is NaN/inf; check the model's dtype (fp16 overflows "
-                                     "easily: use bf16 or fp32) and its inputs")
-        carrier_t = [c for _, c in carriers]
-        grads = torch.autograd.grad(out, list(work) + carrier_t, grad_outputs=torch.ones_like(out),
-                                    create_graph=create_graph, allow_unused=True)
+            # the backward runs inside the scope: zennit rules driving modules keep their backward hooks
+            # only while the scope is active
+            out = out.reshape(out.shape[0], -1)
+            if out.shape[1] != 1:
+                raise ValueError(f"the selected output has {out.shape[1]} values per example; the target must select "
+                                 "one scalar per example")
+            out = out[:, 0]
+            if not bool(torch.isfinite(out).all()):
+                raise FloatingPointError("the explained output is NaN/inf; check the model's dtype (fp16 overflows "
+                                         "easily: use bf16 or fp32) and its inputs")
+            carrier_t = [c for _, c in carriers]
+            latent_t = recorder.tensors() if recorder else []
+            grads = torch.autograd.grad(out, list(work) + carrier_t + latent_t, grad_outputs=torch.ones_like(out),
+                                        create_graph=create_graph, allow_unused=True)
+            if recorder:
+                latent_rel = recorder.relevance(grads[len(work) + len(carrier_t):], detach=not create_graph)
+                grads = grads[: len(work) + len(carrier_t)]
         if not create_graph:
             work = tuple(x.detach() for x in work)
             grads = tuple(None if g is None else g.detach() for g in grads)
@@ -196,24 +221,36 @@ class LRP(GradientAttribution):
                                  "is not a model input; map it only to the first layer ('first_layer')")
             rel[idx] = rel[idx] + c * g
         rel_t = tuple(rel)
+        _check_finite(rel_t)
         result = _format_output(is_tuple, rel_t)
         if return_convergence_delta:
             total = sum(r.reshape(r.shape[0], -1).sum(1) for r in rel_t)
             delta = out.detach() - total.detach() if not create_graph else out - total
-            return result, delta
-        return result
+            return (result, delta, latent_rel) if recorder else (result, delta)
+        return (result, latent_rel) if recorder else result
 
     def _forward_func(self, inputs_t: tuple, target: Any, additional: Any, model_kwargs: dict):
         model = self.model
         if is_hf_model(model):
             keep = isinstance(target, tuple) or (isinstance(target, list) and target and isinstance(target[0], tuple))
             kw = dict(model_kwargs)
-            fwd = HFForward(model, model_kwargs.pop("input_name", None) or hf_input_name(model), kw, keep)
+            input_name = kw.pop("input_name", None) or hf_input_name(model)
+            fwd = HFForward(model, input_name, kw, keep)
             return fwd, additional
         if model_kwargs:
             raise TypeError(f"unexpected keyword arguments {sorted(model_kwargs)}; for plain torch models pass "
                             "extra model inputs through additional_forward_args")
         return model, additional
+
+
+def _check_finite(rel: tuple) -> None:
+    """A non-finite relevance is an overflow (typically fp16 in the backward pass): say so, never return it."""
+    for i, r in enumerate(rel):
+        if not bool(torch.isfinite(r).all()):
+            hint = (" float16's range (max 65504) overflowed in the backward pass; run the attribution in "
+                    "bfloat16 or float32 (model.to(torch.bfloat16) / model.float(), inputs likewise)"
+                    if r.dtype == torch.float16 else " check the model and its inputs")
+            raise FloatingPointError(f"the relevance of input {i} contains NaN/inf ({r.dtype}):{hint}")
 
 
 def _match_input(x: Tensor, originals: Sequence[Tensor], inputs: Sequence[Tensor]) -> Optional[int]:

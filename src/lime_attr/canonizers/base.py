@@ -23,7 +23,7 @@ from ..rules.builtin import NormSpec
 from ..sites import norm_spec_for
 
 __all__ = ["Canonizer", "HFCanonizer", "register_canonizer", "canonizer_for", "get_canonizer",
-           "available_canonizers", "attention_function_name"]
+           "available_canonizers", "attention_function_name", "route_inputs_embeds"]
 
 _CANONIZERS: dict[str, type] = {}
 _PREFIX = "lime_attr:"
@@ -104,11 +104,11 @@ def _ensure_registered(original: str) -> str:
     return name
 
 
-def _configs_of(model: nn.Module) -> list:
+def _configs_of(model: nn.Module, attr: str = "_attn_implementation_internal") -> list:
     seen: dict[int, Any] = {}
     for m in model.modules():
         cfg = getattr(m, "config", None)
-        if cfg is not None and hasattr(cfg, "_attn_implementation_internal") and id(cfg) not in seen:
+        if cfg is not None and hasattr(cfg, attr) and id(cfg) not in seen:
             seen[id(cfg)] = cfg
     # sub-configs reachable from the configs (vision_config, text_config, audio_config, ...)
     stack = list(seen.values())
@@ -116,7 +116,7 @@ def _configs_of(model: nn.Module) -> list:
         cfg = stack.pop()
         for key in getattr(cfg, "sub_configs", {}) or {}:
             sub = getattr(cfg, key, None)
-            if sub is not None and hasattr(sub, "_attn_implementation_internal") and id(sub) not in seen:
+            if sub is not None and hasattr(sub, attr) and id(sub) not in seen:
                 seen[id(sub)] = sub
                 stack.append(sub)
     return list(seen.values())
@@ -139,6 +139,61 @@ def install_attention_bridge(model: nn.Module, scope: Any) -> None:
             cfg._attn_implementation_internal = value
 
         scope._reverts.append(revert)
+
+
+def suspend_gradient_checkpointing(model: nn.Module, scope: Any) -> None:
+    """Run checkpointed layers normally inside the scope (restored on exit).
+
+    A checkpointed layer recomputes its forward during the backward pass, after the scope's forward has
+    returned: the recomputation would not see the attention rule (the scope is only current during the
+    forward) and would silently give plain gradients. The forward values are identical either way.
+    """
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            m.gradient_checkpointing = False
+            scope._reverts.append(lambda m=m: setattr(m, "gradient_checkpointing", True))
+
+
+def _set_config_attr(model: nn.Module, scope: Any, attr: str, value: Any) -> None:
+    for cfg in _configs_of(model, attr):
+        old = getattr(cfg, attr)
+        if old == value or isinstance(old, dict):
+            continue
+        setattr(cfg, attr, value)
+        scope._reverts.append(lambda cfg=cfg, old=old: setattr(cfg, attr, old))
+
+
+def route_inputs_embeds(module: nn.Module, scope: Any, when: tuple[str, ...] = ()) -> None:
+    """Let ``module`` (a model whose forward builds its embeddings from ``input_ids``) take ``inputs_embeds``.
+
+    For models that ignore or refuse ``inputs_embeds`` on the path that matters (Qwen2-Audio runs its audio
+    tower only when it embeds ``input_ids`` itself; CLIP's text tower accepts only ``input_ids``): a call
+    with ``inputs_embeds`` *and* ``input_ids`` (and every keyword in ``when``) runs as a call with
+    ``input_ids`` only, whose input-embedding lookup returns the given ``inputs_embeds`` (a one-shot hook).
+    ``input_ids`` then only locate special tokens. Installed for the scope only (removed on exit).
+    """
+
+    def pre(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+        emb, ids = kwargs.get("inputs_embeds"), kwargs.get("input_ids")
+        if emb is None or ids is None or any(kwargs.get(k) is None for k in when):
+            return None
+        if tuple(emb.shape[:-1]) != tuple(ids.shape):
+            raise ValueError(f"inputs_embeds {tuple(emb.shape)} and input_ids {tuple(ids.shape)} must cover the same "
+                             "positions (inputs_embeds = model.get_input_embeddings()(input_ids))")
+        kwargs = dict(kwargs)
+        kwargs.pop("inputs_embeds")
+        handle: Any = None
+
+        def answer(m: nn.Module, a: tuple, out: Any) -> Any:
+            handle.remove()
+            return emb
+
+        handle = mod.get_input_embeddings().register_forward_hook(answer)
+        scope._reverts.append(handle.remove)  # in case the forward fails before the lookup
+        return args, kwargs
+
+    h = module.register_forward_pre_hook(pre, with_kwargs=True)
+    scope._reverts.append(h.remove)
 
 
 # ------------------------------------------------------------------------------- declarative base
@@ -172,6 +227,16 @@ class HFCanonizer(Canonizer):
         linear in the input); their ops are still checked by the op-coverage mode.
     op_modules
         Modules whose products / matmuls go through the op mode (e.g. MoE expert blocks).
+    normalizing_modules
+        Modules inside which a division by an input-dependent tensor is a normalisation (MoE routers
+        renormalising their top-k weights by their sum): it gets the norm rule (the normaliser constant).
+    eager_experts
+        Run fused MoE expert modules with transformers' ``eager`` experts implementation inside the scope
+        (so their products go through the op mode); the configs' setting is restored on exit.
+    components
+        Config attributes (``vision_config``, ``text_config``, ``audio_config``) naming nested towers: the
+        declarations of the canonizer registered for each one's ``model_type`` are merged into this one's
+        (multimodal families: vision tower + language model + the family's own projector/merger).
     """
 
     attention: tuple[str, ...] = ()
@@ -180,8 +245,48 @@ class HFCanonizer(Canonizer):
     activations: tuple[str, ...] = ()
     passthrough: tuple[str, ...] = ()
     op_modules: tuple[str, ...] = ()
+    components: tuple[str, ...] = ()
+    eager_experts: bool = False
+    normalizing_modules: tuple[str, ...] = ()
 
     def apply(self, model: nn.Module, scope: Any) -> dict:
+        overrides: dict[str, tuple[str, Any]] = {}
+        for sub in self.component_canonizers(_root_config(model, self.model_types)):
+            overrides.update(sub.site_overrides(model))
+        overrides.update(self.site_overrides(model))
+        self.check_declared(model, overrides)
+        install_attention_bridge(model, scope)
+        suspend_gradient_checkpointing(model, scope)
+        if self.eager_experts:
+            _set_config_attr(model, scope, "_experts_implementation_internal", "eager")
+        if self.normalizing_modules:
+            ids = {id(m) for m in model.modules() if type(m).__name__ in self.normalizing_modules}
+            scope.normalizing_modules = ids  # read by the op mode; cleared on exit
+            scope._reverts.append(lambda: setattr(scope, "normalizing_modules", set()))
+        return overrides
+
+    def component_canonizers(self, config: Any) -> list["HFCanonizer"]:
+        """The canonizers of the towers named by :attr:`components` (recursively), from ``config``."""
+        out: list[HFCanonizer] = []
+        for key in self.components:
+            sub = getattr(config, key, None) if config is not None else None
+            if sub is None:
+                continue
+            mt = getattr(sub, "model_type", None)
+            if mt not in _CANONIZERS:
+                raise UnsupportedModelError(
+                    f"the {key} of this {getattr(config, 'model_type', '?')!r} model has model_type {mt!r}, for "
+                    f"which no canonizer is registered (supported: {', '.join(available_canonizers())}); add one "
+                    "with @lime_attr.canonizers.register_canonizer (docs: writing_a_canonizer)")
+            canon = _CANONIZERS[mt]()
+            if not isinstance(canon, HFCanonizer):
+                raise TypeError(f"the canonizer for {key} ({mt!r}) is not declarative (HFCanonizer); it cannot be "
+                                "composed into a multimodal canonizer")
+            out.extend([canon, *canon.component_canonizers(sub)])
+        return out
+
+    def site_overrides(self, model: nn.Module) -> dict:
+        """``{qualified_name: (kind, spec)}`` for the modules this declaration names (no side effects)."""
         overrides: dict[str, tuple[str, Any]] = {}
         for name, module in model.named_modules():
             cls = type(module).__name__
@@ -207,12 +312,22 @@ class HFCanonizer(Canonizer):
                 overrides[name] = ("passthrough", None)
             elif cls in self.op_modules:
                 overrides[name] = ("container", None)
-        self.check_declared(model, overrides)
-        install_attention_bridge(model, scope)
         return overrides
 
     def check_declared(self, model: nn.Module, overrides: dict) -> None:
         """Hook for families to validate the model against their declaration (default: nothing)."""
+
+
+def _root_config(model: nn.Module, model_types: tuple) -> Any:
+    """The config of ``model`` (or of its first submodule whose ``model_type`` is one of ``model_types``)."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "model_type", None) in model_types:
+        return cfg
+    for m in model.modules():
+        sub = getattr(m, "config", None)
+        if sub is not None and getattr(sub, "model_type", None) in model_types:
+            return sub
+    return cfg
 
 
 def register_canonizer(*model_types: str) -> Callable[[type], type]:

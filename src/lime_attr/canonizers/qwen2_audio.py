@@ -1,0 +1,39 @@
+"""Qwen2-Audio: a Whisper-like audio encoder (conv stem + GELU, added positions, LayerNorm blocks,
+average pooling), a linear projector and a language model (Qwen2, from ``text_config``).
+
+Explained: ``LRP(model).attribute(inputs_embeds, target=token, input_ids=ids, input_features=mel,
+feature_attention_mask=mask)`` gives the relevance of the text embeddings, and the same call with
+``mel`` as the explained input and ``input_name="input_features", inputs_embeds=emb`` gives the audio's.
+
+Qwen2-Audio's forward runs the audio tower only when it builds the embeddings itself from
+``input_ids``; given ``inputs_embeds`` it would silently drop the audio. Inside a scope this canonizer
+therefore routes a call with ``inputs_embeds``, ``input_ids`` and ``input_features`` through the audio
+path, the embedding lookup of ``input_ids`` answered by the given ``inputs_embeds``
+(:func:`~lime_attr.canonizers.base.route_inputs_embeds`); ``input_ids`` then only locate the audio tokens.
+"""
+from typing import Any
+
+from torch import nn
+
+from .base import HFCanonizer, register_canonizer, route_inputs_embeds
+
+
+@register_canonizer("qwen2_audio_encoder")
+class Qwen2AudioEncoderCanonizer(HFCanonizer):
+    """``Qwen2AudioEncoder``: explained w.r.t. ``input_features`` (log-mel)."""
+
+    attention = ("Qwen2AudioAttention",)
+
+
+@register_canonizer("qwen2_audio")
+class Qwen2AudioCanonizer(HFCanonizer):
+    """``Qwen2AudioForConditionalGeneration`` / ``Qwen2AudioModel``: audio encoder + projector + LM."""
+
+    components = ("audio_config", "text_config")
+
+    def apply(self, model: nn.Module, scope: Any) -> dict:
+        overrides = super().apply(model, scope)
+        for module in model.modules():
+            if type(module).__name__ == "Qwen2AudioModel":
+                route_inputs_embeds(module, scope, when=("input_features",))
+        return overrides
