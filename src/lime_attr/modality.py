@@ -1,0 +1,237 @@
+"""Finding the image / audio / text spans of a multimodal prompt in the sequence the language model sees.
+
+A *span* is a half-open interval ``(start, end)`` of positions (``end`` exclusive) in the language
+model's input sequence. Which positions are perceptual follows the model family, as in the LIME
+reference code (see ``reference/lime-method.md``):
+
+* LLaVA-style (``llava``, ``llava_next``, ...; any config with ``image_token_id`` /
+  ``image_token_index``): the runs of the image placeholder after the processor's expansion. Two
+  images written back to back form one run; it is cut into images of ``tokens_per_item`` tokens
+  (``config.image_seq_length`` by default).
+* Qwen2-VL / Qwen2.5-VL: ``<|vision_start|>`` .. ``<|vision_end|>`` *inclusive* (the markers belong to
+  the image; a run that holds video tokens is reported as ``"video"``).
+* Qwen2-Audio: ``<|audio_bos|>`` .. ``<|audio_eos|>`` inclusive.
+
+Every other non-padding position is ``"text"``; positions whose ``attention_mask`` is 0 (left or right
+padding) belong to no span.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["ModalitySpec", "modality_spec", "find_spans", "span_mask", "PERCEPTUAL"]
+
+#: span kinds that hold perceptual (non-text) tokens
+PERCEPTUAL = ("image", "video", "audio")
+
+Span = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """How one model family marks perceptual tokens in its input ids.
+
+    Attributes
+    ----------
+    family : str
+        ``config.model_type``.
+    placeholders : dict
+        ``{token_id: kind}`` for the placeholder ids the model's features replace (``kind`` is
+        ``"image"``, ``"video"`` or ``"audio"``).
+    markers : dict
+        ``{start_id: (end_id, kind)}``: spans run from a start marker to the next end marker, inclusive
+        (Qwen2-VL, Qwen2-Audio); ``kind`` names the span unless the placeholders inside say otherwise
+        (video tokens between vision markers). Empty for run-based families (LLaVA).
+    tokens_per_item : dict
+        ``{kind: n}``: tokens per image / audio, used to cut back-to-back placeholder runs (run-based
+        families only; ``None`` leaves runs whole).
+    """
+
+    family: str
+    placeholders: dict[int, str]
+    markers: dict[int, tuple[int, str]] = field(default_factory=dict)
+    tokens_per_item: dict[str, Optional[int]] = field(default_factory=dict)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(sorted(set(self.placeholders.values())))
+
+
+def _cfg_get(config: Any, *names: str) -> Optional[int]:
+    for n in names:
+        v = getattr(config, n, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
+
+
+def _tok_id(tokenizer: Any, token: Optional[str]) -> Optional[int]:
+    if tokenizer is None or not token:
+        return None
+    try:
+        i = tokenizer.convert_tokens_to_ids(token)
+    except Exception:  # pragma: no cover - exotic tokenizers
+        return None
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if i is None or (unk is not None and i == unk and token != getattr(tokenizer, "unk_token", None)):
+        return None
+    return int(i)
+
+
+def modality_spec(model_or_config: Any, processor: Any = None) -> ModalitySpec:
+    """The :class:`ModalitySpec` of a multimodal model, from its config (and processor where needed).
+
+    Parameters
+    ----------
+    model_or_config : PreTrainedModel or PretrainedConfig
+    processor : optional
+        The model's processor (or tokenizer). Needed for Qwen2-Audio's ``<|audio_bos|>`` /
+        ``<|audio_eos|>`` ids, which its config does not store.
+
+    Raises
+    ------
+    ValueError
+        If the config names no image or audio placeholder token.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    family = getattr(config, "model_type", "?")
+    tok = getattr(processor, "tokenizer", processor)
+    image_id = _cfg_get(config, "image_token_id", "image_token_index")
+    video_id = _cfg_get(config, "video_token_id", "video_token_index")
+    audio_id = _cfg_get(config, "audio_token_id", "audio_token_index")
+    placeholders: dict[int, str] = {}
+    for i, kind in ((image_id, "image"), (video_id, "video"), (audio_id, "audio")):
+        if i is not None:
+            placeholders[i] = kind
+    if not placeholders:
+        raise ValueError(f"cannot find the perceptual placeholder tokens of model_type {family!r}: its config has "
+                         "no image_token_id / image_token_index / video_token_id / audio_token_id (audio_token_index)")
+    markers: dict[int, tuple[int, str]] = {}
+    vs, ve = _cfg_get(config, "vision_start_token_id"), _cfg_get(config, "vision_end_token_id")
+    if vs is not None and ve is not None:
+        markers[vs] = (ve, "image")
+    if audio_id is not None:
+        bos = _tok_id(tok, getattr(processor, "audio_bos_token", None) or "<|audio_bos|>")
+        eos = _tok_id(tok, getattr(processor, "audio_eos_token", None) or "<|audio_eos|>")
+        if family == "qwen2_audio" and (bos is None or eos is None) and tok is not None:
+            raise ValueError("the processor does not match the model: its tokenizer has no <|audio_bos|> / "
+                             "<|audio_eos|> tokens, which delimit Qwen2-Audio's audio spans")
+        if family == "qwen2_audio" and (bos is None or eos is None):
+            raise ValueError("Qwen2-Audio spans run from <|audio_bos|> to <|audio_eos|>, whose ids are not in the "
+                             "config: pass the model's processor (or tokenizer) so they can be looked up")
+        if bos is not None and eos is not None:
+            markers[bos] = (eos, "audio")
+    per_item: dict[str, Optional[int]] = {}
+    if not markers and image_id is not None and getattr(config, "image_grid_pinpoints", None) is None:
+        # fixed tokens per image (LLaVA); LLaVA-NeXT-style any-resolution tiling varies per image
+        n = _cfg_get(config, "image_seq_length")
+        n = n if n is not None else getattr(processor, "num_image_tokens", None)
+        per_item["image"] = int(n) if isinstance(n, int) and n > 0 else None
+    return ModalitySpec(family, placeholders, markers, per_item)
+
+
+def _runs(flags: Sequence[bool]) -> list[Span]:
+    out, start = [], None
+    for i, f in enumerate(list(flags) + [False]):
+        if f and start is None:
+            start = i
+        elif not f and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def _row_spans(ids: list[int], valid: list[bool], spec: ModalitySpec) -> dict[str, list[Span]]:
+    spans: dict[str, list[Span]] = {}
+    perceptual = [False] * len(ids)
+    if spec.markers:
+        i = 0
+        while i < len(ids):
+            if valid[i] and ids[i] in spec.markers:
+                end_id, default_kind = spec.markers[ids[i]]
+                j = i + 1
+                while j < len(ids) and not (valid[j] and ids[j] == end_id):
+                    j += 1
+                if j == len(ids):
+                    raise ValueError(f"unterminated perceptual span: start marker id {ids[i]} at position {i} has no "
+                                     f"end marker id {end_id} after it (truncated prompt?)")
+                inside = {spec.placeholders.get(t) for t in ids[i + 1:j] if t in spec.placeholders}
+                kind = "video" if "video" in inside else default_kind
+                spans.setdefault(kind, []).append((i, j + 1))
+                for p in range(i, j + 1):
+                    perceptual[p] = True
+                i = j + 1
+            else:
+                i += 1
+        # placeholders outside any marker pair still count (e.g. a processor that dropped the markers)
+        stray = [valid[p] and not perceptual[p] and ids[p] in spec.placeholders for p in range(len(ids))]
+        for s, e in _runs(stray):
+            spans.setdefault(spec.placeholders[ids[s]], []).append((s, e))
+            for p in range(s, e):
+                perceptual[p] = True
+    else:
+        for kind in spec.kinds:
+            flags = [valid[p] and spec.placeholders.get(ids[p]) == kind for p in range(len(ids))]
+            n = spec.tokens_per_item.get(kind)
+            for s, e in _runs(flags):
+                if n and (e - s) > n and (e - s) % n == 0:
+                    spans.setdefault(kind, []).extend((a, a + n) for a in range(s, e, n))
+                else:
+                    spans.setdefault(kind, []).append((s, e))
+                for p in range(s, e):
+                    perceptual[p] = True
+    text = [valid[p] and not perceptual[p] for p in range(len(ids))]
+    spans["text"] = _runs(text)
+    for k in spans:
+        spans[k].sort()
+    return spans
+
+
+def find_spans(input_ids: Tensor, spec: ModalitySpec, attention_mask: Optional[Tensor] = None,
+               sequence_length: Optional[int] = None) -> list[dict[str, list[Span]]]:
+    """Spans of each batch row: ``[{"image": [(start, end), ...], "text": [...], ...}, ...]``.
+
+    Parameters
+    ----------
+    input_ids : Tensor
+        ``[batch, seq]`` (or ``[seq]``), after the processor's placeholder expansion.
+    spec : ModalitySpec
+        From :func:`modality_spec`.
+    attention_mask : Tensor, optional
+        Positions where it is 0 (padding, left or right) belong to no span.
+    sequence_length : int, optional
+        Length of the sequence the language model actually receives. A model that inserts its
+        features inside the transformer and changes the sequence length (e.g. Qwen2-Audio's legacy
+        un-expanded ``<|AUDIO|>`` path) makes spans computed on ``input_ids`` meaningless: a clear
+        error is raised then.
+
+    Returns
+    -------
+    list of dict
+        One dict per row; ``end`` is exclusive; kinds without tokens are absent except ``"text"``.
+    """
+    ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+    if sequence_length is not None and sequence_length != ids.shape[1]:
+        raise ValueError(f"the language model receives {sequence_length} positions but input_ids has {ids.shape[1]}: "
+                         f"the model ({spec.family}) inserted its features inside the forward pass and changed the "
+                         "sequence length. Expand the placeholders in the processor (the current processors do) so "
+                         "that one placeholder token stands for one feature")
+    if attention_mask is None:
+        mask = torch.ones_like(ids, dtype=torch.bool)
+    else:
+        mask = (attention_mask if attention_mask.dim() == 2 else attention_mask[None]).bool()
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
+    return [_row_spans(r.tolist(), m.tolist(), spec) for r, m in zip(ids.cpu(), mask.cpu())]
+
+
+def span_mask(spans: Sequence[Span], length: int, device: Union[str, torch.device, None] = None) -> Tensor:
+    """Boolean ``[length]`` mask of the positions covered by ``spans``."""
+    m = torch.zeros(length, dtype=torch.bool, device=device)
+    for s, e in spans:
+        m[s:e] = True
+    return m
