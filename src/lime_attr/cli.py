@@ -1,0 +1,275 @@
+"""The ``lime-attr`` command: demo, explain, generate, eval.
+
+Every command writes JSON (and CSV for tables), draws matplotlib figures into ``--output-dir``, shows
+progress bars on long work, and exits with status 2 and a one-line message on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("lime_attr.cli")
+
+BUILTIN_HELP = "builtin:digits-llava | builtin:tones-qwen2audio | a local checkpoint folder | a hub id"
+
+
+class CLIError(Exception):
+    """Bad input: reported as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _load(spec: str, dtype: Optional[str] = None):
+    from .models import load_model
+
+    try:
+        return load_model(spec, dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - reported to the user with the cause
+        raise CLIError(f"cannot load model {spec!r}: {exc}") from exc
+
+
+def _builtin_name(spec: str) -> Optional[str]:
+    return spec.split(":", 1)[1] if spec.startswith("builtin:") else None
+
+
+def _media_for(args: argparse.Namespace, processor: Any) -> dict:
+    from .generation import load_audio, load_image
+
+    if args.image and args.audio:
+        raise CLIError("give either --image or --audio, not both")
+    if args.image:
+        if not Path(args.image).is_file():
+            raise CLIError(f"--image {args.image}: no such file")
+        return {"images": [load_image(args.image)]}
+    if args.audio:
+        if not Path(args.audio).is_file():
+            raise CLIError(f"--audio {args.audio}: no such file")
+        fe = getattr(processor, "feature_extractor", None)
+        sr = int(getattr(fe, "sampling_rate", 16000))
+        return {"audios": [load_audio(args.audio, sr)], "sampling_rate": sr}
+    raise CLIError("this command needs --image PATH or --audio PATH (a WAV file)")
+
+
+def _prompt_text(spec: str, processor: Any, question: str, media: dict) -> str:
+    name = _builtin_name(spec)
+    if name is not None:
+        from .models import format_prompt
+
+        return format_prompt(name, question)
+    kind = "image" if "images" in media else "audio"
+    messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
+    if getattr(processor, "chat_template", None):
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    raise CLIError("the processor has no chat template: pass a prompt that already contains the model's "
+                   "image/audio placeholder token with --raw-prompt")
+
+
+def _inputs(model: Any, processor: Any, args: argparse.Namespace) -> dict:
+    from .generation import prepare_inputs
+
+    media = _media_for(args, processor)
+    prompt = args.prompt if getattr(args, "raw_prompt", False) else _prompt_text(args.model, processor, args.prompt, media)
+    return prepare_inputs(model, processor, [prompt], images=media.get("images"), audios=media.get("audios"),
+                          sampling_rate=media.get("sampling_rate"))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=float))
+
+
+def _decoding(args: argparse.Namespace, method: Optional[str] = None):
+    from .generation import DecodingConfig
+
+    try:
+        return DecodingConfig(method=method or args.method, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed, lime_mode=args.lime_mode)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+# -------------------------------------------------------------------------------------------- commands
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from . import ModalityAttribution, modality_reliance, top_tokens
+    from .metrics import breakdown
+    from .visualize import audio_plot, image_overlay, text_html
+
+    model, processor = _load(args.model, args.dtype)
+    enc = _inputs(model, processor, args)
+    tok = getattr(processor, "tokenizer", processor)
+    target = None
+    if args.target is not None:
+        ids = tok.convert_tokens_to_ids(args.target) if not args.target.isdigit() else int(args.target)
+        if ids is None or ids == getattr(tok, "unk_token_id", None):
+            raise CLIError(f"--target {args.target!r} is not a token of this model's vocabulary")
+        target = int(ids)
+    attribution = ModalityAttribution(model, processor, composite=args.composite)
+    try:
+        result = attribution.attribute(enc, target=target)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(str(exc)) from exc
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    token = tok.convert_ids_to_tokens(int(result.target_ids.reshape(-1)[0]))
+    print(f"explained token: {token!r}")
+    print(breakdown(result))
+    print(top_tokens(result, k=args.top, tokenizer=tok))
+    summary = {"model": args.model, "prompt": args.prompt, "composite": args.composite, "token": token,
+               "modality_reliance": float(modality_reliance(result).reshape(-1)[0]),
+               "modality_reliance_signed": float(modality_reliance(result, signed=True).reshape(-1)[0]),
+               "shares": {k: float(v.reshape(-1)[0]) for k, v in result.shares_abs.items()},
+               "token_relevance": result.token_relevance[0].tolist()}
+    figures = []
+    for i, hm in enumerate(result.heatmaps[0] if result.heatmaps else []):
+        path = out / f"heatmap_{i}.png"
+        (image_overlay if hm.kind in ("image", "video") else audio_plot)(hm, path=path)
+        figures.append(str(path))
+    text_html(result, tokenizer=tok, path=out / "tokens.html")
+    summary["figures"] = figures
+    _write_json(out / "explain.json", summary)
+    print(f"wrote {out / 'explain.json'}, {out / 'tokens.html'}" + (f", {', '.join(figures)}" if figures else ""))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generation import generate
+
+    model, processor = _load(args.model, args.dtype)
+    enc = _inputs(model, processor, args)
+    cfg = _decoding(args)
+    res = generate(model, processor, enc, cfg)
+    print(res.texts[0])
+    record = {"model": args.model, "prompt": args.prompt, "decoding": cfg.to_dict(), "text": res.texts[0],
+              "tokens": res.tokens[0], "seconds": res.seconds, "details": res.details}
+    if args.output:
+        _write_json(Path(args.output), record)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation.harness import run_benchmark
+
+    try:
+        results = run_benchmark(args.benchmark, args.model, _decoding(args), split=args.split, limit=args.limit,
+                                files=vars(args), dtype=args.dtype, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        raise CLIError(str(exc)) from exc
+    from .evaluation import write_csv, write_json
+
+    for r in results:
+        print(_format_metrics(r))
+    if args.output:
+        write_json(results if len(results) > 1 else results[0], args.output)
+        write_csv(results, str(Path(args.output).with_suffix(".csv")))
+        print(f"wrote {args.output} and {Path(args.output).with_suffix('.csv')}")
+    return 0
+
+
+def _format_metrics(result: Any) -> str:
+    d = result.to_dict()
+    metrics = d.get("metrics", d)
+    keys = [k for k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "chair_s", "chair_i", "length")
+            if k in metrics]
+    split = d.get("split") or d.get("config", {}).get("split", "")
+    return f"{d.get('benchmark', '')} {split}: " + ", ".join(f"{k}={metrics[k]:.4f}" for k in keys)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.output_dir), quick=args.quick)
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+def _add_model_args(p: argparse.ArgumentParser, media: bool = True) -> None:
+    p.add_argument("--model", required=True, help=BUILTIN_HELP)
+    p.add_argument("--dtype", default=None, help="float32 (default for builtin models), bfloat16, float16")
+    if media:
+        p.add_argument("--image", help="image file (PNG/JPEG)")
+        p.add_argument("--audio", help="audio file (PCM WAV; resampled to the processor's rate)")
+        p.add_argument("--prompt", required=True, help="the question")
+        p.add_argument("--raw-prompt", action="store_true",
+                       help="use --prompt verbatim (it must contain the image/audio placeholder)")
+
+
+def _add_decoding_args(p: argparse.ArgumentParser, method_required: bool = False) -> None:
+    p.add_argument("--method", default="greedy", choices=["greedy", "sample", "vcd", "lime"],
+                   help="decoding method (default greedy)")
+    p.add_argument("--lime-mode", default="fast", choices=["fast", "reference"])
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``lime-attr``."""
+    parser = argparse.ArgumentParser(prog="lime-attr", description="LRP attribution and LIME decoding for multimodal LLMs: demo, explain, generate, eval.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the embedded demo: explain, heatmaps, LIME vs greedy, mini-POPE table")
+    p.add_argument("--output-dir", default="lime_attr_demo", help="where PNG/JSON/CSV go (default ./lime_attr_demo)")
+    p.add_argument("--quick", action="store_true", help="fewer questions (for smoke tests)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("explain", help="explain the next token of a multimodal prompt (modality shares, heatmap)")
+    _add_model_args(p)
+    p.add_argument("--target", default=None, help="token (or id) to explain; default: the greedy next token")
+    p.add_argument("--composite", default="attnlrp")
+    p.add_argument("--top", type=int, default=10, help="how many top tokens to print")
+    p.add_argument("--output-dir", default="lime_attr_explain")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("generate", help="answer a multimodal prompt with greedy / sample / vcd / lime decoding")
+    _add_model_args(p)
+    _add_decoding_args(p)
+    p.add_argument("--output", default=None, help="JSON file for the answer and its configuration")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="score POPE / CHAIR / audio-QA (embedded mini benchmarks or your files)")
+    p.add_argument("benchmark", choices=["pope", "chair", "audio-qa"])
+    _add_model_args(p, media=False)
+    _add_decoding_args(p)
+    p.add_argument("--split", default="all", help="random | popular | adversarial | all (POPE / audio-QA)")
+    p.add_argument("--limit", type=int, default=None, help="at most N questions per split")
+    p.add_argument("--output", default=None, help="JSON report (a CSV is written beside it)")
+    p.add_argument("--questions", default=None, help="POPE question file / audio-QA file (real benchmarks)")
+    p.add_argument("--image-dir", default=None, help="folder of the images named in the POPE/CHAIR files")
+    p.add_argument("--audio-dir", default=None, help="folder of the audio files named in the audio-QA file")
+    p.add_argument("--annotations", default=None, help="CHAIR: COCO instances_*.json")
+    p.add_argument("--captions", default=None, help="CHAIR: COCO captions_*.json")
+    p.add_argument("--synonyms", default=None, help="CHAIR: synonyms file")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``lime-attr``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as exc:
+        print(f"lime-attr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""One generation entry point for every decoding method the evaluation compares.
+
+``greedy`` and ``sample`` are transformers' own ``generate()``; ``vcd`` adds the
+:class:`~lime_attr.mitigation.VCDLogitsProcessor`; ``lime`` runs :func:`~lime_attr.mitigation.lime_generate`.
+Evaluation and the CLI call :func:`generate` and never reach into a method's internals.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["METHODS", "DecodingConfig", "GenerationResult", "generate", "prepare_inputs"]
+
+METHODS = ("greedy", "sample", "vcd", "lime")
+
+
+@dataclass
+class DecodingConfig:
+    """How to decode; stored with every evaluation result.
+
+    Parameters
+    ----------
+    method : {"greedy", "sample", "vcd", "lime"}
+    max_new_tokens : int
+    temperature, top_k, top_p : sampling parameters (``method="sample"``, or VCD / LIME with ``do_sample``)
+    do_sample : bool
+        Sample instead of greedy for ``vcd`` and ``lime`` (``sample`` always samples).
+    seed : int
+        Seed of the sampling generator.
+    vcd_alpha, vcd_beta, vcd_noise_step : VCD parameters (Leng et al., 2024 defaults: 1, 0.1, 500)
+    lime_mode : {"fast", "reference"}
+    lime_overrides : dict
+        Further :class:`~lime_attr.mitigation.LimeConfig` fields.
+    """
+
+    method: str = "greedy"
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    do_sample: bool = False
+    seed: int = 0
+    vcd_alpha: float = 1.0
+    vcd_beta: float = 0.1
+    vcd_noise_step: int = 500
+    lime_mode: str = "fast"
+    lime_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown decoding method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.lime_mode not in ("fast", "reference"):
+            raise ValueError(f"lime_mode must be 'fast' or 'reference', got {self.lime_mode!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    @property
+    def sampling(self) -> bool:
+        return self.method == "sample" or self.do_sample
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form (only the fields that matter for the method)."""
+        d = asdict(self)
+        if self.method != "vcd":
+            for k in ("vcd_alpha", "vcd_beta", "vcd_noise_step"):
+                d.pop(k)
+        if self.method != "lime":
+            d.pop("lime_mode")
+            d.pop("lime_overrides")
+        if not self.sampling:
+            for k in ("temperature", "top_k", "top_p"):
+                d.pop(k)
+        return d
+
+
+@dataclass
+class GenerationResult:
+    """Answers of one batch: ``texts``, generated ``tokens`` (lists of ids), wall ``seconds``, and
+    method-specific ``details`` (LIME: per-token modality shares before/after)."""
+
+    texts: list
+    tokens: list
+    seconds: float
+    details: dict = field(default_factory=dict)
+
+
+def _sampling_kwargs(cfg: DecodingConfig) -> dict:
+    if not cfg.sampling:
+        return {"do_sample": False}
+    kw: dict[str, Any] = {"do_sample": True, "temperature": cfg.temperature}
+    if cfg.top_k is not None:
+        kw["top_k"] = cfg.top_k
+    if cfg.top_p is not None:
+        kw["top_p"] = cfg.top_p
+    return kw
+
+
+def generate(model: nn.Module, processor: Any, inputs: Mapping[str, Any], cfg: DecodingConfig) -> GenerationResult:
+    """Generate answers for a (left-padded) batch of processor outputs with the configured method."""
+    tok = getattr(processor, "tokenizer", processor)
+    enc = {k: v for k, v in inputs.items()}
+    n_prompt = enc["input_ids"].shape[1]
+    start = time.perf_counter()
+    details: dict = {}
+    if cfg.method in ("greedy", "sample", "vcd"):
+        kw = _sampling_kwargs(cfg)
+        if kw["do_sample"]:
+            torch.manual_seed(cfg.seed)
+        if cfg.method == "vcd":
+            from .mitigation import VCDLogitsProcessor
+
+            noise_gen = torch.Generator().manual_seed(cfg.seed)
+            proc = VCDLogitsProcessor.from_inputs(model, enc, alpha=cfg.vcd_alpha, beta=cfg.vcd_beta,
+                                                  noise_step=cfg.vcd_noise_step, generator=noise_gen)
+            kw["logits_processor"] = [proc]
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, **kw)
+        new = out[:, n_prompt:]
+        texts = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        tokens = [row.tolist() for row in new]
+    else:
+        from .mitigation import LimeConfig, lime_generate
+
+        lime_cfg = LimeConfig.for_model(model, mode=cfg.lime_mode, **cfg.lime_overrides)
+        gen = dict(max_new_tokens=cfg.max_new_tokens)
+        if cfg.sampling:
+            g = torch.Generator().manual_seed(cfg.seed)
+            gen.update(do_sample=True, temperature=cfg.temperature, generator=g)
+            if cfg.top_k is not None:
+                gen["top_k"] = cfg.top_k
+            if cfg.top_p is not None:
+                gen["top_p"] = cfg.top_p
+        res = lime_generate(model, processor, enc, lime_cfg, **gen)
+        texts = [t.strip() for t in res.texts]
+        tokens = [row.tolist() for row in res.tokens]
+        details = {"share_before": res.share_before.tolist(), "share_after": res.share_after.tolist(),
+                   "changed": res.changed.tolist()}
+    return GenerationResult(texts, tokens, time.perf_counter() - start, details)
+
+
+def prepare_inputs(model: nn.Module, processor: Any, prompts: list, images: Optional[list] = None,
+                   audios: Optional[list] = None, sampling_rate: Optional[int] = None) -> dict:
+    """Processor outputs for prompts with their images / audio clips, left-padded, in the model's dtype."""
+    tok = getattr(processor, "tokenizer", None)
+    if tok is not None:
+        tok.padding_side = "left"
+    kw: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
+    if images is not None:
+        kw["images"] = images
+    if audios is not None:
+        kw["audio"] = audios
+        if sampling_rate is not None:
+            kw["sampling_rate"] = sampling_rate
+    enc = processor(**kw)
+    dtype = next(model.parameters()).dtype
+    out = {}
+    for k, v in enc.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(model.device)
+            if v.is_floating_point():
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def load_image(path: str) -> np.ndarray:
+    """An RGB image file as an ``[H, W, 3]`` uint8 array."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def load_audio(path: str, sampling_rate: int) -> np.ndarray:
+    """A PCM WAV file as float32 mono at ``sampling_rate`` (linear-interpolation resampling)."""
+    import wave
+
+    with wave.open(path, "rb") as w:
+        rate, width, channels, n = w.getframerate(), w.getsampwidth(), w.getnchannels(), w.getnframes()
+        raw = w.readframes(n)
+    if width not in (1, 2, 4):
+        raise ValueError(f"{path}: unsupported sample width {width} bytes (use 8/16/32-bit PCM WAV)")
+    dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
+    x = np.frombuffer(raw, dtype=dtype).astype(np.float32)
+    if width == 1:
+        x = x - 128.0
+    x = x / float(2 ** (8 * width - 1))
+    x = x.reshape(-1, channels).mean(1)
+    if rate != sampling_rate:
+        t_new = np.arange(int(round(len(x) * sampling_rate / rate))) / sampling_rate
+        x = np.interp(t_new, np.arange(len(x)) / rate, x).astype(np.float32)
+    return x
