@@ -298,15 +298,25 @@ class LRPScope:
                 lambda mod, args, out: out.detach() if torch.is_grad_enabled() else None))
 
     def _install_zennit(self, module: nn.Module, rule: ZennitRule) -> None:
+        # the boundary conversions and zennit's own hooks are autograd Functions, hidden from the op mode:
+        # carry the input's dependence over to the output, or ops after this module would go unruled
+        dep_stack: list[bool] = []
+
         def to_grad(mod, args):
+            mode = self._mode
+            dep_stack.append(bool(mode is not None and args and mode._dep(args[0])))
             if not (self.enabled and torch.is_grad_enabled()) or not args or not args[0].requires_grad:
                 return None
             return (relevance_to_grad(args[0]), *args[1:])
 
         def to_rel(mod, args, out):
-            if not (self.enabled and torch.is_grad_enabled()) or out.grad_fn is None:
-                return None
-            return grad_to_relevance(out)
+            dep = dep_stack.pop() if dep_stack else False
+            new = None
+            if self.enabled and torch.is_grad_enabled() and out.grad_fn is not None:
+                new = grad_to_relevance(out)
+            if dep and self._mode is not None:
+                self._mode._mark(out if new is None else new)
+            return new
 
         self._handles.append(module.register_forward_pre_hook(to_grad))
         self._handles.append(rule.hook.register(module))

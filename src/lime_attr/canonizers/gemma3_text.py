@@ -1,7 +1,7 @@
 """Gemma 3 (text): Gemma 2 plus q/k RMSNorms and per-layer-type (sliding / full) rotary embeddings.
 
-Soft-capping is handled as in :mod:`.gemma2` (Gemma 3 configs ship without attention soft-capping,
-so SDPA works).
+The final-logit soft-cap is handled as in :mod:`.gemma2`; transformers' Gemma 3 attention passes no
+soft-cap to its kernel, so eager and SDPA compute the same attention.
 """
 from .base import GatedMLP, HFCanonizer, register_canonizer
 
