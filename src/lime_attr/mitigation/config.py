@@ -1,0 +1,246 @@
+"""``LimeConfig``: every knob of LIME (Allouche and Keshet, 2026), validated, with per-model presets."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+__all__ = ["LimeConfig", "PRESETS"]
+
+#: ``model_type -> (lr, kl_weight)``, paper Table 5 (the reference code's defaults agree).
+PRESETS: dict[str, tuple[float, float]] = {
+    "llava": (3e-4, 0.1),
+    "qwen2_vl": (3e-4, 0.1),
+    "qwen2_5_vl": (3e-4, 0.1),
+    "qwen2_audio": (5e-4, 7e-3),
+}
+
+_ENUMS = {
+    "perturb": ("kv", "k", "v"),
+    "positions": ("all", "modality"),
+    "optimizer": ("adam", "sgd"),
+    "kl_direction": ("ref||delta", "delta||ref"),
+    "mode": ("reference", "fast"),
+    "emit": ("auto", "final", "last_forward", "cached"),
+    "target": ("auto", "fixed", "per_step"),
+}
+
+
+@dataclass
+class LimeConfig:
+    r"""Configuration of LIME: per generated token, optimise additive :math:`\Delta_K, \Delta_V`.
+
+    The loss of one inner step is
+
+    .. math::
+
+        L = -\frac{1}{|M|}\sum_{i\in M}\log\operatorname{softmax}(R/\tau)_i
+            + \lambda\, \mathrm{KL}(p_\mathrm{ref}\,\|\,p_\Delta)
+
+    with :math:`R` the (signed, differentiable) AttnLRP relevance of each input position for the logit
+    of the token being emitted, :math:`M` the perceptual (image / audio) positions.
+
+    Parameters
+    ----------
+    steps : int
+        Inner optimisation steps per generated token (paper: 7). ``0`` is plain decoding.
+    lr : float
+        Learning rate of the inner optimiser (paper: 3e-4 for LLaVA).
+    kl_weight : float
+        :math:`\lambda` (paper: 0.1 for LLaVA, 7e-3 for Qwen2-Audio).
+    temperature : float
+        :math:`\tau` of the relevance softmax (paper: 0.1).
+    layers : "all" or sequence of int
+        Decoder layers whose attention gets a perturbation (indices of the language model's layers;
+        negative indices count from the end). Checked against the model by :meth:`validate_for`.
+    perturb : {"kv", "k", "v"}
+        Which of keys / values are perturbed (paper ablation: K only, V only, both).
+    positions : {"all", "modality"}
+        ``"all"``: every position, as in the paper; ``"modality"``: only the perceptual positions M.
+    optimizer : {"adam", "sgd"}
+        Inner optimiser (paper: Adam). Its state is discarded after each token.
+    kl_direction : {"ref||delta", "delta||ref"}
+        ``"ref||delta"`` = :math:`\mathrm{KL}(p_\mathrm{ref}\|p_\Delta)`, what the reference code computes
+        (``kl_div(log p_delta, p_ref)``); ``"delta||ref"`` is how the paper's text reads.
+    mode : {"reference", "fast"}
+        ``"reference"`` reproduces the published loop step by step (see ``docs/lime.rst``);
+        ``"fast"`` adds KV-cache reuse, gating and early stopping.
+    emit : {"auto", "final", "last_forward", "cached"}
+        Which logits the emitted token comes from. ``"last_forward"``: the logits of the last inner
+        forward, i.e. *before* the last update (the reference code's behaviour); ``"final"``: one more
+        forward of the whole sequence with the final perturbation (exact); ``"cached"`` (fast mode with
+        ``kv_cache``): one incremental step of the last position over the unperturbed KV cache with
+        the final :math:`\Delta` added to the cached keys / values -- an approximation that ignores how
+        the perturbation of lower layers changes the cached K/V of higher layers (see ``docs/lime.rst``).
+        ``"auto"``: ``"last_forward"`` in reference mode, ``"final"`` in fast mode.
+    target : {"auto", "fixed", "per_step"}
+        Which token's logit is explained. ``"per_step"``: re-decoded from each inner forward's logits
+        (reference code); ``"fixed"``: decoded once from the unperturbed distribution. ``"auto"``:
+        ``per_step`` in reference mode, ``fixed`` in fast mode.
+    confidence_gate : float or None
+        Fast mode: skip the optimisation of a token when the unperturbed probability of the top token is
+        at least this (``None`` disables).
+    share_gate : float or None
+        Fast mode: stop before the first update when the perceptual share of relevance
+        (:math:`\sum_M |R| / \sum |R|`) is already at least this (``None`` disables).
+    patience, tol : int, float
+        Fast mode early stopping: stop after ``patience`` consecutive steps whose loss improved by less
+        than ``tol`` (relative). ``patience=0`` disables.
+    kv_cache : bool
+        Fast mode: keep a KV cache of the unperturbed model for the prompt and the emitted tokens; it
+        gives the reference distribution (and the token of gated / non-optimised steps) at the cost of
+        one incremental step.
+    attn_implementation : str or None
+        Attention implementation used while LIME runs (restored afterwards). The relevance is
+        differentiated twice, which fused kernels do not support on every device; default ``"eager"``.
+        ``None`` keeps the model's.
+    record_relevance : bool
+        Keep the relevance vector of each token (before and after) in the result.
+    """
+
+    steps: int = 7
+    lr: float = 3e-4
+    kl_weight: float = 0.1
+    temperature: float = 0.1
+    layers: Union[str, Sequence[int]] = "all"
+    perturb: str = "kv"
+    positions: str = "all"
+    optimizer: str = "adam"
+    kl_direction: str = "ref||delta"
+    mode: str = "fast"
+    emit: str = "auto"
+    target: str = "auto"
+    confidence_gate: Optional[float] = None
+    share_gate: Optional[float] = None
+    patience: int = 0
+    tol: float = 1e-3
+    kv_cache: bool = True
+    attn_implementation: Optional[str] = "eager"
+    record_relevance: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "LimeConfig":
+        """Check every field; raise ``ValueError`` / ``TypeError`` naming the field and the fix."""
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int):
+            raise TypeError(f"LimeConfig.steps must be an int, got {self.steps!r}")
+        if self.steps < 0:
+            raise ValueError(f"LimeConfig.steps must be >= 0 (0 = plain decoding), got {self.steps}")
+        for name in ("lr", "kl_weight", "temperature", "tol"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise TypeError(f"LimeConfig.{name} must be a finite number, got {v!r}")
+        if self.lr < 0:
+            raise ValueError(f"LimeConfig.lr must be >= 0 (a learning rate), got {self.lr}")
+        if self.kl_weight < 0:
+            raise ValueError(f"LimeConfig.kl_weight must be >= 0, got {self.kl_weight}")
+        if self.temperature <= 0:
+            raise ValueError(f"LimeConfig.temperature (tau) must be > 0, got {self.temperature}")
+        if self.tol < 0:
+            raise ValueError(f"LimeConfig.tol must be >= 0, got {self.tol}")
+        for name, allowed in _ENUMS.items():
+            v = getattr(self, name)
+            if v not in allowed:
+                raise ValueError(f"LimeConfig.{name} must be one of {', '.join(map(repr, allowed))}; got {v!r}")
+        if isinstance(self.layers, str):
+            if self.layers != "all":
+                raise ValueError(f"LimeConfig.layers must be 'all' or a list of layer indices, got {self.layers!r}")
+        else:
+            try:
+                layers = list(self.layers)
+            except TypeError:
+                raise TypeError(f"LimeConfig.layers must be 'all' or a list of ints, got {self.layers!r}") from None
+            if not layers:
+                raise ValueError("LimeConfig.layers is empty: perturb at least one layer (or use 'all')")
+            for i in layers:
+                if isinstance(i, bool) or not isinstance(i, int):
+                    raise TypeError(f"LimeConfig.layers must hold ints, got {i!r}")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"LimeConfig.layers has duplicates: {layers}")
+            self.layers = tuple(layers)
+        if self.emit == "cached" and (self.mode != "fast" or not self.kv_cache):
+            raise ValueError("LimeConfig.emit='cached' needs mode='fast' and kv_cache=True (it reuses the KV cache)")
+        for name in ("confidence_gate", "share_gate"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1):
+                raise ValueError(f"LimeConfig.{name} must be None or a number in [0, 1], got {v!r}")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 0:
+            raise ValueError("LimeConfig.patience must be an int >= 0 (0 disables early stopping), got "
+                             f"{self.patience!r}")
+        if self.attn_implementation is not None and not isinstance(self.attn_implementation, str):
+            raise TypeError("LimeConfig.attn_implementation must be a string or None, got "
+                            f"{self.attn_implementation!r}")
+        return self
+
+    def validate_for(self, num_layers: int) -> list[int]:
+        """The perturbed layer indices for a language model with ``num_layers`` layers (clear error if
+        an index does not exist)."""
+        if self.layers == "all":
+            return list(range(num_layers))
+        out = []
+        for i in self.layers:
+            if not -num_layers <= i < num_layers:
+                raise ValueError(f"LimeConfig.layers: layer index {i} does not exist; the language model has "
+                                 f"{num_layers} decoder layers (valid: 0..{num_layers - 1}, or negative from the end)")
+            out.append(i % num_layers)
+        if len(set(out)) != len(out):
+            raise ValueError(f"LimeConfig.layers names the same layer twice: {list(self.layers)}")
+        return sorted(out)
+
+    # ------------------------------------------------------------------ derived settings
+    @property
+    def emit_from(self) -> str:
+        """``"final"`` or ``"last_forward"`` after resolving ``"auto"``."""
+        if self.emit != "auto":
+            return self.emit
+        return "last_forward" if self.mode == "reference" else "final"
+
+    @property
+    def target_rule(self) -> str:
+        """``"fixed"`` or ``"per_step"`` after resolving ``"auto"``."""
+        if self.target != "auto":
+            return self.target
+        return "per_step" if self.mode == "reference" else "fixed"
+
+    def replace(self, **changes: Any) -> "LimeConfig":
+        """A validated copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def for_model(cls, model_or_model_type: Any, **overrides: Any) -> "LimeConfig":
+        """The paper's hyper-parameters for a model family, with ``overrides`` applied.
+
+        Parameters
+        ----------
+        model_or_model_type : PreTrainedModel, PretrainedConfig or str
+            A model (its ``config.model_type`` is used), a config, or a ``model_type`` string.
+        **overrides
+            Any :class:`LimeConfig` field.
+
+        Examples
+        --------
+        >>> LimeConfig.for_model("qwen2_audio").kl_weight
+        0.007
+        >>> LimeConfig.for_model("llava", steps=3).steps
+        3
+        """
+        if isinstance(model_or_model_type, str):
+            mt = model_or_model_type
+        else:
+            cfg = getattr(model_or_model_type, "config", model_or_model_type)
+            mt = getattr(cfg, "model_type", None)
+            if mt is None:
+                raise TypeError(f"cannot read a model_type from {type(model_or_model_type).__name__}; pass a Hugging "
+                                "Face model, its config, or the model_type string")
+        if mt not in PRESETS:
+            listing = ", ".join(f"{k} (lr={v[0]:g}, kl_weight={v[1]:g})" for k, v in PRESETS.items())
+            raise ValueError(f"no LIME preset for model_type {mt!r}. Presets: {listing}. For other models construct "
+                             "LimeConfig(lr=..., kl_weight=...) directly")
+        lr, kl = PRESETS[mt]
+        kwargs: dict[str, Any] = dict(lr=lr, kl_weight=kl)
+        kwargs.update(overrides)
+        return cls(**kwargs)

@@ -1,0 +1,411 @@
+r"""``lime_generate``: decoding with LIME (one inner optimisation per generated token).
+
+Per token: the unperturbed next-token logits come from an incremental KV-cache step (fast mode) or from
+the first inner forward (reference mode, where the perturbation is still zero); the token to explain and
+the token to emit are decoded with transformers' logits processors (repetition penalty, temperature,
+top-k, top-p) and, when sampling, one Gumbel draw per token and row, shared by the unperturbed and the
+perturbed distributions so that "did LIME change the token" is meaningful; the
+:class:`~lime_attr.mitigation.optimizer.LimeOptimizer` runs the inner loop; the emitted token is appended
+and every perturbation, optimiser state and graph is dropped.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper)
+
+from .config import LimeConfig
+from .optimizer import LimeOptimizer, TokenRecord, language_decoder
+
+__all__ = ["lime_generate", "LimeOutput", "modality_positions"]
+
+log = logging.getLogger(__name__)
+
+_GEN_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id",
+             "pad_token_id", "stop_strings", "generator", "modality_mask", "attribution", "callback",
+             "record_events")
+
+
+@dataclass
+class LimeOutput:
+    """Result of :func:`lime_generate`.
+
+    Attributes
+    ----------
+    tokens : Tensor
+        ``[batch, n]`` generated ids only (rows that stopped early are padded with ``pad_token_id``).
+    texts : list of str
+        Decoded answer per row (special tokens skipped).
+    records : list of TokenRecord
+        One per generated position: modality share before / after, losses per step, changed tokens...
+    events : list or None
+        The inner loop's step events (``record_events=True``).
+    """
+
+    tokens: Tensor
+    texts: list
+    records: list = field(default_factory=list)
+    events: Optional[list] = None
+
+    @property
+    def text(self) -> Union[str, list]:
+        """The answer (a string for one row, a list of strings for a batch)."""
+        return self.texts[0] if len(self.texts) == 1 else list(self.texts)
+
+    @property
+    def changed(self) -> Tensor:
+        """``[batch, n]`` bool: where LIME changed the emitted token."""
+        if not self.records:
+            return torch.zeros(self.tokens.shape, dtype=torch.bool)
+        return torch.tensor([r.changed for r in self.records], dtype=torch.bool).T
+
+    @property
+    def share_before(self) -> Tensor:
+        """``[batch, n]`` perceptual share of relevance without the perturbation (nan where not computed)."""
+        return torch.tensor([r.share_before for r in self.records], dtype=torch.float64).T
+
+    @property
+    def share_after(self) -> Tensor:
+        """``[batch, n]`` perceptual share under the last perturbation whose relevance was computed."""
+        return torch.tensor([r.share_after for r in self.records], dtype=torch.float64).T
+
+
+class _Decoder:
+    """Processors + greedy / fixed-noise sampling; ``pick(logits) -> ids`` for the current token."""
+
+    def __init__(self, do_sample: bool, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                 repetition_penalty: Optional[float], generator: Optional[torch.Generator]) -> None:
+        procs = LogitsProcessorList()
+        if repetition_penalty is not None and repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+        if do_sample:
+            if temperature is None or temperature <= 0:
+                raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
+            if temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                procs.append(TopKLogitsWarper(int(top_k)))
+            if top_p is not None and top_p < 1.0:
+                procs.append(TopPLogitsWarper(float(top_p)))
+        self.procs = procs
+        self.do_sample = do_sample
+        self.generator = generator
+        self.ids: Optional[Tensor] = None
+        self.noise: Optional[Tensor] = None
+
+    def new_token(self, ids: Tensor, vocab: int) -> None:
+        self.ids = ids
+        if self.do_sample:
+            u = torch.rand((ids.shape[0], vocab), generator=self.generator, dtype=torch.float64)
+            u = u.to(ids.device)
+            self.noise = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-12))).float()
+
+    def scores(self, logits: Tensor) -> Tensor:
+        return self.procs(self.ids.to(logits.device), logits.float().clone())
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        s = self.scores(logits)
+        if self.do_sample:
+            s = s + self.noise.to(s.device)
+        return s.argmax(-1)
+
+
+def modality_positions(model: nn.Module, processor: Any, input_ids: Tensor, attention_mask: Tensor,
+                       modality_mask: Any = None) -> Tensor:
+    """``[B, S]`` bool mask of the perceptual positions M.
+
+    ``modality_mask`` may be a bool tensor ``[B, S]`` / ``[S]``, one ``(start, end)`` span (end
+    exclusive) for every row, or a list of spans per row. By default the spans come from
+    :mod:`lime_attr.modality` (image / video / audio placeholders and markers of the model family).
+    """
+    B, S = input_ids.shape
+    if modality_mask is None:
+        from ..modality import PERCEPTUAL, find_spans, modality_spec
+
+        spec = modality_spec(model, processor)
+        spans = find_spans(input_ids, spec, attention_mask)
+        m = torch.zeros(B, S, dtype=torch.bool)
+        for b, row in enumerate(spans):
+            for kind in PERCEPTUAL:
+                for s, e in row.get(kind, []):
+                    m[b, s:e] = True
+    elif isinstance(modality_mask, Tensor):
+        m = modality_mask.bool().cpu()
+        m = m[None].expand(B, -1) if m.dim() == 1 else m
+        if tuple(m.shape) != (B, S):
+            raise ValueError(f"modality_mask has shape {tuple(modality_mask.shape)}, expected [{B}, {S}] (or [{S}])")
+    else:
+        spans = modality_mask
+        if isinstance(spans, tuple) and len(spans) == 2 and all(isinstance(x, int) for x in spans):
+            spans = [[spans]] * B
+        elif spans and isinstance(spans[0], tuple):
+            spans = [list(spans)] * B
+        if len(spans) != B:
+            raise ValueError(f"modality_mask: {len(spans)} rows of spans for a batch of {B}")
+        m = torch.zeros(B, S, dtype=torch.bool)
+        for b, row in enumerate(spans):
+            for s, e in row:
+                if not (0 <= s < e <= S):
+                    raise ValueError(f"modality span ({s}, {e}) is empty or outside the sequence of length {S}")
+                m[b, s:e] = True
+    m = m & attention_mask.bool().cpu()
+    empty = (~m.any(-1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"the modality span is empty for batch row(s) {empty}: LIME needs the positions of the "
+                         "image / audio tokens (pass the processor's output for a prompt with an image or audio, or "
+                         "modality_mask=(start, end))")
+    return m
+
+
+def _as_dict(inputs: Any) -> dict:
+    if isinstance(inputs, Tensor):
+        return {"input_ids": inputs}
+    if isinstance(inputs, Mapping):
+        return dict(inputs.items())
+    data = getattr(inputs, "data", None)
+    if isinstance(data, Mapping):
+        return dict(data.items())
+    raise TypeError(f"lime_generate takes the processor's output (a mapping with input_ids, ...), got "
+                    f"{type(inputs).__name__}")
+
+
+def _ids_list(x: Any) -> list:
+    if x is None:
+        return []
+    if isinstance(x, Tensor):
+        return x.flatten().tolist()
+    if isinstance(x, int):
+        return [x]
+    return list(x)
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optional[LimeConfig] = None,
+                  **generation_kwargs: Any) -> LimeOutput:
+    r"""Generate with LIME.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        A causal LM or an image/audio-text model whose language model takes ``inputs_embeds``.
+    processor : processor or tokenizer
+        Used to decode the answer, to find the perceptual spans, and for stop strings.
+    inputs : Mapping
+        The processor's output (``input_ids``, ``attention_mask``, ``pixel_values``...). Batches must be
+        left-padded.
+    config : LimeConfig, optional
+        Default: :meth:`LimeConfig.for_model` when a preset exists, else ``LimeConfig()``.
+    **generation_kwargs
+        ``max_new_tokens`` (32), ``do_sample`` (False), ``temperature``, ``top_k``, ``top_p``,
+        ``repetition_penalty``, ``eos_token_id`` / ``pad_token_id`` (default: the model's generation
+        config), ``stop_strings``, ``generator`` (a ``torch.Generator`` for sampling),
+        ``modality_mask`` (see :func:`modality_positions`), ``attribution`` (default ``LRP(model)``),
+        ``callback`` (called with each :class:`TokenRecord`), ``record_events``.
+
+    Returns
+    -------
+    LimeOutput
+    """
+    unknown = sorted(set(generation_kwargs) - set(_GEN_KEYS))
+    if unknown:
+        raise TypeError(f"lime_generate got unexpected keyword argument(s) {unknown}; supported: "
+                        f"{', '.join(_GEN_KEYS)}")
+    g = generation_kwargs
+    if config is None:
+        from .config import PRESETS
+
+        mt = getattr(getattr(model, "config", None), "model_type", None)
+        config = LimeConfig.for_model(mt) if mt in PRESETS else LimeConfig()
+    config.validate()
+    gen_cfg = getattr(model, "generation_config", None)
+    max_new = int(g.get("max_new_tokens", 32))
+    if max_new < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new}")
+    eos = set(_ids_list(g.get("eos_token_id", getattr(gen_cfg, "eos_token_id", None))))
+    tok = getattr(processor, "tokenizer", processor)
+    pad = g.get("pad_token_id", getattr(gen_cfg, "pad_token_id", None))
+    if pad is None:
+        pad = getattr(tok, "pad_token_id", None)
+    if pad is None:
+        pad = min(eos) if eos else 0
+    stop_strings = g.get("stop_strings") or []
+    stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+    if stop_strings and tok is None:
+        raise ValueError("stop_strings need a processor / tokenizer to decode the answer")
+    decoder = _Decoder(bool(g.get("do_sample", False)), g.get("temperature", 1.0) or 1.0, g.get("top_k"),
+                       g.get("top_p"), g.get("repetition_penalty"), g.get("generator"))
+
+    inp = _as_dict(inputs)
+    if "input_ids" not in inp:
+        raise ValueError("inputs need 'input_ids'")
+    ids = inp.pop("input_ids")
+    ids = ids if ids.dim() == 2 else ids[None]
+    mask = inp.pop("attention_mask", None)
+    mask = torch.ones_like(ids) if mask is None else (mask if mask.dim() == 2 else mask[None])
+    if bool((mask[:, -1] == 0).any()):
+        raise ValueError("batched generation needs left padding (the last position of a row is padding); set "
+                         "tokenizer.padding_side = 'left'")
+    device = ids.device
+    B, S = ids.shape
+    modality = modality_positions(model, processor, ids, mask, g.get("modality_mask")).to(device)
+
+    attribution = g.get("attribution")
+    if attribution is None:
+        from ..attribution import LRP
+
+        attribution = LRP(model)
+    lime = LimeOptimizer(attribution, config)
+    events: Optional[list] = [] if g.get("record_events") else None
+    lime.events = events
+    callback: Optional[Callable] = g.get("callback")
+    fast_cache = config.mode == "fast" and config.kv_cache
+    decoder_mod = language_decoder(model)
+    embed = model.get_input_embeddings()
+    keep1 = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+
+    records: list[TokenRecord] = []
+    out_tokens: list[list[int]] = []
+    with lime.session(), torch.no_grad():
+        # ---------------------------------------------------------------- prompt pass (no grad)
+        captured: dict[str, Any] = {}
+
+        def capture(module: nn.Module, args: tuple, kw: dict):
+            if "embeds" not in captured:
+                captured["embeds"] = kw.get("inputs_embeds")
+                captured["position_ids"] = kw.get("position_ids")
+
+        pos2d = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        handle = decoder_mod.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            prompt_kwargs = dict(inp)
+            mrope = _uses_mrope(model)
+            if not mrope:
+                prompt_kwargs["position_ids"] = pos2d
+            out = model(input_ids=ids, attention_mask=mask, use_cache=fast_cache, **keep1, **prompt_kwargs)
+        finally:
+            handle.remove()
+        embeds = captured.get("embeds")
+        if embeds is None:
+            embeds = embed(ids)
+        embeds = embeds.detach()
+        if embeds.shape[1] != S:
+            raise ValueError(f"the language model received {embeds.shape[1]} positions for {S} input ids: the model "
+                             "expands its features inside the forward; expand the placeholders in the processor")
+        positions = captured.get("position_ids")
+        if positions is None or positions.dim() != 3:
+            positions = pos2d
+        positions = positions.detach()
+        cache = getattr(out, "past_key_values", None) if fast_cache else None
+        ref_logits = out.logits[:, -1, :].float() if fast_cache else None
+        vocab = int(out.logits.shape[-1])
+        del out
+
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        refeed = [False]  # the cached emission left the cache one position short
+        all_ids = ids
+        for t in range(max_new):
+            decoder.new_token(all_ids, vocab)
+            active = ~finished
+            skipped = None
+            if fast_cache and config.confidence_gate is not None and ref_logits is not None:
+                conf = torch.softmax(decoder.scores(ref_logits), -1).max(-1).values
+                active = active & (conf < config.confidence_gate)
+                if not bool(active.any()):
+                    skipped = "confidence"
+            model_kwargs = {"attention_mask": mask, "position_ids": positions, "use_cache": False, **keep1}
+            if skipped is not None or config.steps == 0 and ref_logits is not None:
+                nan = [float("nan")] * B
+                emit, ref = ref_logits, ref_logits
+                rec = TokenRecord(index=t, share_before=list(nan), share_after=list(nan), focus_before=list(nan),
+                                  focus_after=list(nan))
+                rec.skipped = skipped or "steps=0"
+                if events is not None:
+                    events.append(("emit", "unperturbed"))
+            else:
+                emit_fn = None
+                if fast_cache and config.emit_from == "cached":
+                    def emit_fn(last=all_ids[:, -1:], m=mask, p=positions):
+                        cache.crop(-1)  # recompute the last position over the cache, with Delta on K/V
+                        o = model(input_ids=last, attention_mask=m, past_key_values=cache, use_cache=True,
+                                  position_ids=p[..., -1:], **keep1)
+                        cache.crop(-1)  # drop its perturbed K/V again: the next cached step re-feeds it
+                        refeed[0] = True
+                        return o.logits[:, -1, :]
+                with torch.enable_grad():
+                    emit, ref, rec = lime.optimize(embeds, model_kwargs, _modality_full(modality, mask),
+                                                   mask.bool(), decoder, ref_logits=ref_logits, active=active,
+                                                   index=t, emit_fn=emit_fn)
+            new = decoder(emit)
+            base = decoder(ref)
+            new = torch.where(finished, torch.full_like(new, pad), new)
+            rec.tokens = new.tolist()
+            rec.unperturbed_tokens = base.tolist()
+            rec.changed = ((new != base) & ~finished).tolist()
+            records.append(rec)
+            if callback is not None:
+                callback(rec)
+            del emit, ref
+            out_tokens.append(new.tolist())
+            for b in range(B):
+                if not finished[b] and int(new[b]) in eos:
+                    finished[b] = True
+            if stop_strings:
+                for b in range(B):
+                    if not finished[b]:
+                        text = tok.decode([row[b] for row in out_tokens], skip_special_tokens=True)
+                        if any(s in text for s in stop_strings):
+                            finished[b] = True
+            # ------------------------------------------------------------ append the token
+            all_ids = torch.cat([all_ids, new[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            embeds = torch.cat([embeds, embed(new[:, None]).detach().to(embeds.dtype)], 1)
+            modality = torch.cat([modality, torch.zeros_like(modality[:, :1])], 1)
+            positions = torch.cat([positions, positions[..., -1:] + 1], -1)
+            if bool(finished.all()) or t == max_new - 1:
+                break
+            if fast_cache:
+                n_feed = 2 if refeed[0] else 1
+                refeed[0] = False
+                # positions of the new tokens: 2-D from the mask, or the model's own 3-D (M-RoPE) positions of
+                # the prompt continued by +1 per text token (what Qwen2-VL computes for text after the prompt)
+                o = model(input_ids=all_ids[:, -n_feed:], attention_mask=mask, past_key_values=cache, use_cache=True,
+                          position_ids=positions[..., -n_feed:], **keep1)
+                cache = o.past_key_values
+                ref_logits = o.logits[:, -1, :].float()
+                del o
+    del cache
+    tokens = (torch.tensor(out_tokens, dtype=torch.long, device=device).T.contiguous() if out_tokens
+              else torch.zeros(B, 0, dtype=torch.long, device=device))
+    texts = []
+    for b in range(B):
+        row = tokens[b].tolist()
+        if tok is not None:
+            texts.append(tok.decode(row, skip_special_tokens=True))
+        else:
+            texts.append("")
+    return LimeOutput(tokens=tokens, texts=texts, records=records, events=events)
+
+
+def _modality_full(modality: Tensor, mask: Tensor) -> Tensor:
+    return modality.bool() & mask.bool()
+
+
+def _uses_mrope(model: nn.Module) -> bool:
+    """Multimodal rotary positions computed by the model itself (Qwen2-VL family)."""
+    for m in (model, getattr(model, "model", None)):
+        if m is not None and callable(getattr(m, "get_rope_index", None)):
+            return True
+    return False

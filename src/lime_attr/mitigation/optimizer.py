@@ -1,0 +1,481 @@
+r"""``LimeOptimizer``: the inner loop of LIME for one generated token.
+
+Per token, additive perturbations :math:`\Delta_K, \Delta_V` (zero-initialised leaf tensors, one pair
+per perturbed decoder layer, shape ``[batch, kv_heads, seq, head_dim]``) are added to the keys and values
+of the language model's attention -- after RoPE, before the kernel -- through the attribution scope's
+``attention_transforms``. Each inner step runs one forward of the whole sequence inside the scope, takes
+the relevance
+
+.. math:: R_i = \sum_d x_{id}\,\frac{\partial^{\mathrm{LRP}} z^*}{\partial x_{id}}
+
+at the language model's input embeddings :math:`x` for the logit :math:`z^*` of the token the decoder
+would emit (one rule-modified backward with ``create_graph=True``, exactly what
+``LRP.attribute(..., create_graph=True)`` computes), and minimises
+
+.. math:: L = -\frac{1}{|M|}\sum_{i\in M}\log\operatorname{softmax}(R/\tau)_i + \lambda\,\mathrm{KL}
+
+with the configured optimiser. LIME never touches rules or canonizers: it uses the attribution's scope
+(composite + canonizer bound to the model) and the scope's public attention-transform list.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LimeConfig
+
+__all__ = ["LimeOptimizer", "TokenRecord", "decoder_layers", "language_decoder", "modality_share"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenRecord:
+    r"""What the inner loop did for one generated position (one entry per batch row where relevant).
+
+    Attributes
+    ----------
+    index : int
+        Position in the answer (0 = first generated token).
+    tokens : list of int
+        Emitted token per row.
+    unperturbed_tokens : list of int
+        The token the unperturbed model would have emitted (same sampling noise).
+    changed : list of bool
+        Whether LIME changed the token.
+    share_before, share_after : list of float
+        Perceptual share of relevance :math:`\sum_M |R| / \sum |R|` (the paper's "modality reliance")
+        without the perturbation and under the last perturbation whose relevance was computed (``nan``
+        where not computed).
+    focus_before, focus_after : list of float
+        The quantity the objective raises: the mass of :math:`\operatorname{softmax}(R/\tau)` on M.
+    losses, rel_losses, kl : list of list of float
+        Per inner step (outer list) and row (inner list): total loss, relevance loss, KL term.
+    steps : int
+        Optimiser updates applied.
+    skipped : str or None
+        Why the optimisation was skipped or stopped early (``"confidence"``, ``"share"``,
+        ``"early_stop"``, ``"steps=0"``), else None.
+    relevance_before, relevance_after : Tensor or None
+        ``[batch, seq]`` relevance vectors (only with ``record_relevance``).
+    """
+
+    index: int
+    tokens: list = field(default_factory=list)
+    unperturbed_tokens: list = field(default_factory=list)
+    changed: list = field(default_factory=list)
+    share_before: list = field(default_factory=list)
+    share_after: list = field(default_factory=list)
+    focus_before: list = field(default_factory=list)
+    focus_after: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    rel_losses: list = field(default_factory=list)
+    kl: list = field(default_factory=list)
+    steps: int = 0
+    skipped: Optional[str] = None
+    relevance_before: Optional[Tensor] = None
+    relevance_after: Optional[Tensor] = None
+
+
+@dataclass
+class _StepOut:
+    logits: Tensor  # [B, V] last-position logits (graph attached while optimising)
+    relevance: Tensor  # [B, S]
+    target: Tensor  # [B]
+
+
+def language_decoder(model: nn.Module) -> nn.Module:
+    """The language model's decoder (the module holding the ``layers`` ModuleList) of an HF model."""
+    candidates = []
+    for name in ("model.language_model", "language_model", "model", "transformer"):
+        mod: Any = model
+        for part in name.split("."):
+            mod = mod._modules.get(part) if isinstance(mod, nn.Module) else None
+        if isinstance(mod, nn.Module):
+            candidates.append(mod)
+    getter = getattr(model, "get_decoder", None)
+    if callable(getter):
+        try:
+            candidates.append(getter())
+        except Exception:  # pragma: no cover - exotic wrappers
+            pass
+    candidates.append(model)
+    for dec in candidates:
+        layers = getattr(dec, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) and all(hasattr(l, "self_attn") for l in layers):
+            return dec
+    raise TypeError(f"LIME cannot find the decoder layers of {type(model).__name__}: it expects a language model "
+                    "with a `layers` ModuleList whose layers have `self_attn` (Llama, Qwen2, LLaVA, Qwen2-VL, "
+                    "Qwen2-Audio, ...)")
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The language model's decoder layers."""
+    return list(language_decoder(model).layers)
+
+
+def modality_share(relevance: Tensor, modality: Tensor, valid: Tensor) -> Tensor:
+    """``sum_M |R| / sum_valid |R|`` per row (``[B]``)."""
+    a = relevance.detach().abs() * valid
+    return (a * modality).sum(-1) / a.sum(-1).clamp_min(1e-30)
+
+
+def modality_focus(relevance: Tensor, modality: Tensor, valid: Tensor, tau: float) -> Tensor:
+    """Mass of ``softmax(R / tau)`` (over the valid positions) on the perceptual positions, per row."""
+    r = (relevance.detach() / tau).masked_fill(valid == 0, float("-inf"))
+    return (torch.softmax(r, -1) * modality).sum(-1)
+
+
+class LimeOptimizer:
+    r"""Optimise :math:`\Delta_K, \Delta_V` for one generated token at a time.
+
+    Parameters
+    ----------
+    attribution : LRP or ModalityAttribution
+        Any lime_attr attribution with a ``model`` and a ``scope()`` (the rules it explains with).
+        Relevance is taken at the language model's input embeddings.
+    config : LimeConfig, optional
+
+    Notes
+    -----
+    Use :meth:`session` around a sequence of :meth:`optimize` calls (``lime_generate`` does): it sets the
+    attention implementation, freezes the parameters' ``requires_grad`` flags (restored exactly) and
+    enters the scope once. Parameters are never written.
+    """
+
+    def __init__(self, attribution: Any, config: Optional[LimeConfig] = None) -> None:
+        model = getattr(attribution, "model", None)
+        if not isinstance(model, nn.Module) or not callable(getattr(attribution, "scope", None)):
+            raise TypeError("LimeOptimizer needs a lime_attr attribution (LRP or ModalityAttribution) built on the "
+                            f"model; got {type(attribution).__name__}")
+        self.attribution = attribution
+        self.model = model
+        self.config = (config or LimeConfig()).validate()
+        layers = decoder_layers(model)
+        self.num_layers = len(layers)
+        self.layer_ids = self.config.validate_for(self.num_layers)
+        self._attn_index = {id(layers[i].self_attn): i for i in self.layer_ids}
+        self._deltas: dict[int, tuple[Optional[Tensor], Optional[Tensor]]] = {}
+        self._pos_mask: Optional[Tensor] = None
+        self._grad_deltas = True
+        self._in_session = False
+        self.events: Optional[list] = None  # set to a list to record the step order
+
+    # ------------------------------------------------------------------ session
+    @contextlib.contextmanager
+    def session(self) -> Iterator["LimeOptimizer"]:
+        """Attention implementation switched, parameters frozen, scope entered; all restored on exit."""
+        if self._in_session:
+            yield self
+            return
+        model = self.model
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        restore_attn = _switch_attention(model, self.config.attn_implementation)
+        scope = self.attribution.scope()
+        try:
+            for p, _ in flags:
+                p.requires_grad_(False)
+            with scope:
+                scope.attention_transforms.append(self._transform)
+                self._in_session = True
+                try:
+                    yield self
+                finally:
+                    self._in_session = False
+                    scope.attention_transforms.remove(self._transform)
+                    self._deltas.clear()
+        finally:
+            for p, f in flags:
+                p.requires_grad_(f)
+            restore_attn()
+
+    # ------------------------------------------------------------------ the attention transform
+    def _transform(self, module: nn.Module, q: Tensor, k: Tensor, v: Tensor, kwargs: dict):
+        idx = self._attn_index.get(id(module))
+        if idx is None:
+            return q, k, v
+        pair = self._deltas.get(idx)
+        perturb = self.config.perturb
+        if pair is None:
+            if not self._grad_deltas:
+                return q, k, v
+            dk = dv = None
+            if "k" in perturb:
+                dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device, requires_grad=True)
+            if "v" in perturb:
+                dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device, requires_grad=True)
+            pair = self._deltas[idx] = (dk, dv)
+        dk, dv = pair
+        mask = self._pos_mask
+        if dk is not None:
+            if dk.shape != k.shape:
+                raise RuntimeError(f"layer {idx}: key shape {tuple(k.shape)} changed within one token "
+                                   f"(Delta_K has {tuple(dk.shape)})")
+            d = dk if self._grad_deltas else dk.detach()
+            d = d * mask if mask is not None else d
+            k = k + d.to(k.dtype)
+        if dv is not None:
+            d = dv if self._grad_deltas else dv.detach()
+            d = d * mask if mask is not None else d
+            v = v + d.to(v.dtype)
+        return q, k, v
+
+    # ------------------------------------------------------------------ one forward + relevance
+    def _forward(self, embeds: Tensor, model_kwargs: dict, pick: Callable[[Tensor], Tensor],
+                 with_relevance: bool, create_graph: bool, step: Optional[int] = None) -> _StepOut:
+        x = embeds.detach().requires_grad_(with_relevance)
+        scope = self.attribution.scope()
+        with torch.enable_grad():
+            out = self.model(inputs_embeds=x, **model_kwargs)
+        logits = (out.logits if hasattr(out, "logits") else out[0])[:, -1, :].float()
+        if hasattr(scope, "pop_carriers") and scope.pop_carriers():
+            raise TypeError("LIME takes relevance at the input embeddings; first-layer rules (flat / wsquare / zbox) "
+                            "that need carrier tensors are not supported. Use a composite without them")
+        target = pick(logits.detach())
+        if step is not None:
+            self._event("decode", step)
+        if not with_relevance:
+            return _StepOut(logits, torch.empty(0), target)
+        z = logits.gather(1, target[:, None].to(logits.device)).sum()
+        if not bool(torch.isfinite(z)):
+            raise FloatingPointError("the explained logit is NaN/inf; check the model's dtype and the perturbation "
+                                     "(lr)")
+        (g,) = torch.autograd.grad(z, x, create_graph=create_graph)
+        rel = (x * g).sum(-1).float()
+        if not create_graph:
+            rel = rel.detach()
+        return _StepOut(logits, rel, target)
+
+    def _event(self, *e: Any) -> None:
+        if self.events is not None:
+            self.events.append(e)
+
+    # ------------------------------------------------------------------ main
+    def optimize(self, embeds: Tensor, model_kwargs: dict, modality: Tensor, valid: Tensor,
+                 pick: Optional[Callable[[Tensor], Tensor]] = None, ref_logits: Optional[Tensor] = None,
+                 active: Optional[Tensor] = None, index: int = 0,
+                 emit_fn: Optional[Callable[[], Tensor]] = None) -> tuple[Tensor, Tensor, TokenRecord]:
+        """Run the inner loop for the next token of every row.
+
+        Parameters
+        ----------
+        embeds : Tensor
+            ``[B, S, D]`` input embeddings of the language model (perceptual features scattered in).
+        model_kwargs : dict
+            ``attention_mask``, ``position_ids``... for the model's forward with ``inputs_embeds``.
+        modality, valid : Tensor
+            ``[B, S]`` bool: perceptual positions M; non-padding positions.
+        pick : callable, optional
+            ``logits [B, V] -> token ids [B]``: the decoder (processors + greedy or fixed-noise sampling);
+            default greedy (argmax).
+        ref_logits : Tensor, optional
+            ``[B, V]`` unperturbed next-token logits if already known (KV-cache pass); otherwise taken
+            from the first inner forward, where the perturbation is zero.
+        active : Tensor, optional
+            ``[B]`` bool: rows to optimise (others keep Delta = 0 and emit their unperturbed token).
+        emit_fn : callable, optional
+            ``() -> logits [B, V]``: for ``emit="cached"``, a forward of the caller's KV-cache step (the
+            final perturbation is applied by the attention transform while it runs).
+
+        Returns
+        -------
+        logits : Tensor
+            ``[B, V]`` logits the token is emitted from (``config.emit_from``).
+        ref_logits : Tensor
+            ``[B, V]`` unperturbed logits (the given ones, or those of the first inner forward).
+        record : TokenRecord
+        """
+        cfg = self.config
+        if not self._in_session:
+            with self.session():
+                return self.optimize(embeds, model_kwargs, modality, valid, pick, ref_logits, active, index, emit_fn)
+        B = embeds.shape[0]
+        if pick is None:
+            pick = lambda logits: logits.argmax(-1)  # noqa: E731
+        modality = modality.to(embeds.device).bool()
+        valid = valid.to(embeds.device).bool()
+        counts = (modality & valid).sum(-1)
+        if bool((counts == 0).any()):
+            rows = (counts == 0).nonzero().flatten().tolist()
+            raise ValueError(f"the modality span is empty for batch row(s) {rows}: LIME needs perceptual (image / "
+                             "audio) positions to shift relevance to")
+        active = torch.ones(B, dtype=torch.bool, device=embeds.device) if active is None else active.to(embeds.device)
+        rec = TokenRecord(index=index)
+        mod_f, valid_f = modality.float(), valid.float()
+        self._pos_mask = modality.float()[:, None, :, None] if cfg.positions == "modality" else None
+        self._deltas.clear()
+        self._grad_deltas = True
+        params: list[Tensor] = []
+        opt: Optional[torch.optim.Optimizer] = None
+        log_ref: Optional[Tensor] = None if ref_logits is None else F.log_softmax(ref_logits.detach().float(), -1)
+        fixed_target: Optional[Tensor] = None
+        ref_raw: Optional[Tensor] = None
+        if cfg.target_rule == "fixed" and ref_logits is not None:
+            fixed_target = pick(ref_logits.detach().float())
+        last: Optional[_StepOut] = None
+        best, stall = math.inf, 0
+        nan = [float("nan")] * B
+        rec.share_before, rec.share_after = list(nan), list(nan)
+        rec.focus_before, rec.focus_after = list(nan), list(nan)
+        tau = cfg.temperature
+        steps_run = 0
+        fresh = False
+        try:
+            for s in range(cfg.steps):
+                self._event("forward", s)
+                if fixed_target is not None:
+                    pick_s = lambda _l, t=fixed_target: t  # noqa: E731
+                else:
+                    pick_s = pick
+                out = self._forward(embeds, model_kwargs, pick_s, with_relevance=True, create_graph=True, step=s)
+                self._event("relevance", s)
+                if s == 0:
+                    params = [d for pair in self._deltas.values() for d in pair if d is not None]
+                    if not params:
+                        raise RuntimeError("no attention call of the perturbed layers went through the scope's "
+                                           "attention bridge: is a canonizer for this model registered?")
+                    opt = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
+                           else torch.optim.SGD(params, lr=cfg.lr))
+                    if log_ref is None:
+                        ref_raw = out.logits.detach()
+                        log_ref = F.log_softmax(ref_raw, -1)
+                    if fixed_target is None and cfg.target_rule == "fixed":
+                        fixed_target = out.target
+                    share0 = modality_share(out.relevance, mod_f, valid_f)
+                    rec.share_before = share0.tolist()
+                    rec.focus_before = modality_focus(out.relevance, mod_f, valid_f, tau).tolist()
+                    if cfg.record_relevance:
+                        rec.relevance_before = out.relevance.detach().cpu()
+                rel_loss, kl = self._losses(out, log_ref, mod_f, valid, counts)
+                loss_rows = rel_loss + cfg.kl_weight * kl
+                rec.losses.append(loss_rows.detach().tolist())
+                rec.rel_losses.append(rel_loss.detach().tolist())
+                rec.kl.append(kl.detach().tolist())
+                rec.share_after = modality_share(out.relevance, mod_f, valid_f).tolist()
+                rec.focus_after = modality_focus(out.relevance, mod_f, valid_f, tau).tolist()
+                if cfg.record_relevance:
+                    rec.relevance_after = out.relevance.detach().cpu()
+                self._event("loss", s)
+                last = _StepOut(out.logits.detach(), torch.empty(0), out.target)
+                fresh = True  # `last` was computed with the current perturbation
+                if cfg.mode == "fast":
+                    if s == 0 and cfg.share_gate is not None:
+                        active = active & (share0 < cfg.share_gate)
+                    if not bool(active.any()):
+                        rec.skipped = rec.skipped or "share"
+                        break
+                    total = float((loss_rows.detach() * active).sum())
+                    if cfg.patience > 0 and s > 0:
+                        if total > best - cfg.tol * abs(best):
+                            stall += 1
+                            if stall >= cfg.patience:
+                                rec.skipped = "early_stop"
+                                break
+                        else:
+                            stall = 0
+                    best = min(best, total)
+                loss = (loss_rows * active).sum()
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                self._event("backward", s)
+                del out, loss, loss_rows, rel_loss, kl
+                for p, g in zip(params, grads):
+                    p.grad = None if g is None else g.detach()
+                del grads
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                fresh = False
+                steps_run += 1
+                self._event("update", s)
+            rec.steps = steps_run
+            if cfg.steps == 0:
+                rec.skipped = "steps=0"
+            # ------------------------------------------------------------ emission
+            if last is None:
+                self._event("emit", "unperturbed")
+                if ref_logits is not None:
+                    emit = ref_logits.detach().float()
+                else:
+                    self._grad_deltas = False
+                    emit = self._forward(embeds, model_kwargs, pick, False, False).logits.detach()
+            elif cfg.emit_from == "last_forward" or steps_run == 0 or fresh:
+                # (fresh: stopped early right after a forward, which already saw the final perturbation)
+                reused = fresh and cfg.emit_from != "last_forward" and steps_run > 0
+                self._event("emit", "reused_final" if reused else "last_forward")
+                emit = last.logits
+            elif cfg.emit_from == "cached" and emit_fn is not None:
+                self._event("emit", "cached")
+                self._grad_deltas = False
+                with torch.enable_grad():  # the scope applies attention transforms only with grad enabled
+                    emit = emit_fn().detach().float()
+            else:
+                self._event("emit", "final")
+                self._grad_deltas = False
+                emit = self._forward(embeds, model_kwargs, pick, False, False).logits.detach()
+            if ref_logits is None:
+                ref_logits = ref_raw if ref_raw is not None else emit
+            ref_logits = ref_logits.detach().float()
+            inactive = ~active
+            if bool(inactive.any()):
+                emit = torch.where(inactive[:, None], ref_logits.to(emit.device), emit)
+            return emit, ref_logits, rec
+        finally:
+            del opt, params
+            self._deltas.clear()
+            self._pos_mask = None
+            self._grad_deltas = True
+
+    def _losses(self, out: _StepOut, log_ref: Tensor, mod_f: Tensor, valid: Tensor, counts: Tensor):
+        cfg = self.config
+        r = out.relevance / cfg.temperature
+        r = r.masked_fill(~valid, float("-inf"))
+        logp = F.log_softmax(r, dim=-1)
+        logp = torch.where(valid, logp, torch.zeros_like(logp))
+        rel_loss = -(logp * mod_f).sum(-1) / counts.to(logp.dtype)
+        log_delta = F.log_softmax(out.logits, -1)
+        if cfg.kl_direction == "ref||delta":
+            kl = (log_ref.exp() * (log_ref - log_delta)).sum(-1)
+        else:
+            kl = (log_delta.exp() * (log_delta - log_ref)).sum(-1)
+        return rel_loss, kl
+
+
+def _configs(model: nn.Module) -> list:
+    seen: dict[int, Any] = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
+            seen.setdefault(id(cfg), cfg)
+    stack = list(seen.values())
+    while stack:
+        cfg = stack.pop()
+        for key in getattr(cfg, "sub_configs", {}) or {}:
+            sub = getattr(cfg, key, None)
+            if sub is not None and hasattr(sub, "_attn_implementation_internal") and id(sub) not in seen:
+                seen[id(sub)] = sub
+                stack.append(sub)
+    return list(seen.values())
+
+
+def _switch_attention(model: nn.Module, impl: Optional[str]) -> Callable[[], None]:
+    """Set ``impl`` for the whole model through ``set_attn_implementation``; return the exact restore."""
+    if impl is None or getattr(getattr(model, "config", None), "_attn_implementation", impl) == impl:
+        return lambda: None
+    saved = [(c, c._attn_implementation_internal) for c in _configs(model)]
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is None:
+        raise TypeError(f"{type(model).__name__} cannot switch its attention implementation; load it with "
+                        f"attn_implementation={impl!r} or set LimeConfig(attn_implementation=None)")
+    setter(impl)
+
+    def restore() -> None:
+        for c, v in saved:
+            c._attn_implementation_internal = v
+
+    return restore
