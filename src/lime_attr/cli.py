@@ -100,11 +100,21 @@ def _decoding(args: argparse.Namespace, method: Optional[str] = None):
 # -------------------------------------------------------------------------------------------- commands
 
 
+def _check_media_paths(args: argparse.Namespace) -> None:
+    for flag in ("image", "audio"):
+        path = getattr(args, flag, None)
+        if path and not Path(path).is_file():
+            raise CLIError(f"--{flag} {path}: no such file")
+    if not getattr(args, "image", None) and not getattr(args, "audio", None):
+        raise CLIError("this command needs --image PATH or --audio PATH (a WAV file)")
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from . import ModalityAttribution, modality_reliance, top_tokens
     from .metrics import breakdown
     from .visualize import audio_plot, image_overlay, text_html
 
+    _check_media_paths(args)
     model, processor = _load(args.model, args.dtype)
     enc = _inputs(model, processor, args)
     tok = getattr(processor, "tokenizer", processor)
@@ -145,9 +155,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generation import generate
 
+    _check_media_paths(args)
+    cfg = _decoding(args)
     model, processor = _load(args.model, args.dtype)
     enc = _inputs(model, processor, args)
-    cfg = _decoding(args)
     res = generate(model, processor, enc, cfg)
     print(res.texts[0])
     record = {"model": args.model, "prompt": args.prompt, "decoding": cfg.to_dict(), "text": res.texts[0],

@@ -175,7 +175,7 @@ def load_image(path: str) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.array(im.convert("RGB"))
 
 
 def load_audio(path: str, sampling_rate: int) -> np.ndarray:

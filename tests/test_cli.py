@@ -1,0 +1,95 @@
+"""The ``lime-attr`` command on the embedded demo models: outputs, files and clear errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lime_attr.cli import build_parser, main
+
+pytest.importorskip("lime_attr.models")
+from lime_attr.models import available_builtins, pope_questions  # noqa: E402
+
+pytestmark = pytest.mark.skipif("digits-llava" not in available_builtins(), reason="demo weights not installed")
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    from PIL import Image
+
+    q = pope_questions("digits-llava", "random")[0]
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    Image.fromarray(q.image).save(path)
+    return path, q
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("demo", "explain", "generate", "eval"):
+        assert cmd in out
+    for cmd in ("demo", "explain", "generate", "eval"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([cmd, "--help"])
+
+
+def test_explain_writes_json_html_and_heatmap(scene, tmp_path, capsys):
+    path, q = scene
+    rc = main(["explain", "--model", "builtin:digits-llava", "--image", str(path), "--prompt", q.question,
+               "--output-dir", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "relevance by modality" in out and "image" in out
+    data = json.loads((tmp_path / "explain.json").read_text())
+    assert 0.0 <= data["modality_reliance"] <= 1.0
+    assert abs(sum(data["shares"][k] for k in data["shares"] if k != "all") - 1.0) < 1e-6 or "all" in data["shares"]
+    png = tmp_path / "heatmap_0.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "tokens.html").read_text().count("<span") >= 5
+
+
+@pytest.mark.parametrize("method", ["greedy", "vcd"])
+def test_generate_records_answer_and_config(scene, tmp_path, method, capsys):
+    path, q = scene
+    out_file = tmp_path / "answer.json"
+    rc = main(["generate", "--model", "builtin:digits-llava", "--image", str(path), "--prompt", "List the digits.",
+               "--method", method, "--max-new-tokens", "4", "--output", str(out_file)])
+    assert rc == 0
+    rec = json.loads(out_file.read_text())
+    assert rec["decoding"]["method"] == method and rec["text"] == capsys.readouterr().out.strip()
+    assert len(rec["tokens"]) >= 1
+
+
+def test_eval_pope_json_has_standard_names(tmp_path):
+    out_file = tmp_path / "pope.json"
+    rc = main(["eval", "pope", "--model", "builtin:digits-llava", "--split", "adversarial", "--limit", "8",
+               "--output", str(out_file), "--no-progress"])
+    assert rc == 0
+    data = json.loads(out_file.read_text())
+    for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+        assert key in data["metrics"]
+    assert data["config"]["decoding"]["method"] == "greedy" and data["config"]["n"] == 8
+    assert data["config"]["split"] == "adversarial"
+    assert out_file.with_suffix(".csv").read_text().count("\n") >= 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "builtin:digits-llava", "--image", "missing.png", "--prompt", "x"], "no such file"),
+    (["explain", "--model", "builtin:digits-llava", "--prompt", "x"], "--image PATH or --audio PATH"),
+    (["eval", "pope", "--model", "builtin:digits-llava", "--split", "weird"], "unknown split"),
+    (["eval", "pope", "--model", "builtin:tones-qwen2audio", "--limit", "2"], "vision demo model"),
+    (["eval", "pope", "--model", "builtin:no-such-model"], "unknown builtin model"),
+])
+def test_bad_input_exits_2_with_message(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_rejects_bad_decoding(scene, capsys):
+    path, _ = scene
+    rc = main(["generate", "--model", "builtin:digits-llava", "--image", str(path), "--prompt", "x",
+               "--temperature", "0"])
+    assert rc == 2 and "temperature" in capsys.readouterr().err
