@@ -42,8 +42,13 @@ class UncoveredModuleError(LimeAttrError, TypeError):
     """A parametric, normalisation or unknown module that no rule of the composite covers."""
 
 
-class UncoveredOpError(LimeAttrError, TypeError):
-    """A nonlinear or bilinear op on an input-dependent path that no rule covers."""
+class UncoveredOpError(LimeAttrError, RuntimeError):
+    """A nonlinear or bilinear op on an input-dependent path that no rule covers.
+
+    A ``RuntimeError`` (raised while the model runs), deliberately not a ``TypeError``: torch turns a
+    ``TypeError`` raised inside a binary operator (``x / h``, ``a * b``) into ``NotImplemented``, which
+    would replace this message by Python's "unsupported operand type(s)".
+    """
 
 
 class UnsupportedModelError(LimeAttrError, ValueError):

@@ -15,6 +15,8 @@ def replace_grad(value: Tensor, surrogate: Tensor) -> Tensor:
 
     ``value.detach() + (surrogate - surrogate.detach())``: the bracket is exactly zero, so the
     forward value is ``value`` bit for bit, and the only gradient path is through ``surrogate``.
+    (Plain torch ops on purpose: the op-coverage mode must see them to track input dependence; a custom
+    ``autograd.Function`` would hide its output from the mode.)
     """
     return value.detach() + (surrogate - surrogate.detach())
 
@@ -28,12 +30,25 @@ def scale_grad(x: Tensor, factor: float) -> Tensor:
     return replace_grad(x, x * factor)
 
 
+def mul_grad_hook(y: Tensor, factor: Tensor) -> Tensor:
+    """Multiply the gradient arriving at ``y`` (from all its consumers) by the constant ``factor``.
+
+    Registers a tensor hook on ``y`` and returns ``y`` itself: no forward work and no copy. Use it for a
+    rule that rescales a *module output's* total gradient (e.g. LRP-epsilon); use :func:`scale_grad`
+    for one consumer's copy of a tensor.
+    """
+    if y.requires_grad and torch.is_grad_enabled():
+        factor = factor.detach()
+        y.register_hook(lambda g: g * factor)
+    return y
+
+
 def stabilize(z: Tensor, eps: float) -> Tensor:
     """``z + eps * sign(z)`` with ``sign(0) = +1`` (the LRP-epsilon denominator)."""
     if eps == 0.0:
         return z
-    sign = torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
-    return z + eps * sign
+    # 0-dim branches in z's dtype (python scalars would be cast to the default dtype): no ones-tensors
+    return z + torch.where(z >= 0, z.new_tensor(eps), z.new_tensor(-eps))
 
 
 def safe_divide(num: Tensor, den: Tensor) -> Tensor:

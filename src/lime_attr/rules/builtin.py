@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import RuleParameterError
-from ._grad import replace_grad, scale_grad, stabilize
+from ._grad import mul_grad_hook, replace_grad, scale_grad, stabilize
 from ._layer import layer_forward, layer_forward_multi, layer_params
 from .registry import Rule, register_rule
 
@@ -75,8 +75,10 @@ class Epsilon(Rule):
     def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
         if self.epsilon == 0:
             return y
-        ratio = (y / stabilize(y, self.epsilon)).detach()
-        return replace_grad(y, y * ratio)
+        # z / (z + eps sign(z)) = |z| / (|z| + eps) (sign(0) = +1 gives 0 either way): three passes, and the
+        # gradient arriving at y is scaled by a hook (no copy of y, nothing in the backward but one product)
+        a = y.detach().abs()
+        return mul_grad_hook(y, a.div_(a + self.epsilon))
 
     apply_affine = apply_layer
 
@@ -128,14 +130,24 @@ class Gamma(Rule):
     def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
         w, b = layer_params(module)
         g = self.gamma
-        w_up, w_dn = w + g * w.clamp(min=0), w + g * w.clamp(max=0)
-        b_up = None if b is None else b + g * b.clamp(min=0)
-        b_dn = None if b is None else b + g * b.clamp(max=0)
-        xp = x.clamp(min=0)
-        z_pos, z_neg = layer_forward_multi(module, xp, [w_up, w_dn], [b_up, b_dn])
-        if bool((x < 0).any()):
-            xn = x.clamp(max=0)
-            zn_pos, zn_neg = layer_forward_multi(module, xn, [w_dn, w_up], [None, None])
+        if not bool((x < 0).any()):
+            # x >= 0 (e.g. after a ReLU): with Q = x W^+ + b^+ (one extra layer evaluation),
+            # x (W + g W^+) + b + g b^+ = y + g Q and x (W + g W^-) + b + g b^- = (1 + g) y - g Q.
+            # Only the denominator matching sign(y) is used, s = y / z; the modified gradient is
+            # W^T (c_y g) + W^+^T (c_q g) with c_y = s (y > 0) or (1 + g) s (y < 0), c_q = +-g s: the W^T part
+            # is y's own backward (scaled by a hook), the W^+ part a zero-valued term carrying Q's gradient.
+            q = layer_forward(module, x, w.clamp(min=0), _plus(b))
+            pos = y > 0
+            s = (y / stabilize(y + g * torch.where(pos, q, y - q), self.stabilizer)).detach()
+            c_q = s * torch.where(pos, s.new_tensor(g), s.new_tensor(-g))
+            qc = q * c_q
+            return mul_grad_hook(y, s * torch.where(pos, s.new_tensor(1.0), s.new_tensor(1.0 + g))) + (qc - qc.detach())
+        else:
+            w_up, w_dn = w + g * w.clamp(min=0), w + g * w.clamp(max=0)
+            b_up = None if b is None else b + g * b.clamp(min=0)
+            b_dn = None if b is None else b + g * b.clamp(max=0)
+            z_pos, z_neg = layer_forward_multi(module, x.clamp(min=0), [w_up, w_dn], [b_up, b_dn])
+            zn_pos, zn_neg = layer_forward_multi(module, x.clamp(max=0), [w_dn, w_up], [None, None])
             z_pos, z_neg = z_pos + zn_pos, z_neg + zn_neg
         m_pos = ((y > 0) * y / stabilize(z_pos, self.stabilizer)).detach()
         m_neg = ((y < 0) * y / stabilize(z_neg, self.stabilizer)).detach()
@@ -163,8 +175,10 @@ class ZPlus(Rule):
 
     def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
         w, b = layer_params(module)
-        z = layer_forward(module, x.clamp(min=0), w.clamp(min=0), _plus(b))
-        if bool((x < 0).any()):
+        if not bool((x < 0).any()):  # x >= 0 (e.g. after a ReLU): z^+ = x W^+ + b^+, no clamped copy of x
+            z = layer_forward(module, x, w.clamp(min=0), _plus(b))
+        else:
+            z = layer_forward(module, x.clamp(min=0), w.clamp(min=0), _plus(b))
             z = z + layer_forward(module, x.clamp(max=0), w.clamp(max=0), None)
         m = (y / stabilize(z, self.stabilizer)).detach()
         return replace_grad(y, z * m)
@@ -203,9 +217,12 @@ class AlphaBeta(Rule):
     def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
         w, b = layer_params(module)
         wp, wn = w.clamp(min=0), w.clamp(max=0)
-        xp = x.clamp(min=0)
-        z_a, z_b = layer_forward_multi(module, xp, [wp, wn], [_plus(b), _minus(b)])
-        if bool((x < 0).any()):
+        # (z^- is evaluated directly, not as y - z^+: where z^- is exactly 0 the stabilised 1 / z^- is huge,
+        # and the difference form would cancel it against the other path in floating point)
+        if not bool((x < 0).any()):  # x >= 0 (e.g. after a ReLU): no clamped copies of x
+            z_a, z_b = layer_forward_multi(module, x, [wp, wn], [_plus(b), _minus(b)])
+        else:
+            z_a, z_b = layer_forward_multi(module, x.clamp(min=0), [wp, wn], [_plus(b), _minus(b)])
             a2, b2 = layer_forward_multi(module, x.clamp(max=0), [wn, wp], [None, None])
             z_a, z_b = z_a + a2, z_b + b2
         m_a = (self.alpha * y / stabilize(z_a, self.stabilizer)).detach()
@@ -309,6 +326,10 @@ class ZBox(_FirstLayerRule):
 # ------------------------------------------------------------------------------ elementwise and products
 
 
+# autograd nodes of activations whose own Jacobian equals f(x) / x everywhere (incl. 0 at x = 0)
+_EXACT_IDENTITY_NODES = frozenset({"ReluBackward0", "ReluBackward1"})
+
+
 @register_rule("identity")
 @dataclass(frozen=True)
 class Identity(Rule):
@@ -319,8 +340,10 @@ class Identity(Rule):
     """
 
     def apply_activation(self, x: Tensor, y: Tensor) -> Tensor:
+        if type(y.grad_fn).__name__ in _EXACT_IDENTITY_NODES:
+            return y  # ReLU: f(x) / x = 1[x > 0] = f'(x), the rule *is* the plain gradient (no extra work)
         zero = x == 0
-        ratio = torch.where(zero, torch.zeros_like(y), y / torch.where(zero, torch.ones_like(x), x)).detach()
+        ratio = torch.where(zero, y.new_tensor(0.0), y / torch.where(zero, x.new_tensor(1.0), x)).detach()
         return replace_grad(y, x * ratio)
 
     def apply_softmax(self, x: Tensor, y: Tensor) -> Tensor:  # used only if mapped explicitly

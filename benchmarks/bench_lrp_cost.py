@@ -1,0 +1,343 @@
+"""Cost of ``LRP.attribute`` relative to a plain gradient x input pass on the same model, same run.
+
+Run ``python -m benchmarks.bench_lrp_cost`` (``--help`` for options). It prints a table and writes
+``docs/benchmarks/lrp_cost.json`` with the machine and library versions.
+
+What is measured
+----------------
+* **time**: median wall time and median process CPU time of one attribution (forward + one backward,
+  relevance returned) over ``--repeats`` runs after ``--warmup`` runs; the methods of one model are
+  interleaved round-robin so that drifting machine load affects them alike. Ratios are
+  ``median(method) / median(gradient)``. On a shared, oversubscribed CPU the wall time is dominated by
+  other processes; run with ``--threads 1`` and read the CPU-time ratios there.
+* **peak memory**: on CUDA, ``torch.cuda.max_memory_allocated`` during one attribution minus the
+  memory allocated before it. On CPU, each (model, method) runs in a fresh subprocess with
+  ``MALLOC_MMAP_THRESHOLD_=65536`` (so that freed tensors go back to the OS); after building the model,
+  one small and one full-size warm-up attribution, the peak resident set size (``VmHWM``, reset through
+  ``/proc/self/clear_refs``) of one attribution minus the resident set size just before it is the
+  method's peak memory. Ratios are against the plain gradient measured the same way.
+
+Models
+------
+* ``llama``: a :class:`~transformers.LlamaForCausalLM` from a config (hidden 256, 4 layers, 4 heads,
+  intermediate 688, sequence 256, batch 1, float32, SDPA attention), explained w.r.t. its input
+  embeddings at the last position -- composites ``attnlrp`` (epsilon -> 0), ``attnlrp-eps``
+  (epsilon 1e-6 on every linear layer) and ``cp-lrp``;
+* ``mlp``: a 6-layer ReLU MLP (width 1024, batch 256) -- ``epsilon`` (1e-6);
+* ``cnn``: a VGG-style ReLU CNN (5 convolutions, batch 8, 64x64) -- ``gamma``, ``zplus``,
+  ``alpha_beta`` (2, 1) on the convolutions with epsilon on the dense layers, and ``epsilon-gamma``
+  (z-box first layer); each also with zennit's equivalent composite (its hooks, autograd inside
+  ``composite.context``).
+
+Goals (reported, not enforced): epsilon and AttnLRP <= 1.1x time and <= 1.05x memory; gamma / zplus /
+alpha-beta on a CNN <= 1.5x time and >= 3x faster than zennit.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "benchmarks" / "lrp_cost.json"
+
+LOW, HIGH = -3.0, 3.0
+
+# model -> methods (the first is the baseline)
+METHODS: dict[str, list[str]] = {
+    "llama": ["gradient", "lrp:attnlrp", "lrp:attnlrp-eps", "lrp:cp-lrp"],
+    "mlp": ["gradient", "lrp:epsilon"],
+    "cnn": ["gradient", "lrp:gamma", "zennit:gamma", "lrp:zplus", "zennit:zplus", "lrp:alpha_beta",
+            "zennit:alpha_beta", "lrp:epsilon-gamma", "zennit:epsilon-gamma"],
+}
+
+GOALS = {
+    "lrp:attnlrp": dict(time=1.1, memory=1.05), "lrp:attnlrp-eps": dict(time=1.1, memory=1.05),
+    "lrp:cp-lrp": dict(time=1.1, memory=1.05), "lrp:epsilon": dict(time=1.1, memory=1.05),
+    "lrp:gamma": dict(time=1.5, vs_zennit=3.0), "lrp:zplus": dict(time=1.5, vs_zennit=3.0),
+    "lrp:alpha_beta": dict(time=1.5, vs_zennit=3.0), "lrp:epsilon-gamma": dict(time=1.5, vs_zennit=3.0),
+}
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def build(name: str, device: torch.device, small: bool = False) -> tuple[nn.Module, torch.Tensor, int]:
+    """(model, input, target) for one benchmark model; ``small`` gives a tiny input for warm-up."""
+    torch.manual_seed(0)
+    if name == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
+        cfg._attn_implementation = "sdpa"
+        model = LlamaForCausalLM(cfg).eval().to(device)
+        ids = torch.randint(0, 1000, (1, 8 if small else 256), device=device)
+        with torch.no_grad():
+            x = model.get_input_embeddings()(ids).detach()
+        return model, x, 7
+    if name == "mlp":
+        layers: list[nn.Module] = []
+        d = 512
+        for _ in range(5):
+            layers += [nn.Linear(d, 1024), nn.ReLU()]
+            d = 1024
+        layers.append(nn.Linear(d, 10))
+        model = nn.Sequential(*layers).eval().to(device)
+        return model, torch.randn(4 if small else 256, 512, device=device), 3
+    if name == "cnn":
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU()]
+
+        model = nn.Sequential(*block(3, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64),
+                              nn.MaxPool2d(2), *block(64, 128), nn.MaxPool2d(2), nn.Flatten(),
+                              nn.Linear(128 * 8 * 8, 256), nn.ReLU(), nn.Linear(256, 10)).eval().to(device)
+        x = (torch.rand(1 if small else 8, 3, 64, 64, device=device) * (HIGH - LOW) + LOW)
+        return model, x, 4
+    raise KeyError(name)
+
+
+def our_composite(rule: str) -> Any:
+    from lime_attr import Composite, get_composite
+    from lime_attr.rules import AlphaBeta, Epsilon, Gamma, ZPlus
+
+    if rule == "attnlrp-eps":
+        return get_composite("attnlrp", epsilon=1e-6)
+    if rule in ("attnlrp", "cp-lrp"):
+        return get_composite(rule)
+    if rule == "epsilon-gamma":
+        return get_composite("epsilon-gamma", low=LOW, high=HIGH)
+    conv = {"gamma": Gamma(0.25), "zplus": ZPlus(), "alpha_beta": AlphaBeta(2.0, 1.0), "epsilon": Epsilon()}[rule]
+    return Composite([(nn.Conv2d, conv), ("site:layer", Epsilon()), ("site:activation", "identity")], name=rule)
+
+
+def zennit_composite(rule: str) -> Any:
+    from zennit import rules as zr
+    from zennit.composites import EpsilonGammaBox, LayerMapComposite
+
+    if rule == "epsilon-gamma":
+        return EpsilonGammaBox(low=LOW, high=HIGH)
+    conv = {"gamma": lambda: zr.Gamma(0.25), "zplus": zr.ZPlus, "alpha_beta": lambda: zr.AlphaBeta(2.0, 1.0)}[rule]()
+    return LayerMapComposite([(nn.Conv2d, conv), (nn.Linear, zr.Epsilon()), (nn.ReLU, zr.Pass())])
+
+
+def is_hf(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) is not None
+
+
+def runner(method: str, model: nn.Module, x: torch.Tensor, target: int) -> Callable[[], torch.Tensor]:
+    """A function computing one attribution of ``x`` for ``target`` with ``method``."""
+    hf = is_hf(model)
+
+    def forward(inp: torch.Tensor) -> torch.Tensor:
+        if hf:
+            return model(inputs_embeds=inp, use_cache=False).logits[:, -1, target]
+        return model(inp)[:, target]
+
+    if method == "gradient":
+        def run() -> torch.Tensor:
+            inp = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(forward(inp).sum(), inp)
+            return inp.detach() * g
+        return run
+    kind, rule = method.split(":")
+    if kind == "lrp":
+        from lime_attr import LRP
+
+        lrp = LRP(model, our_composite(rule))
+        return lambda: lrp.attribute(x, target=target)
+    if kind == "zennit":
+        comp = zennit_composite(rule)
+
+        def run_zennit() -> torch.Tensor:
+            inp = x.detach().requires_grad_(True)
+            with comp.context(model):
+                out = model(inp)
+                seed = torch.zeros_like(out)
+                seed[:, target] = out[:, target].detach()
+                (rel,) = torch.autograd.grad(out, inp, seed)
+            return rel
+        return run_zennit
+    raise KeyError(method)
+
+
+# -------------------------------------------------------------------------------------------- time
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_model(name: str, methods: list[str], device: torch.device, repeats: int,
+               warmup: int) -> tuple[dict[str, list], dict[str, list]]:
+    """Wall-clock and process-CPU seconds of each method, ``repeats`` runs each, interleaved."""
+    model, x, target = build(name, device)
+    runs = {m: runner(m, model, x, target) for m in methods}
+    wall: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(warmup):
+        for m in methods:
+            runs[m]()
+    for _ in range(repeats):
+        for m in methods:  # interleaved: load drift hits every method alike
+            gc.collect()
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            runs[m]()
+            sync(device)
+            wall[m].append(time.perf_counter() - t0)
+            cpu[m].append(time.process_time() - c0)
+    return wall, cpu
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def measure_memory_here(name: str, method: str, device: torch.device) -> int:
+    """Peak memory (bytes) of one attribution, in this process (see the module docstring)."""
+    model, x, target = build(name, device)
+    small_model_input = build(name, device, small=True)[1] if name != "cnn" else x[:1]
+    runner(method, model, small_model_input, target)()  # warm-up: lazy initialisation, op check
+    run = runner(method, model, x, target)
+    run()  # one full-size call for every method (the scope's first forward also runs the op check)
+    gc.collect()
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        run()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
+        f.write("5")
+    base = _status("VmRSS")
+    run()
+    return _status("VmHWM") - base
+
+
+def measure_memory(name: str, method: str, device: torch.device) -> int:
+    if device.type == "cuda":
+        return measure_memory_here(name, method, device)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=f"{ROOT / 'src'}:{ROOT}")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_lrp_cost", "--memory-child", name, method],
+                         cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    from importlib import metadata
+
+    for mod in ("transformers", "zennit", "captum", "lime_attr"):
+        try:
+            versions[mod] = metadata.version(mod)
+        except Exception:  # noqa: BLE001
+            versions[mod] = getattr(__import__(mod), "__version__", None)
+    info = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": str(device), "versions": versions}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's); 1 makes CPU time robust on a busy machine")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(measure_memory_here(args.memory_child[0], args.memory_child[1], device))
+        return {}
+
+    results: dict[str, Any] = {"machine": machine_info(device), "repeats": args.repeats, "warmup": args.warmup,
+                               "threads": torch.get_num_threads(),
+                               "memory_method": ("cuda max_memory_allocated" if device.type == "cuda" else
+                                                 "fresh subprocess per method, VmHWM - VmRSS around one call"),
+                               "models": {}}
+    rows = []
+    for name in args.models:
+        methods = METHODS[name]
+        times, cpu = time_model(name, methods, device, args.repeats, args.warmup)
+        base_t = statistics.median(times["gradient"])
+        base_c = statistics.median(cpu["gradient"])
+        mems = {} if args.no_memory else {m: measure_memory(name, m, device) for m in methods}
+        entry: dict[str, Any] = {}
+        for m in methods:
+            med, med_c = statistics.median(times[m]), statistics.median(cpu[m])
+            e = {"median_s": med, "times_s": times[m], "time_ratio": med / base_t,
+                 "cpu_median_s": med_c, "cpu_times_s": cpu[m], "cpu_time_ratio": med_c / base_c}
+            if mems:
+                e["peak_bytes"] = mems[m]
+                e["memory_ratio"] = mems[m] / mems["gradient"] if mems["gradient"] else None
+            zen = m.replace("lrp:", "zennit:")
+            if m.startswith("lrp:") and zen in times:
+                e["zennit_over_ours"] = statistics.median(times[zen]) / med
+                e["zennit_over_ours_cpu"] = statistics.median(cpu[zen]) / med_c
+            if m in GOALS:
+                e["goals"] = GOALS[m]
+            entry[m] = e
+            rows.append((name, m, e))
+        results["models"][name] = entry
+
+    print(f"{'model':6} {'method':22} {'wall ms':>9} {'wall x':>7} {'cpu ms':>9} {'cpu x':>6} {'mem MiB':>8} "
+          f"{'mem x':>6} {'zennit/ours':>11}  goal")
+    for name, m, e in rows:
+        mem = f"{e['peak_bytes'] / 2**20:8.1f}" if "peak_bytes" in e else f"{'-':>8}"
+        memx = f"{e['memory_ratio']:6.2f}" if e.get("memory_ratio") is not None else f"{'-':>6}"
+        zen = (f"{e['zennit_over_ours_cpu']:5.2f} ({e['zennit_over_ours']:4.2f})" if "zennit_over_ours" in e
+               else f"{'':>11}")
+        goal = ", ".join(f"{k}{'>=' if k == 'vs_zennit' else '<='}{v}" for k, v in e.get("goals", {}).items())
+        print(f"{name:6} {m:22} {e['median_s'] * 1e3:9.1f} {e['time_ratio']:7.2f} {e['cpu_median_s'] * 1e3:9.1f} "
+              f"{e['cpu_time_ratio']:6.2f} {mem} {memx} {zen}  {goal}")
+    print("(cpu: process CPU time; zennit/ours: CPU-time ratio, wall-time ratio in brackets)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

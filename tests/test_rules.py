@@ -1,0 +1,536 @@
+"""Rules: per-layer conservation (property-based), agreement with written-out formulas, custom rules.
+
+Relevance convention (gradient form): a backward pass seeded with ``g`` at a layer's output ``y`` carries
+the relevance ``R_out = y * g``; the rule-modified gradient ``g_in`` at its input ``x`` gives
+``R_in = x * g_in`` (plus ``carrier * d/d carrier`` for first-layer rules whose relevance does not carry
+a factor ``x``). Everything here runs in float64.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lime_attr import Composite, LRP, available_rules, get_rule, lrp_scope
+from lime_attr.rules import Rule
+from lime_attr.scope import LRPScope
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64():
+    """Everything in this module runs in float64; the global default is restored afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+TINY = 1e-30  # stabiliser small enough not to absorb relevance in float64
+HSETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+LAYER_RULES = {
+    "epsilon": dict(epsilon=TINY),
+    "gamma": dict(gamma=0.25, stabilizer=TINY),
+    "zplus": dict(stabilizer=TINY),
+    "alpha_beta": dict(alpha=2.0, beta=1.0, stabilizer=TINY),
+    "flat": dict(stabilizer=TINY),
+    "wsquare": dict(stabilizer=TINY),
+    "zbox": dict(low=-4.0, high=4.0, stabilizer=TINY),
+}
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def layer_relevance(layer: nn.Module, rule: Rule, x: torch.Tensor, seed: torch.Tensor):
+    """(R_in, R_out) of one layer under ``rule`` for the upstream gradient ``seed``."""
+    model = nn.Sequential(layer)
+    x = x.detach().clone().requires_grad_(True)
+    scope = LRPScope(model, Composite([("site:layer", rule)]))
+    with scope:
+        y = model(x)
+        carriers = scope.pop_carriers()
+        grads = torch.autograd.grad(y, [x] + [c for _, c in carriers], seed, allow_unused=True)
+    r_in = x * grads[0] if grads[0] is not None else torch.zeros_like(x)
+    for (_, c), g in zip(carriers, grads[1:]):
+        if g is not None:
+            r_in = r_in + c * g
+    return r_in.detach(), (y * seed).detach()
+
+
+def make_layer(kind: str, c_in: int, c_out: int, bias: bool, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    if kind == "linear":
+        return nn.Linear(c_in, c_out, bias=bias)
+    return nn.Conv2d(c_in, c_out, 3, padding=1, stride=1 + seed % 2, bias=bias)
+
+
+def make_input(kind: str, batch: int, c_in: int, seed: int, positive: bool = False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 1)
+    shape = (batch, c_in) if kind == "linear" else (batch, c_in, 5, 6)
+    x = torch.randn(shape, generator=g)
+    return x.abs() if positive else x
+
+
+def signed_parts(layer: nn.Module, x: torch.Tensor):
+    """(z+, z-): the sums of the positive and of the negative contributions x_i W_ji of a bias-free layer."""
+    w = layer.weight.detach()
+
+    def run(inp, weight):
+        return torch.func.functional_call(layer, {"weight": weight}, (inp,)).detach()
+
+    xp, xn = x.clamp(min=0), x.clamp(max=0)
+    wp, wn = w.clamp(min=0), w.clamp(max=0)
+    return run(xp, wp) + run(xn, wn), run(xp, wn) + run(xn, wp)
+
+
+layer_cases = st.tuples(st.sampled_from(["linear", "conv"]), st.integers(1, 3), st.integers(1, 6),
+                        st.integers(1, 7), st.integers(0, 10_000))
+
+
+# ------------------------------------------------------------------ 1. per-layer conservation (hypothesis)
+
+
+@pytest.mark.parametrize("name", sorted(LAYER_RULES))
+@HSETTINGS
+@given(case=layer_cases)
+def test_layer_rule_conserves(name, case):
+    kind, batch, c_in, c_out, seed = case
+    layer = make_layer(kind, c_in, c_out, bias=False, seed=seed)
+    x = make_input(kind, batch, c_in, seed)
+    g = torch.randn(layer(x).shape, generator=torch.Generator().manual_seed(seed + 2))
+    r_in, r_out = layer_relevance(layer, get_rule(name, **LAYER_RULES[name]), x, g)
+    expected = r_out.sum()
+    if name in ("zplus", "alpha_beta"):
+        # these rules split z into positive and negative contributions; an output whose positive (or
+        # negative) part is exactly empty sends nothing through that part (as in zennit)
+        z_pos, z_neg = signed_parts(layer, x)
+        if name == "zplus":
+            expected = (r_out * (z_pos != 0)).sum()
+        else:
+            expected = (2.0 * r_out * (z_pos != 0) - 1.0 * r_out * (z_neg != 0)).sum()
+    torch.testing.assert_close(r_in.sum(), expected, rtol=0, atol=1e-10 * max(1.0, r_out.abs().sum().item()))
+
+
+@pytest.mark.parametrize("fn", [torch.relu, F.silu, F.gelu, torch.tanh, torch.sigmoid, F.leaky_relu])
+@HSETTINGS
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=3), seed=st.integers(0, 10_000))
+def test_identity_rule_conserves_elementwise(fn, shape, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen).requires_grad_(True)
+    g = torch.randn(shape, generator=gen)
+    y = get_rule("identity").apply_activation(x, fn(x))
+    (gx,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(x * gx, fn(x).detach() * g, rtol=0, atol=1e-12)
+
+
+@HSETTINGS
+@given(k=st.integers(2, 4), shape=st.lists(st.integers(1, 5), min_size=1, max_size=3), seed=st.integers(0, 10_000))
+def test_uniform_rule_conserves_and_splits_equally(k, shape, seed):
+    gen = torch.Generator().manual_seed(seed)
+    factors = [torch.randn(shape, generator=gen).requires_grad_(True) for _ in range(k)]
+    g = torch.randn(shape, generator=gen)
+    ruled = get_rule("uniform").apply_product(factors)
+    y = ruled[0]
+    for f in ruled[1:]:
+        y = y * f
+    grads = torch.autograd.grad(y, factors, g)
+    r_out = (y * g).detach()
+    for f, gf in zip(factors, grads):  # each factor gets R_out / k (the other factors' gradients are linear)
+        torch.testing.assert_close(f * gf, r_out / k, rtol=0, atol=1e-12)
+
+
+def test_uniform_rule_constant_factor_gets_nothing():
+    a = torch.randn(3, 4, requires_grad=True)
+    b = torch.randn(3, 4)  # constant
+    a2, b2 = get_rule("uniform").apply_product([a, b])
+    (ga,) = torch.autograd.grad(a2 * b2, a, torch.ones(3, 4))
+    torch.testing.assert_close(a * ga, (a * b).detach())
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+@HSETTINGS
+@given(batch=st.integers(1, 4), d=st.integers(2, 9), seed=st.integers(0, 10_000))
+def test_norm_rule_conserves(kind, batch, d, seed):
+    torch.manual_seed(seed)
+    norm = nn.LayerNorm(d, bias=False) if kind == "layernorm" else nn.RMSNorm(d, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(batch, 3, d)
+    g = torch.randn(batch, 3, d)
+    model = nn.Sequential(norm)
+    xr = x.clone().requires_grad_(True)
+    with lrp_scope(model, Composite([("site:norm", "norm")])):
+        y = model(xr)
+        (gx,) = torch.autograd.grad(y, xr, g)
+    torch.testing.assert_close((xr * gx).sum(), (y * g).sum(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(y, norm(x))  # forward value unchanged
+
+
+@HSETTINGS
+@given(n=st.integers(1, 5), m=st.integers(1, 5), p=st.integers(1, 5), seed=st.integers(0, 10_000))
+def test_bilinear_matmul_conserves_half_each(n, m, p, seed):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(2, n, m, generator=gen).requires_grad_(True)
+    b = torch.randn(2, m, p, generator=gen).requires_grad_(True)
+    g = torch.randn(2, n, p, generator=gen)
+    a2, b2 = get_rule("bilinear").apply_matmul(a, b)
+    o = a2 @ b2
+    ga, gb = torch.autograd.grad(o, (a, b), g)
+    r_out = (o * g).sum()
+    torch.testing.assert_close((a * ga).sum(), r_out / 2, rtol=0, atol=1e-10)
+    torch.testing.assert_close((b * gb).sum(), r_out / 2, rtol=0, atol=1e-10)
+
+
+@HSETTINGS
+@given(t=st.integers(1, 6), d=st.integers(1, 5), seed=st.integers(0, 10_000))
+def test_cp_attention_conserves(t, d, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 1, t, d, generator=gen).requires_grad_(True) for _ in range(3))
+    g = torch.randn(2, 1, t, d, generator=gen)
+    q2, k2, v2 = get_rule("cp_attention").apply_attention(q, k, v)
+    o = F.scaled_dot_product_attention(q2, k2, v2, is_causal=True)
+    (gv,) = torch.autograd.grad(o, v, g)
+    torch.testing.assert_close((v * gv).sum(), (o * g).sum(), rtol=0, atol=1e-10)
+
+
+# ------------------------------------------------------------- 3. agreement with written-out formulas
+
+
+def _stab(z: torch.Tensor, eps: float) -> torch.Tensor:
+    return z + eps * torch.where(z >= 0, 1.0, -1.0)
+
+
+def reference_dense(name: str, params: dict, x, w, b, r_out):
+    """Written-out LRP for ``y = x W^T + b`` with the formulas of lrp-rules.md (x: [n, i], W: [j, i])."""
+    b = torch.zeros(w.shape[0]) if b is None else b
+    X = x[:, None, :]          # [n, 1, i]
+    W = w[None]                # [1, j, i]
+    xp, xn, wp, wn = X.clamp(min=0), X.clamp(max=0), W.clamp(min=0), W.clamp(max=0)
+    bp, bn = b.clamp(min=0), b.clamp(max=0)
+    s = params.get("stabilizer", 1e-6)
+
+    def spread(contrib, bias, rel, eps):  # R_i = sum_j contrib_ji / (sum_i' contrib_ji' + b_j) R_j
+        den = _stab(contrib.sum(-1) + bias, eps)
+        return (contrib / den[..., None] * rel[..., None]).sum(1)
+
+    if name == "epsilon":
+        return spread(X * W, b, r_out, params.get("epsilon", 1e-6))
+    if name == "zplus":
+        return spread(xp * wp + xn * wn, bp, r_out, s)
+    if name == "alpha_beta":
+        a, be = params["alpha"], params["beta"]
+        return a * spread(xp * wp + xn * wn, bp, r_out, s) - be * spread(xp * wn + xn * wp, bn, r_out, s)
+    if name == "gamma":
+        gm = params["gamma"]
+        y = (x @ w.T + b)
+        up, dn = W + gm * wp, W + gm * wn
+        pos = spread(xp * up + xn * dn, b + gm * bp, r_out * (y > 0), s)
+        neg = spread(xp * dn + xn * up, b + gm * bn, r_out * (y < 0), s)
+        return pos + neg
+    if name == "flat":
+        return spread(torch.ones_like(X * W), torch.zeros_like(b), r_out, s)
+    if name == "wsquare":
+        return spread((W * W).expand(x.shape[0], -1, -1), b * b, r_out, s)
+    if name == "zbox":
+        lo, hi = params["low"], params["high"]
+        return spread(X * W - lo * wp - hi * wn, b - bp - bn, r_out, s)
+    raise AssertionError(name)
+
+
+REF_PARAMS = {
+    "epsilon": dict(epsilon=0.1),
+    "gamma": dict(gamma=0.5, stabilizer=1e-6),
+    "zplus": dict(stabilizer=1e-6),
+    "alpha_beta": dict(alpha=2.0, beta=1.0, stabilizer=1e-6),
+    "flat": dict(stabilizer=1e-6),
+    "wsquare": dict(stabilizer=1e-6),
+    "zbox": dict(low=-3.0, high=2.5, stabilizer=1e-6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REF_PARAMS))
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("positive", [False, True], ids=["mixed-sign x", "x >= 0"])  # x >= 0: rules' fast paths
+@settings(max_examples=6, deadline=None)
+@given(n=st.integers(1, 3), i=st.integers(1, 6), j=st.integers(1, 6), seed=st.integers(0, 10_000))
+def test_dense_rule_matches_written_out_formula(name, bias, positive, n, i, j, seed):
+    layer = make_layer("linear", i, j, bias, seed)
+    x = make_input("linear", n, i, seed, positive=positive)
+    g = torch.randn(n, j, generator=torch.Generator().manual_seed(seed + 3))
+    params = REF_PARAMS[name]
+    r_in, r_out = layer_relevance(layer, get_rule(name, **params), x, g)
+    expected = reference_dense(name, params, x, layer.weight.detach(), None if not bias else layer.bias.detach(),
+                               r_out)
+    torch.testing.assert_close(r_in, expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(REF_PARAMS))
+@pytest.mark.parametrize("positive", [False, True], ids=["mixed-sign x", "x >= 0"])
+def test_conv_rule_matches_written_out_formula(name, positive):
+    """Convolutions: unfold into patches, apply the dense formula per output position, fold back."""
+    torch.manual_seed(7)
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=True)
+    x = torch.randn(2, 2, 6, 5)
+    x = x.abs() if positive else x
+    y = conv(x).detach()
+    g = torch.randn(y.shape)
+    params = REF_PARAMS[name]
+    r_in, r_out = layer_relevance(conv, get_rule(name, **params), x, g)
+    patches = F.unfold(x, 3, padding=1, stride=2)                   # [n, c*9, L]
+    n, k, L = patches.shape
+    w = conv.weight.detach().reshape(3, -1)
+    rows = patches.transpose(1, 2).reshape(n * L, k)
+    r_rows = r_out.reshape(n, 3, L).transpose(1, 2).reshape(n * L, 3)
+    if name == "zbox":  # the box bounds live in input space; padding pixels are 0 in x and in the bounds
+        ones = F.unfold(torch.ones_like(x), 3, padding=1, stride=2).transpose(1, 2).reshape(n * L, k)
+        lo, hi = params["low"] * ones, params["high"] * ones
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        contrib = rows[:, None, :] * w[None] - lo[:, None, :] * wp[None] - hi[:, None, :] * wn[None]
+        den = _stab(contrib.sum(-1), params["stabilizer"])
+        rel_rows = (contrib / den[..., None] * r_rows[..., None]).sum(1)
+    elif name == "flat":  # inputs set to 1 inside the image, padding stays 0 (as the layer sees it)
+        ones = F.unfold(torch.ones_like(x), 3, padding=1, stride=2).transpose(1, 2).reshape(n * L, k)
+        contrib = ones[:, None, :].expand(-1, 3, -1)
+        den = _stab(contrib.sum(-1), params["stabilizer"])
+        rel_rows = (contrib / den[..., None] * r_rows[..., None]).sum(1)
+    elif name == "wsquare":
+        ones = F.unfold(torch.ones_like(x), 3, padding=1, stride=2).transpose(1, 2).reshape(n * L, k)
+        contrib = ones[:, None, :] * (w * w)[None]
+        den = _stab(contrib.sum(-1) + conv.bias.detach() ** 2, params["stabilizer"])
+        rel_rows = (contrib / den[..., None] * r_rows[..., None]).sum(1)
+    else:
+        rel_rows = reference_dense(name, params, rows, w, conv.bias.detach(), r_rows)
+    rel = F.fold(rel_rows.reshape(n, L, k).transpose(1, 2), (6, 5), 3, padding=1, stride=2)
+    torch.testing.assert_close(r_in, rel, rtol=1e-9, atol=1e-10)
+
+
+# ------------------------------------------ 3b. softmax and bilinear rules on a causal attention head
+
+
+class Head(nn.Module):
+    """A causal attention head written out: q, k, v linear, scaled q k^T, masked softmax, A V."""
+
+    def __init__(self, d: int = 4, fused: bool = False) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.fused = fused
+        self.saved: dict = {}
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.fused:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        t = x.shape[-2]
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        a = torch.softmax(s, dim=-1)
+        o = a @ v
+        for name, tensor in (("q", q), ("k", k), ("v", v), ("s", s), ("a", a)):
+            tensor.retain_grad()
+            self.saved[name] = tensor
+        return o
+
+
+def explicit_attnlrp(head: Head, x: torch.Tensor, r_o: torch.Tensor) -> dict:
+    """AttnLRP's rules written out element by element (lrp-rules.md), for one sequence x: [T, d]."""
+    wq, wk, wv = (m.weight.detach() for m in (head.q, head.k, head.v))
+    q, k, v = x @ wq.T, x @ wk.T, x @ wv.T
+    T, d = x.shape
+    c = 1 / math.sqrt(d)
+    mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+    s = (q @ k.T * c).masked_fill(mask, float("-inf"))
+    a = torch.softmax(s, -1)
+    o = a @ v
+    r_a = torch.zeros(T, T)
+    r_v = torch.zeros(T, d)
+    for j in range(T):            # bilinear rule on O = A V
+        for i in range(T):
+            for p in range(d):
+                share = a[j, i] * v[i, p] * r_o[j, p] / (2 * o[j, p])
+                r_a[j, i] += share
+                r_v[i, p] += share
+    r_s = torch.zeros(T, T)
+    for j in range(T):            # softmax rule, masked logits get nothing
+        total = r_a[j].sum()
+        for i in range(T):
+            if not mask[j, i]:
+                r_s[j, i] = s[j, i] * (r_a[j, i] - a[j, i] * total)
+    r_q = torch.zeros(T, d)
+    r_k = torch.zeros(T, d)
+    for j in range(T):            # bilinear rule on S = c q k^T (the scale is linear: LRP-0)
+        for i in range(j + 1):
+            for e in range(d):
+                share = c * q[j, e] * k[i, e] * r_s[j, i] / (2 * s[j, i])
+                r_q[j, e] += share
+                r_k[i, e] += share
+    r_x = torch.zeros(T, d)
+    for w, t, r in ((wq, q, r_q), (wk, k, r_k), (wv, v, r_v)):   # LRP-0 through the projections
+        for tok in range(T):
+            for a_ in range(d):
+                for m in range(d):
+                    r_x[tok, m] += x[tok, m] * w[a_, m] * r[tok, a_] / t[tok, a_]
+    return dict(x=r_x, q=r_q, k=r_k, v=r_v, s=r_s, a=r_a)
+
+
+def test_attnlrp_softmax_and_bilinear_match_explicit_rules_on_causal_head():
+    torch.manual_seed(0)
+    T, d = 5, 4
+    head = Head(d)
+    x = torch.randn(1, T, d, requires_grad=True)
+    g = torch.randn(1, T, d)
+    model = nn.Sequential(head)
+    with lrp_scope(model, "attnlrp"):
+        o = model(x)
+        (gx,) = torch.autograd.grad(o, x, g)
+    r_o = (o * g).detach()[0]
+    ref = explicit_attnlrp(head, x.detach()[0], r_o)
+    torch.testing.assert_close((x * gx).detach()[0], ref["x"], rtol=1e-9, atol=1e-10)
+    # intermediate relevances, element by element
+    sv = head.saved
+    for name in ("q", "k", "v", "a"):
+        torch.testing.assert_close((sv[name] * sv[name].grad).detach()[0], ref[name], rtol=1e-9, atol=1e-10)
+    mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+    r_s = torch.where(mask, 0.0, sv["s"].detach() * sv["s"].grad)[0]
+    torch.testing.assert_close(r_s, ref["s"], rtol=1e-9, atol=1e-10)
+
+
+def test_attnlrp_fused_sdpa_matches_explicit_head():
+    torch.manual_seed(1)
+    explicit, fused = Head(4), Head(4, fused=True)
+    fused.load_state_dict(explicit.state_dict())
+    x = torch.randn(2, 6, 4)
+    g = torch.randn(2, 6, 4)
+    rel = []
+    for head in (explicit, fused):
+        model = nn.Sequential(head)
+        xr = x.clone().requires_grad_(True)
+        with lrp_scope(model, "attnlrp"):
+            (gx,) = torch.autograd.grad(model(xr), xr, g)
+        rel.append(xr.detach() * gx)
+    torch.testing.assert_close(rel[0], rel[1], rtol=1e-9, atol=1e-10)
+
+
+def test_softmax_rule_formula_elementwise():
+    torch.manual_seed(2)
+    x = torch.randn(3, 7, requires_grad=True)
+    g = torch.randn(3, 7)
+    y = get_rule("softmax").apply_softmax(x, torch.softmax(x, -1))
+    (gx,) = torch.autograd.grad(y, x, g)
+    s = torch.softmax(x, -1).detach()
+    r_out = s * g
+    expected = x.detach() * (r_out - s * r_out.sum(-1, keepdim=True))
+    torch.testing.assert_close(x * gx, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_norm_rule_matches_written_out_linear_map():
+    torch.manual_seed(3)
+    ln = nn.LayerNorm(5)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    x = torch.randn(2, 5)
+    g = torch.randn(2, 5)
+    xr = x.clone().requires_grad_(True)
+    model = nn.Sequential(ln)
+    with lrp_scope(model, Composite([("site:norm", "norm")])):
+        (gx,) = torch.autograd.grad(model(xr), xr, g)
+    sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + ln.eps)
+    # y = (x - mean) * w / sigma + b with sigma constant: J_ij = w_j / sigma (delta_ij - 1/n)
+    n = x.shape[-1]
+    J = (torch.eye(n) - 1.0 / n)[None] * (ln.weight.detach() / sigma)[:, None, :]   # [b, i, j]
+    expected = x * torch.einsum("bij,bj->bi", J, g)
+    torch.testing.assert_close(xr.detach() * gx, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_epsilon_zero_is_plain_gradient_and_adds_nothing():
+    layer = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    y = layer(x)
+    assert get_rule("epsilon", epsilon=0.0).apply_layer(layer, x, y) is y
+
+
+# ------------------------------------------------------------------------------- registry and data
+
+
+def test_rules_are_picklable_frozen_dataclasses():
+    for name in available_rules():
+        rule = get_rule(name)
+        assert dataclasses.is_dataclass(rule)
+        assert pickle.loads(pickle.dumps(rule)) == rule
+        assert rule.__doc__ and rule.__doc__.strip()
+
+
+def test_rule_sites_are_declared():
+    assert get_rule("epsilon").supports("layer")
+    assert get_rule("identity").supports("activation")
+    assert not get_rule("identity").supports("layer")
+    assert "bilinear" in available_rules("matmul")
+    assert "softmax" in available_rules("softmax")
+
+
+def test_rule_on_wrong_site_raises():
+    from lime_attr.errors import RuleSiteError
+
+    with pytest.raises(RuleSiteError, match="cannot be applied to a 'layer' site"):
+        get_rule("identity").apply_layer(nn.Linear(2, 2), torch.randn(1, 2), torch.randn(1, 2))
+
+
+# ------------------------------------------------------------- 10. a custom rule in under 20 lines
+# This block is reproduced verbatim in docs/custom_rule.rst (test_custom_rule_doc_is_identical checks it).
+
+# --- custom rule start
+from dataclasses import dataclass
+
+from lime_attr import LRP, Composite, register_rule
+from lime_attr.rules import Rule, replace_grad
+
+
+@register_rule("epsilon_abs", overwrite=True)
+@dataclass(frozen=True)
+class EpsilonAbs(Rule):
+    """LRP-epsilon with a stabiliser proportional to |z|: R_i = sum_j x_i W_ji / (z_j (1 + eps)) R_j."""
+
+    epsilon: float = 0.1
+
+    def apply_layer(self, module, x, y):
+        # gradient form: scale the gradient arriving at y by z / (z (1 + eps)) = 1 / (1 + eps)
+        return replace_grad(y, y / (1 + self.epsilon))
+
+
+composite = Composite([("site:layer", "epsilon_abs"), ("site:activation", "identity")])
+# --- custom rule end
+
+
+def test_custom_rule_used_by_name():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.ReLU(), nn.Linear(6, 3, bias=False))
+    x = torch.randn(2, 4)
+    attr, delta = LRP(model, composite).attribute(x, target=2, return_convergence_delta=True)
+    logit = model(x)[:, 2].detach()
+    # two layers, each keeps a fraction eps / (1 + eps) of the relevance
+    torch.testing.assert_close(attr.sum(1), logit / 1.1 ** 2)
+    assert "epsilon_abs" in available_rules("layer")
+    assert pickle.loads(pickle.dumps(EpsilonAbs(0.2))) == EpsilonAbs(0.2)
+
+
+def test_custom_rule_doc_is_identical():
+    import pathlib
+    import textwrap
+
+    src = pathlib.Path(__file__).read_text()
+    block = src.split("# --- custom rule start\n")[1].split("# --- custom rule end")[0]
+    doc = pathlib.Path(__file__).parents[1] / "docs" / "custom_rule.rst"
+    if not doc.exists():
+        pytest.skip("docs/custom_rule.rst not present")
+    text = doc.read_text()
+    assert textwrap.indent(block.strip("\n"), "   ") in text
+    assert len(block.strip("\n").splitlines()) < 20
