@@ -41,6 +41,14 @@ needs_canonizers = pytest.mark.skipif(bool(_MISSING), reason=f"canonizers not re
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
+
+def _assert_batch_equal(batched, single):
+    """Batch vs single agree to float32 precision *relative to the scale of the relevance*: the models'
+    RMSNorms compute in float32 even in a float64 model, so padding changes rounding at ~1e-7 of the
+    largest activations; a per-element relative tolerance would be meaningless on near-zero entries."""
+    scale = single.abs().max().item()
+    torch.testing.assert_close(batched, single, rtol=0, atol=1e-6 * scale + 1e-12)
+
 def _rng_image(seed: int, h: int = CANVAS_SIZE, w: int = CANVAS_SIZE) -> np.ndarray:
     return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype("uint8")
 
@@ -299,10 +307,10 @@ def test_llava_two_images_left_padding_batch_equals_single(llava):
     for b, item in enumerate(items):
         single = attr.attribute(_llava_inputs(proc, [item], torch.float64))
         n = single.token_relevance.shape[1]
-        torch.testing.assert_close(res.token_relevance[b, -n:], single.token_relevance[0], rtol=1e-6, atol=1e-9)
+        _assert_batch_equal(res.token_relevance[b, -n:], single.token_relevance[0])
         assert int(res.target_ids[b, 0]) == int(single.target_ids[0, 0])
         for h, hs in zip(res.heatmaps[b], single.heatmaps[0]):
-            torch.testing.assert_close(h.relevance, hs.relevance, rtol=1e-6, atol=1e-9)
+            _assert_batch_equal(h.relevance, hs.relevance)
 
 
 @needs_canonizers
@@ -493,9 +501,8 @@ def test_qwen2audio_batch_of_different_lengths_equals_single(audio):
     for b in range(2):
         single = attr.attribute(enc_of(waves[b:b + 1], texts[b:b + 1]))
         n = single.token_relevance.shape[1]
-        torch.testing.assert_close(res.token_relevance[b, -n:], single.token_relevance[0], rtol=1e-6, atol=1e-9)
-        torch.testing.assert_close(res.heatmaps[b][0].relevance, single.heatmaps[0][0].relevance, rtol=1e-6,
-                                   atol=1e-9)
+        _assert_batch_equal(res.token_relevance[b, -n:], single.token_relevance[0])
+        _assert_batch_equal(res.heatmaps[b][0].relevance, single.heatmaps[0][0].relevance)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
