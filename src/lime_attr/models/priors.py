@@ -95,15 +95,20 @@ class CooccurrencePrior:
             Distinct object indices, ascending.
         """
         k = int(rng.integers(self.min_objects, self.max_objects + 1))
-        weights = np.asarray(self.weights, dtype=np.float64)
         chosen: list[int] = []
         banned: set[int] = set()
         while len(chosen) < k:
             candidates = [i for i in range(self.num_objects) if i not in chosen and i not in banned]
             if not candidates:
                 break
-            p = weights[candidates] / weights[candidates].sum()
-            obj = int(candidates[int(rng.choice(len(candidates), p=p))])
+            # inverse-CDF draw proportional to the weights (plain floats: this runs in tight loops)
+            threshold = float(rng.random()) * sum(self.weights[i] for i in candidates)
+            obj = candidates[-1]
+            for i in candidates:
+                threshold -= self.weights[i]
+                if threshold < 0.0:
+                    obj = i
+                    break
             chosen.append(obj)
             partner = self._partner.get(obj)
             if partner is None or partner in chosen or partner in banned:

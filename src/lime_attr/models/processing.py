@@ -7,8 +7,8 @@ post-processor, ``</s>`` ends every answer and ``<pad>`` pads. The processors ar
 transformers classes configured to the tiny models:
 
 * ``digits-llava``: :class:`transformers.LlavaProcessor` with a :class:`transformers.CLIPImageProcessor`
-  (48 x 48, no crop, mean = std = 0.5); ``<image>`` expands to ``(48 / 8) ** 2 = 36`` tokens (the CLS
-  feature is dropped, ``vision_feature_select_strategy="default"``).
+  (32 x 32, no crop, mean = std = 0.5); ``<image>`` expands to ``(32 / 8) ** 2 = 16`` tokens, one per
+  grid cell (the CLS feature is dropped, ``vision_feature_select_strategy="default"``).
 * ``tones-qwen2audio``: :class:`transformers.Qwen2AudioProcessor` with a
   :class:`transformers.WhisperFeatureExtractor` (32 mel bins, 2 s chunks, hop 320, FFT 640: 100 frames);
   ``<|AUDIO|>`` expands to ``((100 - 1) // 2 + 1 - 2) // 2 + 1 = 25`` tokens (80 ms each).
@@ -149,7 +149,9 @@ def _chat_template(media_type: str, placeholder: str) -> str:
     )
 
 
-def _build_tokenizer(words: tuple[str, ...], media_tokens: tuple[str, ...], extra: dict[str, str]) -> PreTrainedTokenizerFast:
+def _build_tokenizer(
+    words: tuple[str, ...], media_tokens: tuple[str, ...], extra: dict[str, str]
+) -> PreTrainedTokenizerFast:
     specials = (PAD, BOS, EOS, UNK, *media_tokens)
     vocab = {token: idx for idx, token in enumerate((*specials, *words))}
     backend = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
@@ -199,7 +201,7 @@ def build_tones_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_digits_processor() -> LlavaProcessor:
-    """``LlavaProcessor`` of ``digits-llava``: CLIP image processor at 48 x 48, patch 8, 36 image tokens.
+    """``LlavaProcessor`` of ``digits-llava``: CLIP image processor at 32 x 32, patch 8, 16 image tokens.
 
     Returns
     -------

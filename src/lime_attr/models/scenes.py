@@ -1,10 +1,11 @@
 """Digit scenes: the synthetic images the ``digits-llava`` demo model is trained and evaluated on.
 
-A scene is a ``48 x 48`` RGB canvas divided into a fixed ``3 x 3`` grid of ``16 x 16`` cells. Between
+A scene is a ``32 x 32`` RGB canvas divided into a fixed ``4 x 4`` grid of ``8 x 8`` cells. Between
 one and four *distinct* digit classes are drawn from :data:`DIGIT_PRIOR`; each digit is an ``8 x 8``
 grey image from scikit-learn's bundled digits data set (:func:`sklearn.datasets.load_digits`, no
-download), upscaled 2x (nearest neighbour) to fill one cell. A digit's bounding box is therefore its
-cell, known exactly.
+download), drawn white on a faint noise background into its own randomly chosen cell. A digit's
+bounding box is therefore its cell, known exactly; the cells coincide with the vision tower's 8 x 8
+patches, so each digit is seen by exactly one image token.
 
 Priors (documented in the model card as well):
 
@@ -39,9 +40,9 @@ __all__ = [
 ]
 
 #: Side of the square canvas in pixels.
-CANVAS_SIZE: int = 48
+CANVAS_SIZE: int = 32
 #: Side of one grid cell in pixels (one digit fills one cell).
-CELL_SIZE: int = 16
+CELL_SIZE: int = 8
 #: Number of cells per row / column.
 GRID: int = CANVAS_SIZE // CELL_SIZE
 #: Object names of the vision task, in canonical (description) order.
@@ -68,13 +69,13 @@ class DigitScene:
     Attributes
     ----------
     image : numpy.ndarray
-        ``uint8`` array of shape ``(48, 48, 3)`` (height, width, RGB).
+        ``uint8`` array of shape ``(32, 32, 3)`` (height, width, RGB), grey (three equal channels).
     digits : list of str
         Digits present, ascending (the canonical description order).
     boxes : dict of str to tuple of int
         Bounding box ``(x0, y0, x1, y1)`` of each present digit in pixels, end-exclusive.
     cells : dict of str to int
-        Grid cell index (row-major, ``0 .. 8``) of each present digit.
+        Grid cell index (row-major, ``0 .. 15``) of each present digit.
     sample_ids : dict of str to int
         Index of the digit image in :func:`sklearn.datasets.load_digits` (for provenance).
     split : str
@@ -173,7 +174,7 @@ def make_scene(
     sample_ids: dict[str, int] = {}
     for cls, cell in zip(classes, cells):
         sample = int(rng.choice(pools[cls]))
-        glyph = np.kron(images[sample] / 16.0 * 255.0, np.ones((2, 2)))  # 8x8 -> 16x16
+        glyph = images[sample] / 16.0 * 255.0
         x0, y0, x1, y1 = _cell_box(int(cell))
         canvas[y0:y1, x0:x1] = np.maximum(canvas[y0:y1, x0:x1], glyph)
         name = DIGIT_NAMES[cls]

@@ -12,7 +12,7 @@ Event classes (:data:`SOUND_NAMES`):
 ``chirp``
     linear upward sweep from 1-2 kHz to 3-6 kHz.
 ``click``
-    train of 2 ms decaying broadband clicks every 40-80 ms.
+    train of 5 ms decaying broadband clicks every 30-60 ms.
 ``noise``
     white noise burst.
 ``hum``
@@ -147,12 +147,12 @@ def synthesize_event(name: str, duration: float, rng: np.random.Generator) -> np
         sig = np.sin(2 * np.pi * (f0 * t + 0.5 * (f1 - f0) / duration * t**2))
     elif name == "click":
         sig = np.zeros(n)
-        period = int(rng.uniform(0.04, 0.08) * SAMPLING_RATE)
-        width = int(0.002 * SAMPLING_RATE)
-        envelope = np.exp(-np.arange(width) / (width / 4))
+        period = int(rng.uniform(0.03, 0.06) * SAMPLING_RATE)
+        width = int(0.005 * SAMPLING_RATE)
+        envelope = np.exp(-np.arange(width) / (width / 3))
         for start in range(int(rng.integers(0, period // 2)), n - width, period):
-            sig[start : start + width] += rng.standard_normal(width) * envelope
-        sig /= max(np.abs(sig).max(), 1e-8)
+            burst = rng.standard_normal(width) * envelope
+            sig[start : start + width] += burst / max(np.abs(burst).max(), 1e-8)
         return sig
     elif name == "noise":
         sig = rng.standard_normal(n) / 3.0

@@ -1,0 +1,219 @@
+"""Held-out accuracy of the demo models: the numbers written on their model cards.
+
+This is a small, self-contained measurement used by the training script and the tests; the full
+benchmark scorers (POPE / CHAIR / audio QA with all metrics and decoding configurations) live in
+:mod:`lime_attr.evaluation`.
+
+Decoding: greedy (``do_sample=False``), prompts in the demo format
+(:func:`~lime_attr.models.processing.format_prompt`). Yes/no answers: at most 2 new tokens; the answer
+is ``"yes"`` when the first generated word is ``yes`` and ``"no"`` otherwise. Descriptions: at most 8
+new tokens up to ``</s>``; every generated word that names an object is a mention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, ProcessorMixin
+
+from .heldout import (
+    POPE_SPLITS,
+    DescriptionItem,
+    PopeQuestion,
+    description_items,
+    object_names,
+    pope_questions,
+    resolve_task,
+    task_prior,
+)
+
+__all__ = ["generate_answers", "pope_metrics", "description_metrics", "evaluate_heldout", "parse_yes_no"]
+
+
+def _media_kwargs(items: Sequence[PopeQuestion | DescriptionItem]) -> dict[str, Any]:
+    if items[0].image is not None:
+        return {"images": [it.image for it in items]}
+    return {"audio": [it.audio for it in items], "sampling_rate": items[0].sampling_rate}
+
+
+@torch.no_grad()
+def generate_answers(
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    items: Sequence[PopeQuestion | DescriptionItem],
+    max_new_tokens: int = 2,
+    batch_size: int = 64,
+) -> list[str]:
+    """Greedy answers of a demo model to held-out items.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        ``digits-llava`` or ``tones-qwen2audio`` (or any model accepting the same processor outputs).
+    processor : transformers.ProcessorMixin
+        Its processor.
+    items : sequence of PopeQuestion or DescriptionItem
+        Items with ``prompt`` and ``image`` or ``audio``.
+    max_new_tokens : int
+        Generation budget.
+    batch_size : int
+        Items per forward batch.
+
+    Returns
+    -------
+    list of str
+        Decoded answers (special tokens removed), one per item.
+    """
+    answers: list[str] = []
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        enc = processor(text=[it.prompt for it in chunk], return_tensors="pt", padding=True, **_media_kwargs(chunk))
+        enc = enc.to(model.device)
+        if "pixel_values" in enc:
+            enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
+        if "input_features" in enc:
+            enc["input_features"] = enc["input_features"].to(model.dtype)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        new_tokens = out[:, enc["input_ids"].shape[1] :]
+        answers.extend(t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True))
+    model.train(was_training)
+    return answers
+
+
+def parse_yes_no(answer: str) -> str:
+    """``"yes"`` if the first word of ``answer`` is *yes* (case-insensitive), else ``"no"``."""
+    words = answer.lower().replace(".", " ").replace(",", " ").split()
+    return "yes" if words and words[0] == "yes" else "no"
+
+
+def pope_metrics(labels: Sequence[str], answers: Sequence[str]) -> dict[str, float]:
+    """Accuracy, precision, recall, F1 (positive class "yes") and yes-ratio of yes/no answers.
+
+    Parameters
+    ----------
+    labels : sequence of str
+        Ground truth, ``"yes"`` / ``"no"``.
+    answers : sequence of str
+        Raw model answers (parsed with :func:`parse_yes_no`).
+
+    Returns
+    -------
+    dict of str to float
+    """
+    pred = np.array([parse_yes_no(a) == "yes" for a in answers])
+    gold = np.array([lab == "yes" for lab in labels])
+    tp = float((pred & gold).sum())
+    precision = tp / max(float(pred.sum()), 1.0)
+    recall = tp / max(float(gold.sum()), 1.0)
+    return {
+        "n": float(len(gold)),
+        "accuracy": float((pred == gold).mean()),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / max(precision + recall, 1e-12),
+        "yes_ratio": float(pred.mean()),
+        "invalid": float(sum(a.lower().split()[:1] not in (["yes"], ["no"]) for a in answers)),
+    }
+
+
+def description_metrics(
+    references: Sequence[Sequence[str]], answers: Sequence[str], vocabulary: Sequence[str]
+) -> dict[str, float]:
+    """Exact match, per-object precision / recall / F1 and CHAIR of generated descriptions.
+
+    Parameters
+    ----------
+    references : sequence of sequence of str
+        Ground-truth object sets.
+    answers : sequence of str
+        Generated descriptions.
+    vocabulary : sequence of str
+        Object names; other words are ignored.
+
+    Returns
+    -------
+    dict of str to float
+        ``exact_match`` (set equality), micro ``precision`` / ``recall`` / ``f1`` over unique
+        mentions, ``chair_i`` (hallucinated mentions / mentions), ``chair_s`` (answers with at least one
+        hallucination / answers).
+    """
+    vocab = set(vocabulary)
+    exact = tp = n_pred = n_gold = mentions_total = halluc_mentions = halluc_answers = 0
+    for ref, ans in zip(references, answers):
+        mentions = [w for w in ans.lower().split() if w in vocab]
+        gold, pred = set(ref), set(mentions)
+        exact += pred == gold
+        tp += len(pred & gold)
+        n_pred += len(pred)
+        n_gold += len(gold)
+        mentions_total += len(mentions)
+        bad = sum(m not in gold for m in mentions)
+        halluc_mentions += bad
+        halluc_answers += bad > 0
+    n = max(len(answers), 1)
+    precision, recall = tp / max(n_pred, 1), tp / max(n_gold, 1)
+    return {
+        "n": float(len(answers)),
+        "exact_match": exact / n,
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / max(precision + recall, 1e-12),
+        "chair_i": halluc_mentions / max(mentions_total, 1),
+        "chair_s": halluc_answers / n,
+    }
+
+
+def evaluate_heldout(
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    task: str,
+    n_pope_items: int = 150,
+    n_description_items: int = 200,
+) -> dict[str, dict[str, float]]:
+    """POPE (three splits) and description metrics of a demo model on the default held-out sets.
+
+    Parameters
+    ----------
+    model, processor
+        The demo model and its processor.
+    task : str
+        ``"digits-llava"`` / ``"vision"`` or ``"tones-qwen2audio"`` / ``"audio"``.
+    n_pope_items : int
+        Items per POPE split (about 3.2 questions each).
+    n_description_items : int
+        Items of the description set.
+
+    Returns
+    -------
+    dict
+        ``{"pope_random": {...}, "pope_popular": {...}, "pope_adversarial": {...},
+        "prior_breaking_negatives": {"n", "accuracy"}, "description": {...}}``; the prior-breaking entry is
+        the accuracy on the adversarial negatives that name the absent partner of a present object.
+    """
+    name = resolve_task(task)
+    results: dict[str, dict[str, float]] = {}
+    prior = task_prior(name)
+    for split in POPE_SPLITS:
+        questions = pope_questions(name, split, n_items=n_pope_items)
+        answers = generate_answers(model, processor, questions, max_new_tokens=2)
+        results[f"pope_{split}"] = pope_metrics([q.label for q in questions], answers)
+        if split == "adversarial":
+            # negatives that name the absent co-occurrence partner of a present object: where the prior lies
+            breaking = [
+                a
+                for q, a in zip(questions, answers)
+                if q.label == "no" and any(prior.partner_of(o) == q.object for o in q.present)
+            ]
+            results["prior_breaking_negatives"] = {
+                "n": float(len(breaking)),
+                "accuracy": float(np.mean([parse_yes_no(a) == "no" for a in breaking])) if breaking else float("nan"),
+            }
+    items = description_items(name, n_items=n_description_items)
+    answers = generate_answers(model, processor, items, max_new_tokens=8)
+    results["description"] = description_metrics([it.objects for it in items], answers, object_names(name))
+    return results

@@ -1,0 +1,342 @@
+"""Held-out evaluation data of the demo models: POPE-style yes/no sets and description (CHAIR) sets.
+
+Everything here is a deterministic function of its arguments; the held-out digit images come from the
+held-out pool (disjoint from training), held-out clips from seeds the training script never uses.
+
+POPE construction (Li et al., EMNLP 2023, adapted): one set of scenes / clips is shared by the three
+splits. For each item, ``m = min(pairs_per_item, #present)`` present objects are asked about (label
+``"yes"``, the same objects in every split) and ``m`` absent objects (label ``"no"``) chosen by the
+split's negative sampling:
+
+``random``
+    uniformly among the absent objects;
+``popular``
+    the most frequent objects of the *training* distribution that are absent;
+``adversarial``
+    the absent objects that co-occur most with the present ones in the training distribution
+    (score ``max_{p present} P(o | p)``), so the partner of a present paired object always comes first.
+
+Hence every split has exactly 50 % "yes". The held-out scenes are drawn with a weaker co-occurrence
+prior than training (``partner_prob = 0.5`` instead of 0.9), so that the adversarial split contains many
+items where the prior points to an absent object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from .priors import HELDOUT_PARTNER_PROB, CooccurrencePrior
+from .processing import description_question, existence_question, format_prompt
+from .scenes import DIGIT_PRIOR, DigitScene, make_scenes
+from .sounds import SOUND_PRIOR, SoundClip, make_clips
+
+__all__ = [
+    "POPE_SPLITS",
+    "DEFAULT_SEED",
+    "PopeQuestion",
+    "DescriptionItem",
+    "heldout_items",
+    "pope_questions",
+    "pope_splits",
+    "description_items",
+    "resolve_task",
+    "object_names",
+    "task_prior",
+]
+
+#: The three POPE negative-sampling strategies.
+POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
+#: Default seed of the held-out items (training never draws from it).
+DEFAULT_SEED: int = 2024
+
+PopeSplit = Literal["random", "popular", "adversarial"]
+_TASKS = {
+    "vision": "digits-llava",
+    "image": "digits-llava",
+    "digits-llava": "digits-llava",
+    "audio": "tones-qwen2audio",
+    "tones-qwen2audio": "tones-qwen2audio",
+}
+
+
+@dataclass
+class PopeQuestion:
+    """One balanced yes/no existence question.
+
+    Attributes
+    ----------
+    question : str
+        E.g. ``"Is there a 7 in the image?"``.
+    label : str
+        ``"yes"`` or ``"no"``.
+    object : str
+        The queried object (digit or sound class).
+    split : str
+        ``"random"``, ``"popular"`` or ``"adversarial"``.
+    modality : str
+        ``"image"`` or ``"audio"``.
+    item_id : int
+        Index of the scene / clip in the held-out item list (items are shared across splits).
+    prompt : str
+        The question in the demo models' prompt format (:func:`~lime_attr.models.processing.format_prompt`).
+    present : list of str
+        All objects present in the item.
+    image : numpy.ndarray or None
+        ``uint8`` ``(32, 32, 3)`` image (vision).
+    audio : numpy.ndarray or None
+        ``float32`` waveform (audio).
+    sampling_rate : int or None
+        16000 for audio.
+    boxes : dict or None
+        Box ``(x0, y0, x1, y1)`` of every present digit (vision).
+    spans : dict or None
+        ``(start, end)`` seconds of every present event (audio).
+    region : tuple or None
+        Box or span of the queried object if present, else ``None``.
+    """
+
+    question: str
+    label: str
+    object: str
+    split: str
+    modality: str
+    item_id: int
+    prompt: str
+    present: list[str]
+    image: np.ndarray | None = None
+    audio: np.ndarray | None = None
+    sampling_rate: int | None = None
+    boxes: dict[str, tuple[int, int, int, int]] | None = None
+    spans: dict[str, tuple[float, float]] | None = None
+    region: tuple[Any, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain ``dict`` of all fields (arrays are not copied)."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+@dataclass
+class DescriptionItem:
+    """One item of the description (CHAIR-style) set.
+
+    Attributes
+    ----------
+    item_id : int
+        Index in the set.
+    modality : str
+        ``"image"`` or ``"audio"``.
+    question : str
+        ``"List the digits."`` / ``"List the sounds."``.
+    prompt : str
+        The question in the demo models' prompt format.
+    objects : list of str
+        Ground-truth objects, canonical order.
+    reference : str
+        Ground-truth description (objects joined by spaces).
+    image, audio, sampling_rate, boxes, spans
+        As in :class:`PopeQuestion`.
+    """
+
+    item_id: int
+    modality: str
+    question: str
+    prompt: str
+    objects: list[str]
+    reference: str
+    image: np.ndarray | None = None
+    audio: np.ndarray | None = None
+    sampling_rate: int | None = None
+    boxes: dict[str, tuple[int, int, int, int]] | None = None
+    spans: dict[str, tuple[float, float]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain ``dict`` of all fields (arrays are not copied)."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+def resolve_task(task: str) -> str:
+    """Map ``"vision"``/``"image"``/``"audio"`` or a builtin name to the builtin model name."""
+    try:
+        return _TASKS[task]
+    except KeyError:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(_TASKS)}") from None
+
+
+def _prior(model_name: str) -> CooccurrencePrior:
+    return DIGIT_PRIOR if model_name == "digits-llava" else SOUND_PRIOR
+
+
+def object_names(task: str) -> tuple[str, ...]:
+    """Object names of a task in canonical order (digits ``"0"``-``"9"`` or the sound classes)."""
+    return _prior(resolve_task(task)).names
+
+
+def task_prior(task: str) -> CooccurrencePrior:
+    """The :class:`~lime_attr.models.priors.CooccurrencePrior` of a task's data."""
+    return _prior(resolve_task(task))
+
+
+def heldout_items(
+    task: str, n_items: int, seed: int = DEFAULT_SEED, partner_prob: float = HELDOUT_PARTNER_PROB
+) -> list[DigitScene] | list[SoundClip]:
+    """Held-out scenes (vision) or clips (audio).
+
+    Parameters
+    ----------
+    task : str
+        ``"vision"`` / ``"digits-llava"`` or ``"audio"`` / ``"tones-qwen2audio"``.
+    n_items : int
+        Number of items.
+    seed : int
+        Seed of the items.
+    partner_prob : float
+        Co-occurrence strength of the prior (0.5 by default, 0.9 reproduces the training distribution).
+
+    Returns
+    -------
+    list of DigitScene or list of SoundClip
+    """
+    name = resolve_task(task)
+    if name == "digits-llava":
+        return make_scenes(n_items, seed=seed, split="heldout", partner_prob=partner_prob)
+    return make_clips(n_items, seed=seed, split="heldout", partner_prob=partner_prob)
+
+
+def _negatives(
+    prior: CooccurrencePrior, present: list[int], m: int, split: str, rng: np.random.Generator
+) -> list[int]:
+    absent = [i for i in range(prior.num_objects) if i not in present]
+    if split == "random":
+        return [int(i) for i in rng.choice(absent, size=m, replace=False)]
+    if split == "popular":
+        order = prior.popular_order()
+        return [i for i in order if i in absent][:m]
+    if split == "adversarial":
+        _, cooc = prior.statistics()
+        score = cooc[present].max(axis=0)
+        shuffled = [int(i) for i in rng.permutation(absent)]  # random tie breaking
+        return sorted(shuffled, key=lambda i: -score[i])[:m]
+    raise ValueError(f"unknown POPE split {split!r}; expected one of {POPE_SPLITS}")
+
+
+def pope_questions(
+    task: str,
+    split: PopeSplit = "random",
+    n_items: int = 150,
+    pairs_per_item: int = 2,
+    seed: int = DEFAULT_SEED,
+    partner_prob: float = HELDOUT_PARTNER_PROB,
+) -> list[PopeQuestion]:
+    """POPE-style balanced yes/no questions on held-out items.
+
+    Parameters
+    ----------
+    task : str
+        ``"vision"`` / ``"digits-llava"`` or ``"audio"`` / ``"tones-qwen2audio"``.
+    split : {"random", "popular", "adversarial"}
+        Negative sampling.
+    n_items : int
+        Number of scenes / clips (the default 150 gives about 480 questions).
+    pairs_per_item : int
+        At most this many yes and as many no questions per item.
+    seed : int
+        Seed of items and sampling.
+    partner_prob : float
+        Co-occurrence strength of the held-out items.
+
+    Returns
+    -------
+    list of PopeQuestion
+        Exactly half of them labelled ``"yes"``; per item alternating yes / no.
+    """
+    name = resolve_task(task)
+    prior = _prior(name)
+    if split not in POPE_SPLITS:
+        raise ValueError(f"unknown POPE split {split!r}; expected one of {POPE_SPLITS}")
+    items = heldout_items(name, n_items, seed=seed, partner_prob=partner_prob)
+    split_code = POPE_SPLITS.index(split)
+    questions: list[PopeQuestion] = []
+    for item_id, item in enumerate(items):
+        present = [prior.names.index(o) for o in item.objects]
+        m = min(pairs_per_item, len(present), prior.num_objects - len(present))
+        pos_rng = np.random.default_rng((seed, item_id, 7))
+        neg_rng = np.random.default_rng((seed, item_id, 11 + split_code))
+        positives = [int(i) for i in pos_rng.choice(present, size=m, replace=False)]
+        negatives = _negatives(prior, present, m, split, neg_rng)
+        for pos, neg in zip(positives, negatives):
+            for obj_idx, label in ((pos, "yes"), (neg, "no")):
+                questions.append(_question(name, item, item_id, prior.names[obj_idx], label, split))
+    return questions
+
+
+def _question(name: str, item: DigitScene | SoundClip, item_id: int, obj: str, label: str, split: str) -> PopeQuestion:
+    text = existence_question(name, obj)
+    common = dict(
+        question=text,
+        label=label,
+        object=obj,
+        split=split,
+        item_id=item_id,
+        prompt=format_prompt(name, text),
+        present=list(item.objects),
+    )
+    if isinstance(item, DigitScene):
+        return PopeQuestion(modality="image", image=item.image, boxes=item.boxes, region=item.boxes.get(obj), **common)
+    return PopeQuestion(
+        modality="audio",
+        audio=item.audio,
+        sampling_rate=item.sampling_rate,
+        spans=item.spans,
+        region=item.spans.get(obj),
+        **common,
+    )
+
+
+def pope_splits(task: str, **kwargs: Any) -> dict[str, list[PopeQuestion]]:
+    """All three POPE splits, ``{split: pope_questions(task, split, **kwargs)}``."""
+    return {split: pope_questions(task, split, **kwargs) for split in POPE_SPLITS}
+
+
+def description_items(
+    task: str, n_items: int = 100, seed: int = DEFAULT_SEED + 1, partner_prob: float = HELDOUT_PARTNER_PROB
+) -> list[DescriptionItem]:
+    """Held-out description requests with their ground-truth object sets (for CHAIR-style scoring).
+
+    Parameters
+    ----------
+    task : str
+        ``"vision"`` / ``"digits-llava"`` or ``"audio"`` / ``"tones-qwen2audio"``.
+    n_items : int
+        Number of items.
+    seed : int
+        Seed of the items (differs from the POPE default so the two sets do not share items).
+    partner_prob : float
+        Co-occurrence strength of the held-out items.
+
+    Returns
+    -------
+    list of DescriptionItem
+    """
+    name = resolve_task(task)
+    question = description_question(name)
+    out: list[DescriptionItem] = []
+    for item_id, item in enumerate(heldout_items(name, n_items, seed=seed, partner_prob=partner_prob)):
+        common = dict(
+            item_id=item_id,
+            question=question,
+            prompt=format_prompt(name, question),
+            objects=list(item.objects),
+            reference=item.description(),
+        )
+        if isinstance(item, DigitScene):
+            out.append(DescriptionItem(modality="image", image=item.image, boxes=item.boxes, **common))
+        else:
+            out.append(
+                DescriptionItem(
+                    modality="audio", audio=item.audio, sampling_rate=item.sampling_rate, spans=item.spans, **common
+                )
+            )
+    return out
