@@ -2,7 +2,8 @@
 
 1. explain an answer: modality shares, top tokens, a heatmap PNG and a token HTML page;
 2. LIME against greedy decoding on adversarial questions: answers and modality shares before / after;
-3. the mini-POPE table (greedy) on the three splits, as JSON, CSV and a bar chart.
+3. the mini-POPE table (greedy) on the three splits (first 200 questions of each; ``lime-attr eval pope``
+   runs them all), as JSON, CSV and a bar chart.
 """
 from __future__ import annotations
 
@@ -73,9 +74,10 @@ def run_demo(output_dir: Path, quick: bool = False) -> int:
     (out / "lime_vs_greedy.json").write_text(json.dumps(rows, indent=2, default=float))
 
     # 3. mini-POPE ---------------------------------------------------------------------------------------
-    _rule("3. Mini-POPE (greedy), held-out scenes")
+    limit = 60 if quick else 200
+    _rule(f"3. Mini-POPE (greedy), held-out scenes, first {limit} questions per split")
     results = run_benchmark("pope", "builtin:digits-llava", DecodingConfig("greedy", max_new_tokens=1),
-                            limit=60 if quick else None, model=model, processor=processor)
+                            limit=limit, model=model, processor=processor)
     print(f"{'split':12s} {'n':>4s} {'accuracy':>9s} {'precision':>9s} {'recall':>7s} {'f1':>7s} {'yes_ratio':>9s}")
     for r in results:
         d = r.to_dict()
@@ -86,6 +88,7 @@ def run_demo(output_dir: Path, quick: bool = False) -> int:
     write_csv(results, out / "mini_pope.csv")
     _bar_chart(results, out / "mini_pope.png")
     print(f"wrote {out / 'mini_pope.json'}, {out / 'mini_pope.csv'}, {out / 'mini_pope.png'}")
+    print("(all questions: lime-attr eval pope --model builtin:digits-llava --output pope.json)")
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s")
     return 0
 
