@@ -17,22 +17,20 @@ is set, and the same for all models:
 * attention rollout (own implementation, :mod:`benchmarks._rollout`);
 * random scores (fixed seed) and, on the retrieval task, the ground-truth evidence as a reference.
 
-A method that cannot run on a model is *skipped* with the reason recorded; nothing falls back to
-another method.
+A method that does not apply to a model by design is recorded as *not applicable*, one that raises
+as *skipped*, each with the reason; nothing falls back to another method.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from ._tasks import BenchInstance
-
-logger = logging.getLogger(__name__)
 
 AttributeFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -127,7 +125,9 @@ def _captum(cls_name: str, **attribute_kwargs: object) -> Callable[[BenchInstanc
             kwargs = dict(attribute_kwargs)
             if needs_baselines:
                 kwargs["baselines"] = inst.background
-                torch.manual_seed(0)  # GradientShap draws baselines and interpolation points
+                # GradientShap draws baselines (numpy) and interpolation points (torch): seed both
+                torch.manual_seed(0)
+                np.random.seed(0)
             return method.attribute(x.detach().requires_grad_(True), target=target, **kwargs).detach()
 
         return attribute
@@ -164,13 +164,11 @@ def _zennit(composite_name: str) -> Callable[[BenchInstance], AttributeFn]:
         from zennit.canonizers import SequentialMergeBatchNorm
         from zennit.composites import EpsilonGammaBox, EpsilonPlus
 
-        def make_composite():
-            if composite_name == "EpsilonGammaBox":
-                low, high = inst.box if inst.box is not None else (-3.0, 3.0)
-                return EpsilonGammaBox(low=low, high=high, canonizers=[SequentialMergeBatchNorm()])
-            return EpsilonPlus(canonizers=[SequentialMergeBatchNorm()])
-
-        composite = make_composite()
+        if composite_name == "EpsilonGammaBox":
+            low, high = inst.box
+            composite = EpsilonGammaBox(low=low, high=high, canonizers=[SequentialMergeBatchNorm()])
+        else:
+            composite = EpsilonPlus(canonizers=[SequentialMergeBatchNorm()])
 
         def attribute(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             x = x.detach().requires_grad_(True)
@@ -257,14 +255,22 @@ def all_methods() -> list[Method]:
     return methods
 
 
+AGREEMENT_PAIRS = (
+    ("lime_attr:epsilon-plus+merge-bn", "zennit:EpsilonPlus"),
+    ("lime_attr:epsilon-gamma+merge-bn", "zennit:EpsilonGammaBox"),
+    ("lime_attr:attnlrp", "captum:LRP"),
+    ("lime_attr:attnlrp", "captum:InputXGradient"),
+    ("lime_attr:cp-lrp", "lime_attr:attnlrp"),
+)
+"""Method pairs whose feature scores are compared where both ran: the same rules in two libraries
+(lime_attr with BatchNorm merged vs zennit; LRP-0 vs Captum's LRP and Input x Gradient, equal on a
+ReLU network), and CP-LRP vs AttnLRP (equal without attention)."""
+
+
 def applicable(method: Method, inst: BenchInstance) -> Optional[str]:
     """A reason to leave ``method`` out on ``inst`` by design (not a failure), or None."""
     if method.name.startswith("lime_attr:epsilon-plus") and inst.name != "cnn":
         return "epsilon-plus is a CNN composite; run on the CNN only"
     if method.name.endswith("+merge-bn") and inst.name != "cnn":
         return "BatchNorm merging: the CNN only"
-    if method.name == "attention-rollout" and inst.rollout is None:
-        return "attention rollout needs attention weights (transformers only)"
-    if method.name == "oracle:evidence" and inst.evidence is None:
-        return "no ground-truth evidence for this task"
     return None

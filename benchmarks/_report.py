@@ -73,7 +73,7 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         axes[0].set_ylabel("target logit (mean over examples)")
         handles, labels = axes[0].get_legend_handles_labels()
         fig.suptitle(MODEL_TITLES.get(model_name, model_name) + " (identical curves overlap)")
-        fig.tight_layout(rect=(0, 0, 0.8, 1))
+        fig.tight_layout(rect=(0, 0, 0.84, 1))
         fig.legend(handles, labels, fontsize=7.5, loc="center right")
         file = f"faithfulness_{model_name}.png"
         fig.savefig(out_dir / file, **save_kwargs)
@@ -255,10 +255,10 @@ def render_rst(report: dict[str, Any], figure_dir: str, figures: dict[str, Any])
     lines += _table(["model", "parameters", "held-out accuracy", "feature", "removal", "examples"], rows)
     lines += [
         "The LM is a 2-layer Llama (d=64, 4 heads, 2 KV heads) trained on prompts like "
-        "``<bos> k3 = 7 k1 = 2 ... ? k1 ->`` (6 pairs, 16 keys, 10 values) to answer ``2``; 10% of "
-        "the non-evidence tokens were replaced by ``<mask>`` in training, so that ``<mask>`` is an "
-        "in-distribution symbol for a removed token. The explained input of the LM is its "
-        "``inputs_embeds``; relevance is summed over the embedding dimension.",
+        "``<bos> k3 = 7 k1 = 2 ... ? k1`` (6 distinct keys out of 16, values 0-9) to predict ``2`` as "
+        "the next token; 10% of the non-evidence tokens were replaced by ``<mask>`` in training, so "
+        "that ``<mask>`` is an in-distribution symbol for a removed token. The explained input of "
+        "the LM is its ``inputs_embeds``; relevance is summed over the embedding dimension.",
         "",
     ]
     lines += _heading("Methods", "-")
@@ -276,6 +276,12 @@ def render_rst(report: dict[str, Any], figure_dir: str, figures: dict[str, Any])
             "",
         ]
         lines += _model_table(model)
+        if model.get("agreement"):
+            lines += ["Agreement of feature scores between methods that should (or may) coincide, cosine "
+                      "similarity per example (1 = the same up to a positive scale):", ""]
+            lines += _table(["methods", "min cosine", "mean cosine"],
+                            [[" vs ".join(f"``{n}``" for n in a["methods"]), _f(a["cosine_min"], ".6f"),
+                              _f(a["cosine_mean"], ".6f")] for a in model["agreement"]])
         if name in figures.get("curves", {}):
             lines += [f".. image:: {figure_dir}/{figures['curves'][name]}",
                       f"   :alt: perturbation curves, {name}", ""]

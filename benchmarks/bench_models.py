@@ -38,7 +38,7 @@ SEED = 0
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 """Where the trained checkpoints are cached."""
 
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 """Bump when a model definition or training recipe changes: stale caches are then retrained."""
 
 MODEL_NAMES = ("cnn", "vit", "llama")
@@ -116,12 +116,17 @@ class RetrievalBatch:
 class RetrievalTask:
     """Synthetic key-value retrieval with a word-level vocabulary.
 
-    A prompt lists ``n_pairs`` distinct keys with random values and then asks for one of them::
+    A prompt lists ``n_pairs`` distinct keys with random values and then asks for one of them; the
+    answer is the next token after the query key::
 
-        <bos> k3 = 7 k1 = 2 k8 = 5 k0 = 7 k5 = 1 k9 = 4 ? k1 ->      answer: 2
+        <bos> k3 = 7 k1 = 2 k8 = 5 k0 = 7 k5 = 1 k9 = 4 ? k1      answer: 2
 
     The answer depends only on three *evidence* tokens: the queried key where it occurs in the
-    context (``k1`` at position 4), its value (``2``) and the query key after ``?``.
+    context (``k1`` at position 4), its value (``2``) and the query key after ``?`` (the last
+    token). There is deliberately no answer cue such as ``->`` after the query key: with one, the
+    query key is no longer at the predicting position, the lookup needs one more composition of
+    attention layers, and tiny models (2-3 layers, also a plain attention-only transformer) stayed
+    on a ~30% plateau for thousands of steps instead of training in minutes.
 
     Parameters
     ----------
@@ -130,14 +135,14 @@ class RetrievalTask:
     n_values : int
         Size of the value alphabet (``0`` ... ``{n_values-1}``).
     n_pairs : int
-        Key-value pairs per prompt; the sequence length is ``4 + 3 * n_pairs``.
+        Key-value pairs per prompt; the sequence length is ``3 + 3 * n_pairs``.
     """
 
     n_keys: int = 16
     n_values: int = 10
     n_pairs: int = 6
 
-    SPECIALS = ("<pad>", "<bos>", "<mask>", "=", "?", "->")
+    SPECIALS = ("<pad>", "<bos>", "<mask>", "=", "?")
 
     @property
     def vocab(self) -> list[str]:
@@ -155,7 +160,7 @@ class RetrievalTask:
     @property
     def seq_len(self) -> int:
         """Length of every prompt."""
-        return 4 + 3 * self.n_pairs
+        return 3 + 3 * self.n_pairs
 
     @property
     def key_offset(self) -> int:
@@ -195,7 +200,6 @@ class RetrievalTask:
         ids[:, pair_pos + 2] = values
         ids[:, 1 + 3 * p] = self.token_id("?")
         ids[:, 2 + 3 * p] = keys[rows, query]
-        ids[:, 3 + 3 * p] = self.token_id("->")
 
         evidence = torch.zeros(n, self.seq_len, dtype=torch.bool)
         evidence[rows, pair_pos[query]] = True
@@ -449,32 +453,16 @@ def train_vit(data: DigitsSplit | None = None) -> tuple[nn.Module, dict[str, Any
     return model, {"recipe": recipe, **metrics}
 
 
-def _mask_tokens(
-    batch: RetrievalBatch, task: RetrievalTask, n_active: torch.Tensor, rate: float,
-    generator: torch.Generator,
+def _mask_distractors(
+    batch: RetrievalBatch, task: RetrievalTask, rate: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """Training-time masking: inactive pairs and a share of the remaining distractors become ``<mask>``.
+    """Replace a random ``rate`` share of the non-evidence tokens by ``<mask>``.
 
-    Each prompt keeps ``n_active`` of its pairs (always including the queried one, at random slots);
-    the key, ``=`` and value of every other pair are replaced by ``<mask>``. Then a random ``rate``
-    share of the remaining non-evidence tokens is masked too. Evidence tokens are never masked.
-    This serves two ends: a curriculum over the number of pairs (few pairs are easy), and making
-    ``<mask>`` an in-distribution "token removed" symbol, which the perturbation curves use as
-    the removal baseline.
+    Training with this makes ``<mask>`` an in-distribution "token removed" symbol, which the
+    perturbation curves use as the removal baseline; evidence tokens are never masked in training.
     """
-    n, p = batch.input_ids.shape[0], task.n_pairs
-    pair_pos = 1 + 3 * torch.arange(p)
-    queried = batch.evidence[:, pair_pos].float().argmax(dim=1)
-    priority = torch.rand(n, p, generator=generator)
-    priority[torch.arange(n), queried] = -1.0  # the queried pair is always kept
-    rank = priority.argsort(dim=1).argsort(dim=1)
-    drop_pair = rank >= n_active[:, None]
-    drop = torch.zeros_like(batch.evidence)
-    for offset in range(3):
-        drop[:, pair_pos + offset] = drop_pair
-    drop |= torch.rand(batch.input_ids.shape, generator=generator) < rate
-    drop &= ~batch.evidence
-    return batch.input_ids.masked_fill(drop, task.token_id("<mask>"))
+    hit = (torch.rand(batch.input_ids.shape, generator=generator) < rate) & ~batch.evidence
+    return batch.input_ids.masked_fill(hit, task.token_id("<mask>"))
 
 
 def llama_answer_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -483,17 +471,17 @@ def llama_answer_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tens
 
 
 def train_llama(task: RetrievalTask | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Train the tiny Llama on :class:`RetrievalTask` with a curriculum over the number of pairs.
+    """Train the tiny Llama on :class:`RetrievalTask` until validation accuracy >= 99%.
 
-    Fresh prompts every step (batch 128, AdamW lr 3e-3, gradient clipping at 1); the loss is the
-    cross-entropy of the answer at the last position. Each prompt keeps ``stage`` of its pairs (the others
-    masked, see :func:`_mask_tokens`), plus 10% of its distractors masked.
-    The stage starts at 2 and grows by one whenever validation accuracy at the current stage
-    reaches 90%; training stops when the full task (all pairs, nothing masked) reaches 98% on the
-    validation prompts, or after ``max_steps``. Validation and test prompts come from separate
-    seeds. The weights are initialised with std 0.1 (``initializer_range``): with Llama's default
-    0.02 the attention logits start so small that the model sits for thousands of steps on the
-    "most frequent value in the context" plateau (~30% accuracy).
+    Fresh prompts every step (batch 128, AdamW lr 3e-3, gradient clipping at 1, 10% of the
+    distractor tokens masked); the loss is the cross-entropy of the answer at the last position.
+    Validation (for stopping, every 100 steps) and test prompts come from separate seeds.
+
+    Initialisation matters here: with Llama's defaults (all weights, embeddings included, with
+    std 0.02) the model sits for thousands of steps on a "most frequent value in the context"
+    plateau (~30% accuracy). Linear weights with std 0.1 (``initializer_range``) and token
+    embeddings with std 1 let it learn the two-step lookup (a previous-token head, then
+    content matching) within about a thousand steps.
 
     Returns
     -------
@@ -504,42 +492,33 @@ def train_llama(task: RetrievalTask | None = None) -> tuple[nn.Module, dict[str,
     """
     task = task or RetrievalTask()
     model = build_model("llama")
-    recipe = dict(batch_size=128, lr=3e-3, weight_decay=0.01, max_steps=8000, mask_rate=0.1,
-                  eval_every=100, stage_up_at=0.9, stop_at=0.98, first_stage=2,
-                  initializer_range=model.config.initializer_range)
+    recipe = dict(batch_size=128, lr=3e-3, weight_decay=0.01, max_steps=5000, mask_rate=0.1,
+                  eval_every=100, stop_at=0.99, initializer_range=model.config.initializer_range,
+                  embedding_init_std=1.0)
+    torch.manual_seed(SEED)
+    torch.nn.init.normal_(model.get_input_embeddings().weight, std=recipe["embedding_init_std"])
     train_gen = torch.Generator().manual_seed(SEED)
     val = task.sample(1000, torch.Generator().manual_seed(SEED + 1))
-    val_stage_gen = SEED + 4
     test = task.sample(2000, torch.Generator().manual_seed(SEED + 2))
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     logits_fn = lambda ids: llama_answer_logits(model, ids)  # noqa: E731
-    stage, step, val_acc = recipe["first_stage"], 0, 0.0
+    step, val_acc = 0, 0.0
     model.train()
     for step in range(1, recipe["max_steps"] + 1):
         batch = task.sample(recipe["batch_size"], train_gen)
-        n_active = torch.full((recipe["batch_size"],), stage)
-        ids = _mask_tokens(batch, task, n_active, recipe["mask_rate"], train_gen)
+        ids = _mask_distractors(batch, task, recipe["mask_rate"], train_gen)
         loss = F.cross_entropy(logits_fn(ids), batch.targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % recipe["eval_every"]:
-            continue
-        model.eval()
-        if stage < task.n_pairs:
-            gen = torch.Generator().manual_seed(val_stage_gen)
-            stage_ids = _mask_tokens(val, task, torch.full((len(val.targets),), stage), 0.0, gen)
-            stage_acc = _accuracy(logits_fn, stage_ids, val.targets)
-            logger.info("llama step %d: loss %.4f, accuracy with %d pairs %.3f", step, loss.item(), stage, stage_acc)
-            if stage_acc >= recipe["stage_up_at"]:
-                stage += 1
-        else:
+        if step % recipe["eval_every"] == 0:
+            model.eval()
             val_acc = _accuracy(logits_fn, val.input_ids, val.targets)
             logger.info("llama step %d: loss %.4f, validation accuracy %.3f", step, loss.item(), val_acc)
-        model.train()
-        if stage == task.n_pairs and val_acc >= recipe["stop_at"]:
-            break
+            model.train()
+            if val_acc >= recipe["stop_at"]:
+                break
     model.eval()
     test_acc = _accuracy(logits_fn, test.input_ids, test.targets)
     return model, {"recipe": recipe, "steps": step, "validation_accuracy": val_acc, "test_accuracy": test_acc}
@@ -622,7 +601,8 @@ def get_model(
         "seed": SEED,
         "n_params": _n_params(model),
         "train_seconds": round(time.perf_counter() - start, 1),
-        **info,
+        "train_threads": torch.get_num_threads(),
+        **{k: round(v, 4) if isinstance(v, float) else v for k, v in info.items()},
     }
     logger.info("trained %s in %.1f s: %s", name, metadata["train_seconds"],
                 {k: v for k, v in metadata.items() if "accuracy" in k})

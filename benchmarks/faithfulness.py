@@ -16,6 +16,25 @@ model's own prediction on held-out examples. Then
 Run ``python -m benchmarks.faithfulness`` (full, writes ``docs/benchmarks/faithfulness.json``, the
 figures next to it and ``docs/benchmarks_faithfulness.rst``) or ``--quick`` (a tiny version, written
 to ``outputs/benchmarks_quick`` unless ``--out`` is given).
+
+Layout of ``faithfulness.json``::
+
+    schema_version, runtime_seconds
+    settings                  Settings of the run (examples, steps, batch, repeats, threads, device)
+    machine                   cpu, cores, torch threads, gpu, library versions, load average
+    methods.<name>            family, settings
+    models.<cnn|vit|llama>
+        n_examples, n_features, feature_unit, removal_baseline, explained, accuracy_on_examples
+        model                 training metadata of the checkpoint (accuracy, recipe, seed, size)
+        gradient_reference    cost entry of the plain gradient (the unit of the ratios)
+        agreement             [{methods: [a, b], cosine_min, cosine_mean}] for AGREEMENT_PAIRS
+        methods.<name>
+            status            ok | skipped (the method raised; reason) | not_applicable (reason)
+            faithfulness.<logit|probability>
+                              auc_morf, auc_lerf, abpc, abpc_sem, morf_curve, lerf_curve
+            evidence          evidence_mass, pointing_accuracy, chance_mass (retrieval task)
+            cost              batch, seconds_median (clock), wall/cpu medians, samples, peak_bytes,
+                              time_ratio, wall_time_ratio, memory_ratio
 """
 
 from __future__ import annotations
@@ -36,7 +55,7 @@ import numpy as np
 import torch
 
 from . import _cost
-from ._methods import Method, MethodUnavailable, all_methods, applicable, plain_gradient
+from ._methods import AGREEMENT_PAIRS, Method, MethodUnavailable, all_methods, applicable, plain_gradient
 from ._perturbation import (
     CurveResult,
     evidence_metrics,
@@ -145,7 +164,7 @@ def evaluate_instance(inst: BenchInstance, methods: Sequence[Method], settings: 
     Returns
     -------
     dict
-        The model's entry of the json (see the module docstring of :mod:`benchmarks.faithfulness`).
+        The model's entry of the json (layout in the module docstring).
     """
     n = len(inst.inputs)
     accuracy = float((inst.targets == inst.labels).double().mean())
@@ -153,6 +172,7 @@ def evaluate_instance(inst: BenchInstance, methods: Sequence[Method], settings: 
     tie_break = tie_break_permutations(n, inst.n_features)
     results: dict[str, Any] = {}
     built: dict[str, Any] = {}
+    all_scores: dict[str, torch.Tensor] = {}
 
     for method in methods:
         entry: dict[str, Any] = {"family": method.family, "settings": method.settings}
@@ -180,6 +200,7 @@ def evaluate_instance(inst: BenchInstance, methods: Sequence[Method], settings: 
                            entry["n_nonfinite_scores"])
             scores = torch.where(finite, scores, torch.zeros_like(scores))
         entry.update(status="ok", attribution_seconds=round(seconds, 3))
+        all_scores[method.name] = scores
         entry["faithfulness"] = _faithfulness(inst, scores, tie_break, settings.steps, settings.chunk)
         if inst.evidence is not None:
             entry["evidence"] = evidence_metrics(scores, inst.evidence.cpu())
@@ -202,7 +223,22 @@ def evaluate_instance(inst: BenchInstance, methods: Sequence[Method], settings: 
         "model": inst.info,
         "gradient_reference": cost.get("gradient"),
         "methods": results,
+        "agreement": _agreement(all_scores),
     }
+
+
+def _agreement(scores: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Per-example cosine similarity of the feature scores of :data:`AGREEMENT_PAIRS` that both ran.
+
+    Cosine is blind to a positive per-example scale (lime_attr seeds the backward pass with 1 at
+    the logit, so its relevance sums to about the logit; zennit's seed makes it sum to about 1).
+    """
+    out = []
+    for a, b in AGREEMENT_PAIRS:
+        if a in scores and b in scores:
+            cos = torch.nn.functional.cosine_similarity(scores[a], scores[b], dim=1, eps=1e-30)
+            out.append({"methods": [a, b], "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean())})
+    return out
 
 
 def _cost_of(inst: BenchInstance, built: dict[str, Any], settings: Settings) -> dict[str, dict[str, Any]]:

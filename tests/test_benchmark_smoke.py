@@ -87,6 +87,13 @@ def test_pipeline_on_tiny_untrained_models(tmp_path):
             assert {"captum:LRP", "zennit:EpsilonGammaBox", "zennit:EpsilonPlus"} <= ok
         else:
             assert "attention-rollout" in ok
+    # the same rules in two libraries agree (BatchNorm merged in both; LRP-0 = Captum's LRP on ReLU nets)
+    agreement = {tuple(a["methods"]): a["cosine_min"] for a in data["models"]["cnn"]["agreement"]}
+    for pair in (("lime_attr:epsilon-plus+merge-bn", "zennit:EpsilonPlus"),
+                 ("lime_attr:epsilon-gamma+merge-bn", "zennit:EpsilonGammaBox"),
+                 ("lime_attr:attnlrp", "captum:LRP")):
+        if pair in agreement:  # both ran
+            assert agreement[pair] > 0.999, pair
     evidence = data["models"]["llama"]["methods"]["oracle:evidence"]["evidence"]
     assert evidence["evidence_mass"] == pytest.approx(1.0) and evidence["pointing_accuracy"] == 1.0
 
