@@ -128,7 +128,10 @@ def discover_sites(model: nn.Module, overrides: Optional[dict[str, tuple[str, An
     """
     overrides = overrides or {}
     sites: list[Site] = []
-    first_seen = False
+    # token models are explained at their input embeddings, which no weight-bearing layer consumes directly
+    # (they enter a norm and the residual stream): they have no "first layer" for first-layer rules
+    token_model = getattr(model, "main_input_name", None) == "input_ids"
+    first_seen = token_model
     for name, module in model.named_modules():
         kind, spec = overrides.get(name) or classify_module(module)
         site = Site(kind, name, module, spec)
