@@ -23,10 +23,32 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["ModalitySpec", "modality_spec", "find_spans", "span_mask", "PERCEPTUAL"]
+__all__ = ["ModalitySpec", "modality_spec", "find_spans", "span_mask", "split_inputs", "PERCEPTUAL"]
 
 #: span kinds that hold perceptual (non-text) tokens
 PERCEPTUAL = ("image", "video", "audio")
+
+
+def split_inputs(inputs: Any, caller: str) -> tuple[dict, Tensor, Tensor]:
+    """A processor's output as ``(other_inputs, input_ids [B, S], attention_mask [B, S])``.
+
+    Accepts a mapping or a ``BatchFeature`` / ``BatchEncoding``; a missing mask means all ones. ``caller``
+    names the function in the error raised for anything else.
+    """
+    from collections.abc import Mapping
+
+    data = inputs if isinstance(inputs, Mapping) else getattr(inputs, "data", None)
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{caller} takes the processor's output mapping (input_ids, attention_mask, "
+                        f"pixel_values, ...), got {type(inputs).__name__}")
+    rest = dict(data.items())
+    if "input_ids" not in rest:
+        raise ValueError(f"{caller}: inputs need 'input_ids' (the processor's output, with placeholders expanded)")
+    ids = rest.pop("input_ids")
+    ids = ids if ids.dim() == 2 else ids[None]
+    mask = rest.pop("attention_mask", None)
+    mask = torch.ones_like(ids) if mask is None else (mask if mask.dim() == 2 else mask[None])
+    return rest, ids, mask
 
 Span = tuple[int, int]
 

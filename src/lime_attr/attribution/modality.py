@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from captum.attr import Attribution
 from torch import Tensor, nn
 
 from ..composites import Composite, _matches, get_composite
-from ..modality import PERCEPTUAL, ModalitySpec, find_spans, modality_spec, span_mask
+from ..modality import PERCEPTUAL, ModalitySpec, find_spans, modality_spec, span_mask, split_inputs
 from ..scope import LRPScope
 
 __all__ = ["ModalityAttribution", "ModalityResult", "Heatmap"]
@@ -275,16 +275,6 @@ def combined_composite(text: Union[str, Composite], vision: Union[str, Composite
                      name=f"{text_c.name}+{vision_c.name}@encoder")
 
 
-def _as_dict(inputs: Any) -> dict:
-    if isinstance(inputs, Mapping):
-        return dict(inputs.items())
-    data = getattr(inputs, "data", None)  # transformers.BatchFeature / BatchEncoding
-    if isinstance(data, Mapping):
-        return dict(data.items())
-    raise TypeError(f"ModalityAttribution.attribute takes the processor's output mapping (input_ids, "
-                    f"attention_mask, pixel_values, ...), got {type(inputs).__name__}")
-
-
 # ----------------------------------------------------------------------------------------------- main class
 
 
@@ -411,13 +401,7 @@ class ModalityAttribution(Attribution):
         """
         if mode not in ("sum", "per_token"):
             raise ValueError(f"mode must be 'sum' or 'per_token', got {mode!r}")
-        inp = _as_dict(inputs)
-        if "input_ids" not in inp:
-            raise ValueError("inputs need 'input_ids' (the processor's output, with placeholders expanded)")
-        ids = inp.pop("input_ids")
-        ids = ids if ids.dim() == 2 else ids[None]
-        mask = inp.pop("attention_mask", None)
-        mask = torch.ones_like(ids) if mask is None else (mask if mask.dim() == 2 else mask[None])
+        inp, ids, mask = split_inputs(inputs, "ModalityAttribution.attribute")
         batch, length = ids.shape
         vocab = self.vocab_size()
         if int(ids.max()) >= vocab or int(ids.min()) < 0:

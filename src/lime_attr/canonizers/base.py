@@ -233,6 +233,10 @@ class HFCanonizer(Canonizer):
     eager_experts
         Run fused MoE expert modules with transformers' ``eager`` experts implementation inside the scope
         (so their products go through the op mode); the configs' setting is restored on exit.
+    route_embeds
+        ``{class_name: when}``: modules whose forward ignores given ``inputs_embeds`` (or drops a modality
+        when given them) get :func:`route_inputs_embeds` inside the scope; ``when`` names the inputs that
+        must be present for the routing to apply (empty: always).
     components
         Config attributes (``vision_config``, ``text_config``, ``audio_config``) naming nested towers: the
         declarations of the canonizer registered for each one's ``model_type`` are merged into this one's
@@ -248,6 +252,7 @@ class HFCanonizer(Canonizer):
     components: tuple[str, ...] = ()
     eager_experts: bool = False
     normalizing_modules: tuple[str, ...] = ()
+    route_embeds: dict[str, tuple[str, ...]] = {}
 
     def apply(self, model: nn.Module, scope: Any) -> dict:
         overrides: dict[str, tuple[str, Any]] = {}
@@ -263,6 +268,10 @@ class HFCanonizer(Canonizer):
             ids = {id(m) for m in model.modules() if type(m).__name__ in self.normalizing_modules}
             scope.normalizing_modules = ids  # read by the op mode; cleared on exit
             scope._reverts.append(lambda: setattr(scope, "normalizing_modules", set()))
+        for module in model.modules():
+            when = self.route_embeds.get(type(module).__name__)
+            if when is not None:
+                route_inputs_embeds(module, scope, when=when)
         return overrides
 
     def component_canonizers(self, config: Any) -> list["HFCanonizer"]:

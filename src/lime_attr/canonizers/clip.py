@@ -17,11 +17,9 @@ What is explained (see ``docs/canonizers_multimodal.rst``):
 * ``CLIPModel.forward`` (the cosine-similarity logits) divides by a norm built from ``pow``/``sum``:
   not covered (the op mode names ``pow``); explain the towers' embeddings instead.
 """
-from typing import Any
 
-from torch import nn
 
-from .base import HFCanonizer, register_canonizer, route_inputs_embeds
+from .base import HFCanonizer, register_canonizer
 
 
 @register_canonizer("clip", "clip_vision_model", "clip_text_model")
@@ -32,11 +30,4 @@ class CLIPCanonizer(HFCanonizer):
     attention = ("CLIPAttention",)
     # CLIPModel holds logit_scale (a constant factor): its own ops (the similarity) are checked by the op mode
     passthrough = ("CLIPVisionEmbeddings", "CLIPTextEmbeddings", "CLIPModel")
-    text_models = ("CLIPTextModel",)
-
-    def apply(self, model: nn.Module, scope: Any) -> dict:
-        overrides = super().apply(model, scope)
-        for module in model.modules():
-            if type(module).__name__ in self.text_models:
-                route_inputs_embeds(module, scope)
-        return overrides
+    route_embeds = {"CLIPTextModel": ()}

@@ -11,11 +11,9 @@ therefore routes a call with ``inputs_embeds``, ``input_ids`` and ``input_featur
 path, the embedding lookup of ``input_ids`` answered by the given ``inputs_embeds``
 (:func:`~lime_attr.canonizers.base.route_inputs_embeds`); ``input_ids`` then only locate the audio tokens.
 """
-from typing import Any
 
-from torch import nn
 
-from .base import HFCanonizer, register_canonizer, route_inputs_embeds
+from .base import HFCanonizer, register_canonizer
 
 
 @register_canonizer("qwen2_audio_encoder")
@@ -30,10 +28,4 @@ class Qwen2AudioCanonizer(HFCanonizer):
     """``Qwen2AudioForConditionalGeneration`` / ``Qwen2AudioModel``: audio encoder + projector + LM."""
 
     components = ("audio_config", "text_config")
-
-    def apply(self, model: nn.Module, scope: Any) -> dict:
-        overrides = super().apply(model, scope)
-        for module in model.modules():
-            if type(module).__name__ == "Qwen2AudioModel":
-                route_inputs_embeds(module, scope, when=("input_features",))
-        return overrides
+    route_embeds = {"Qwen2AudioModel": ("input_features",)}

@@ -13,11 +13,9 @@ wrap it to return ``pooler_output`` and pass ``canonizer="siglip"``). The text t
 (:func:`~lime_attr.canonizers.base.route_inputs_embeds`). ``SiglipModel``'s similarity logits normalise
 with ``pow``/``sum`` and are not covered (the op mode says so).
 """
-from typing import Any
 
-from torch import nn
 
-from .base import HFCanonizer, register_canonizer, route_inputs_embeds
+from .base import HFCanonizer, register_canonizer
 
 
 @register_canonizer("siglip", "siglip_vision_model", "siglip_text_model")
@@ -29,11 +27,4 @@ class SiglipCanonizer(HFCanonizer):
     passthrough = ("SiglipVisionEmbeddings", "SiglipTextEmbeddings", "SiglipMultiheadAttentionPoolingHead",
                    "SiglipModel")
     op_modules = ("MultiheadAttention",)
-    text_models = ("SiglipTextModel",)
-
-    def apply(self, model: nn.Module, scope: Any) -> dict:
-        overrides = super().apply(model, scope)
-        for module in model.modules():
-            if type(module).__name__ in self.text_models:
-                route_inputs_embeds(module, scope)
-        return overrides
+    route_embeds = {"SiglipTextModel": ()}

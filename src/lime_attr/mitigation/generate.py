@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,7 @@ from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
                           TopKLogitsWarper, TopPLogitsWarper)
 
 from .config import LimeConfig
+from ..modality import split_inputs
 from .optimizer import LimeOptimizer, TokenRecord, language_decoder
 
 __all__ = ["lime_generate", "LimeOutput", "modality_positions"]
@@ -162,18 +163,6 @@ def modality_positions(model: nn.Module, processor: Any, input_ids: Tensor, atte
     return m
 
 
-def _as_dict(inputs: Any) -> dict:
-    if isinstance(inputs, Tensor):
-        return {"input_ids": inputs}
-    if isinstance(inputs, Mapping):
-        return dict(inputs.items())
-    data = getattr(inputs, "data", None)
-    if isinstance(data, Mapping):
-        return dict(data.items())
-    raise TypeError(f"lime_generate takes the processor's output (a mapping with input_ids, ...), got "
-                    f"{type(inputs).__name__}")
-
-
 def _ids_list(x: Any) -> list:
     if x is None:
         return []
@@ -248,13 +237,7 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
     decoder = _Decoder(bool(g.get("do_sample", False)), g.get("temperature", 1.0) or 1.0, g.get("top_k"),
                        g.get("top_p"), g.get("repetition_penalty"), g.get("generator"))
 
-    inp = _as_dict(inputs)
-    if "input_ids" not in inp:
-        raise ValueError("inputs need 'input_ids'")
-    ids = inp.pop("input_ids")
-    ids = ids if ids.dim() == 2 else ids[None]
-    mask = inp.pop("attention_mask", None)
-    mask = torch.ones_like(ids) if mask is None else (mask if mask.dim() == 2 else mask[None])
+    inp, ids, mask = split_inputs({"input_ids": inputs} if isinstance(inputs, Tensor) else inputs, "lime_generate")
     if bool((mask[:, -1] == 0).any()):
         raise ValueError("batched generation needs left padding (the last position of a row is padding); set "
                          "tokenizer.padding_side = 'left'")
