@@ -352,3 +352,79 @@ def test_two_hf_models_in_one_process():
                 out = m(inputs_embeds=e).logits[:, -1, 2].sum()
                 (g,) = torch.autograd.grad(out, e)
                 torch.testing.assert_close(e.detach() * g, ref, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------------- in-place activations
+
+
+def _inplace_net(act: type, inplace: bool) -> nn.Sequential:
+    torch.manual_seed(51)
+    return nn.Sequential(nn.Linear(5, 7), act(inplace=inplace), nn.Linear(7, 7), act(inplace=inplace),
+                         nn.Linear(7, 3)).to(DT)
+
+
+def _relevance(model: nn.Module, composite: str, x: torch.Tensor) -> torch.Tensor:
+    x = x.clone().requires_grad_(True)
+    with lrp_scope(model, composite):
+        (g,) = torch.autograd.grad(model(x)[:, 1].sum(), x)
+    return (x * g).detach()
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU, nn.ELU, nn.Hardswish])
+@pytest.mark.parametrize("composite", ["attnlrp", "epsilon-plus"])
+def test_inplace_activation_equals_out_of_place(act, composite):
+    """An activation built with inplace=True gets the same relevance as the same model built with
+    inplace=False: inside the scope the instance is out-of-place, and on exit its flag is restored."""
+    model, plain = _inplace_net(act, True), _inplace_net(act, False)
+    x = torch.randn(4, 5, dtype=DT)
+    with LRPScope(model, composite):
+        inside = [m.inplace for m in model.modules() if isinstance(m, act)]
+    assert inside == [False, False]
+    got, ref = _relevance(model, composite, x), _relevance(plain, composite, x)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert [m.inplace for m in model.modules() if isinstance(m, act)] == [True, True]
+    assert all("inplace" in m.__dict__ for m in model.modules() if isinstance(m, act))
+    assert torch.equal(model(x), plain(x))
+
+
+class _ForcedInplaceSiLU(nn.SiLU):
+    """Writes into its input whatever its ``inplace`` flag says (lime_attr cannot switch it off)."""
+
+    def forward(self, x):
+        return F.silu(x, inplace=True)
+
+
+def test_input_overwritten_in_place_is_a_clear_error():
+    torch.manual_seed(52)
+    model = nn.Sequential(nn.Linear(5, 7), _ForcedInplaceSiLU(), nn.Linear(7, 3)).to(DT)
+    x = torch.randn(2, 5, dtype=DT, requires_grad=True)
+    from lime_attr.errors import RuleSiteError
+
+    with pytest.raises(RuleSiteError, match=r"module '1' \(_ForcedInplaceSiLU, activation\) modified its input in "
+                                            r"place.*out-of-place"):
+        with lrp_scope(model, "attnlrp"):
+            model(x)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad(), lrp_scope(model, "attnlrp"):
+        model(x)  # without gradients no rule runs, so nothing to check
+
+
+class _InplaceOpBlock(nn.Module):
+    """An unknown module whose forward calls an in-place functional activation (ruled by the op mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return F.silu(self.lin(x), inplace=True)
+
+
+def test_inplace_functional_activation_is_a_clear_error():
+    torch.manual_seed(53)
+    model = nn.Sequential(nn.Linear(5, 5), _InplaceOpBlock(), nn.Linear(5, 3)).to(DT)
+    x = torch.randn(2, 5, dtype=DT, requires_grad=True)
+    from lime_attr.errors import UncoveredOpError
+
+    with pytest.raises(UncoveredOpError, match=r"in-place activation 'silu'.*inplace=False"):
+        LRP(model, "attnlrp").attribute(x, target=0)

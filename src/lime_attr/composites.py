@@ -17,13 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import UnknownNameError
 from .rules import Rule, get_rule
+from .rules._grad import grad_to_relevance, relevance_to_grad
 from .sites import Site
 
-__all__ = ["Composite", "register_composite", "get_composite", "available_composites", "ZennitRule"]
+__all__ = ["Composite", "register_composite", "get_composite", "available_composites", "ZennitRule",
+           "apply_zennit_canonizers"]
 
 Matcher = Union[type, tuple, str, Callable[[Site], bool]]
 
@@ -32,8 +34,17 @@ class ZennitRule(Rule):
     """Adapter that lets a zennit rule (a ``zennit.core.Hook``) drive one Linear/Conv/activation module.
 
     zennit hooks pass *relevance* backwards where lime_attr passes gradients; the adapter converts at
-    the module's boundaries (``R_out = y * g`` before the hook, ``g_in = R_in / x`` after it), so the
-    zennit rule computes exactly what it computes inside zennit.
+    the module's boundaries, so the zennit rule computes exactly what it computes inside zennit:
+
+    * every tensor output ``y`` (each element of a tuple output): ``R_out = y * g`` before the hook;
+    * every tensor input ``x`` that requires grad -- each positional argument *and* each keyword argument
+      -- after it: ``g_in = R_in / x`` (0 where ``x = 0``).
+
+    Converting every input, not only the first, keeps the adapter exact for both hook protocols zennit
+    has shipped: 0.5.x hooks see only the positional inputs and pass relevance to them alone (a keyword
+    tensor then receives the plain gradient of the relevance, as it does inside zennit), 1.0 hooks
+    receive ``(args, kwargs)`` and re-run the module with all of them. The zennit rule registers its own
+    hooks with its own ``register`` method, so whichever protocol the installed zennit uses is used.
     """
 
     def __init__(self, hook: Any) -> None:
@@ -50,6 +61,98 @@ class ZennitRule(Rule):
         return isinstance(other, ZennitRule) and other.hook is self.hook
 
     __hash__ = object.__hash__
+
+    @staticmethod
+    def input_tensors(args: tuple, kwargs: dict) -> list[Tensor]:
+        """The tensors among a module call's positional and keyword arguments."""
+        return [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+
+    @staticmethod
+    def inputs_to_grad(args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+        """``(args, kwargs)`` with relevance-to-gradient boundaries on every tensor that requires grad
+        (a forward pre-hook result, ``with_kwargs=True``), or None when no input requires grad."""
+        if not any(t.requires_grad for t in ZennitRule.input_tensors(args, kwargs)):
+            return None
+
+        def conv(a: Any) -> Any:
+            return relevance_to_grad(a) if isinstance(a, Tensor) and a.requires_grad else a
+
+        return tuple(conv(a) for a in args), {k: conv(v) for k, v in kwargs.items()}
+
+    @staticmethod
+    def outputs_to_relevance(out: Any) -> Any:
+        """``out`` with gradient-to-relevance boundaries on every tensor output that has a ``grad_fn``
+        (a tensor, or each tensor of a tuple/list), or None when nothing needs one (a forward-hook result)."""
+        if isinstance(out, Tensor):
+            return grad_to_relevance(out) if out.grad_fn is not None else None
+        if isinstance(out, (tuple, list)) and any(isinstance(o, Tensor) and o.grad_fn is not None for o in out):
+            new = [grad_to_relevance(o) if isinstance(o, Tensor) and o.grad_fn is not None else o for o in out]
+            return type(out)(*new) if hasattr(out, "_fields") else type(out)(new)
+        return None
+
+
+def apply_zennit_canonizers(model: nn.Module, canonizers: Sequence[Any]) -> Callable[[], None]:
+    """Apply zennit canonizers (copies of them) to ``model``; return the function that reverts them exactly.
+
+    zennit's protocol is ``canonizer.apply(root) -> [instance, ...]``, each reverted by
+    ``instance.remove()``. How a canonizer changes a module differs between zennit versions: 0.5.x's
+    ``MergeBatchNorm`` overwrites the parameters' ``.data``; 1.0's stores the merged tensors as plain
+    instance attributes (``object.__setattr__``) that shadow ``_parameters``/``_buffers`` -- non-leaf
+    tensors still attached to the original parameters -- and its ``remove`` leaves those shadows behind,
+    while a 1.0 rule's ``ParamMod`` (``load_state_dict(..., assign=True)``) replaces the shadowed
+    parameter objects (zennit issue #237). So, judged by what happened rather than by version:
+
+    * after ``apply``: every parameter/buffer shadow is moved into ``_parameters``/``_buffers`` (as a
+      detached leaf ``Parameter``), so inside the scope a canonized module looks the same under either
+      version -- a leaf parameter holding the canonized value -- and no autograd graph into the original
+      parameters is shared between forward passes;
+    * on revert: after the canonizers' own ``remove``, every module's ``_parameters`` and ``_buffers``
+      hold exactly the original objects again and no shadow that was not there before remains.
+    """
+    modules = list(model.modules())
+    saved = [(m, dict(m._parameters), dict(m._buffers),
+              {k: m.__dict__[k] for k in (*m._parameters, *m._buffers) if k in m.__dict__}) for m in modules]
+    instances: list = []
+
+    def revert() -> None:
+        try:
+            for instance in reversed(instances):
+                instance.remove()
+        finally:
+            instances.clear()
+            for m, params, buffers, shadows in saved:
+                for k in [k for k in m.__dict__ if (k in m._parameters or k in m._buffers or k in params
+                                                      or k in buffers) and k not in shadows]:
+                    del m.__dict__[k]
+                m.__dict__.update(shadows)
+                m._parameters.clear()
+                m._parameters.update(params)
+                m._buffers.clear()
+                m._buffers.update(buffers)
+
+    try:
+        for canonizer in canonizers:
+            canonizer = canonizer.copy() if hasattr(canonizer, "copy") else canonizer
+            instances.extend(canonizer.apply(model) or ())
+        for m in model.modules():
+            _unshadow(m)
+    except BaseException:
+        revert()
+        raise
+    return revert
+
+
+def _unshadow(module: nn.Module) -> None:
+    """Move instance attributes that shadow a registered parameter or buffer into its registry slot."""
+    for key in [k for k in module.__dict__ if k in module._parameters or k in module._buffers]:
+        value = module.__dict__.pop(key)
+        if key in module._parameters:
+            old = module._parameters[key]
+            if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
+                value = nn.Parameter(value.detach(), requires_grad=old.requires_grad if old is not None else False)
+            module._parameters[key] = value
+        else:
+            module._buffers[key] = value.detach() if isinstance(value, Tensor) else value
 
 
 def _as_rule(rule: Any) -> Rule:

@@ -240,6 +240,14 @@ class RuleMode(TorchFunctionMode):
     def _apply(self, kind: str, rule, func, args, kwargs):
         if kind == "activation":
             x = args[0]
+            name = op_name(func)
+            if name.endswith("_") or kwargs.get("inplace") or (len(args) > 1 and args[-1] is True):
+                raise UncoveredOpError(
+                    f"in-place activation {name!r} inside module {self.scope.current_module_name()!r} overwrites "
+                    "its input, so the activation rule would see the output instead of the input and give a "
+                    f"silently wrong relevance. Use the out-of-place op ({name.rstrip('_')}(x), "
+                    "inplace=False) in the model's forward."
+                )
             return rule.apply_activation(x, func(*args, **kwargs))
         if kind == "softmax":
             x = args[0]

@@ -14,12 +14,12 @@ from typing import Any, Callable, Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .composites import Composite, ZennitRule, _ZennitLookup, get_composite
+from .composites import Composite, ZennitRule, _ZennitLookup, apply_zennit_canonizers, get_composite
 from .errors import UncoveredModuleError
 from .ops import RuleMode
 from .rules import Rule
-from .rules._grad import grad_to_relevance, relevance_to_grad, scale_grad
-from .sites import Site, discover_sites
+from .rules._grad import scale_grad
+from .sites import Site, disable_inplace, discover_sites, inplace_input_error
 
 __all__ = ["LRPScope", "lrp_scope", "current_scope"]
 
@@ -163,11 +163,9 @@ class LRPScope:
     def _install(self) -> None:
         model = self.model
         # zennit canonizers (e.g. BatchNorm merging) first: they change the module structure's parameters
-        # (zennit's protocol: ``canonizer.apply(root) -> [instances]``, each reverted by ``instance.remove()``)
-        for zc in self.composite.canonizers:
-            zc = zc.copy() if hasattr(zc, "copy") else zc
-            for instance in zc.apply(model) or ():
-                self._reverts.append(instance.remove)
+        # (applied and reverted exactly, under zennit 0.5 and 1.0 alike: see apply_zennit_canonizers)
+        if self.composite.canonizers:
+            self._reverts.append(apply_zennit_canonizers(model, self.composite.canonizers))
         overrides: dict = {}
         if self.canonizer is not None:
             overrides = self.canonizer.apply(model, self) or {}
@@ -235,16 +233,29 @@ class LRPScope:
         if isinstance(rule, ZennitRule):
             self._install_zennit(module, rule)
             return
+        # in-place modules (nn.ReLU(inplace=True)) overwrite the input the rule reads: out-of-place inside the
+        # scope (this instance only, restored on exit); any other in-place write is caught by the version check
+        restore_inplace = disable_inplace(module)
+        if restore_inplace is not None:
+            self._reverts.append(restore_inplace)
+        versions: list[tuple[Any, int]] = []  # (input, its version counter) per call
 
         def pre(mod, args):
             self.covered_depth += 1
+            x = args[0] if args else None
+            versions.append((x, x._version) if isinstance(x, Tensor) and torch.is_grad_enabled()
+                            and not x.is_inference() else (None, -1))
 
         kind, spec = site.kind, site.spec
 
         def post(mod, args, out):
             try:
+                x_in, before = versions.pop() if versions else (None, -1)
                 if not (self.enabled and torch.is_grad_enabled()) or not args or not isinstance(out, Tensor):
                     return None
+                # the module wrote into its input (a later pre-hook that passed a new tensor is no such write)
+                if x_in is not None and args[0] is x_in and x_in._version != before:
+                    raise inplace_input_error(site, rule)
                 return apply(mod, args[0], out)
             finally:
                 self.covered_depth = max(self.covered_depth - 1, 0)
@@ -299,26 +310,27 @@ class LRPScope:
 
     def _install_zennit(self, module: nn.Module, rule: ZennitRule) -> None:
         # the boundary conversions and zennit's own hooks are autograd Functions, hidden from the op mode:
-        # carry the input's dependence over to the output, or ops after this module would go unruled
+        # carry the input's dependence over to the output, or ops after this module would go unruled.
+        # Every tensor input (positional and keyword) and every tensor output is converted (ZennitRule).
         dep_stack: list[bool] = []
 
-        def to_grad(mod, args):
+        def to_grad(mod, args, kwargs):
             mode = self._mode
-            dep_stack.append(bool(mode is not None and args and mode._dep(args[0])))
-            if not (self.enabled and torch.is_grad_enabled()) or not args or not args[0].requires_grad:
+            dep_stack.append(mode is not None and any(mode._dep(t) for t in rule.input_tensors(args, kwargs)))
+            if not (self.enabled and torch.is_grad_enabled()):
                 return None
-            return (relevance_to_grad(args[0]), *args[1:])
+            return rule.inputs_to_grad(args, kwargs)
 
         def to_rel(mod, args, out):
             dep = dep_stack.pop() if dep_stack else False
             new = None
-            if self.enabled and torch.is_grad_enabled() and out.grad_fn is not None:
-                new = grad_to_relevance(out)
+            if self.enabled and torch.is_grad_enabled():
+                new = rule.outputs_to_relevance(out)
             if dep and self._mode is not None:
                 self._mode._mark(out if new is None else new)
             return new
 
-        self._handles.append(module.register_forward_pre_hook(to_grad))
+        self._handles.append(module.register_forward_pre_hook(to_grad, with_kwargs=True))
         self._handles.append(rule.hook.register(module))
         self._handles.append(module.register_forward_hook(to_rel))
         self._handles.append(module.register_forward_pre_hook(lambda m, a: setattr(self, "covered_depth", self.covered_depth + 1)))

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from torch import nn
 
+from .errors import RuleSiteError
 from .rules.builtin import NormSpec
 
-__all__ = ["Site", "discover_sites", "ACTIVATION_TYPES", "PASSTHROUGH_TYPES", "norm_spec_for"]
+__all__ = ["Site", "discover_sites", "ACTIVATION_TYPES", "PASSTHROUGH_TYPES", "norm_spec_for", "disable_inplace",
+           "inplace_input_error"]
 
 ACTIVATION_TYPES: tuple[type, ...] = (
     nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU, nn.CELU, nn.Softplus,
@@ -140,3 +142,39 @@ def discover_sites(model: nn.Module, overrides: Optional[dict[str, tuple[str, An
             first_seen = True
         sites.append(site)
     return sites
+
+
+def disable_inplace(module: nn.Module) -> Optional[Callable[[], None]]:
+    """Switch an in-place module (``nn.ReLU(inplace=True)``, ``nn.SiLU(inplace=True)``...) to out-of-place.
+
+    A module rule reads the module's *input* after its forward (an activation rule uses ``y / x``); an
+    in-place module has overwritten that input with its output by then, so the rule would silently
+    compute something else. ``inplace=False`` gives the same values (only a copy more), so the scope sets
+    it on this one instance -- nothing global -- and calls the returned function on exit, which restores
+    the attribute exactly. Returns None when the module is not in-place.
+    """
+    if getattr(module, "inplace", False) is not True:
+        return None
+    missing = object()
+    own = module.__dict__.get("inplace", missing)
+    module.inplace = False
+
+    def restore() -> None:
+        if own is missing:
+            module.__dict__.pop("inplace", None)
+        else:
+            module.inplace = own
+
+    return restore
+
+
+def inplace_input_error(site: Site, rule: Any) -> RuleSiteError:
+    """The error for a module that modified its input in place although its ``inplace`` flag is off."""
+    return RuleSiteError(
+        f"module {site.name or '<root>'!r} ({type(site.module).__name__}, {site.kind}) modified its input in "
+        f"place, so rule {rule!r} would see the overwritten input instead of the one it attributes to. "
+        "lime_attr switches a module's own `inplace` flag off inside the scope, so this module overwrites "
+        "its input some other way (e.g. `x.relu_()` or `F.silu(x, inplace=True)` in its forward). Fix: make "
+        "its forward out-of-place (`torch.relu(x)`, `F.silu(x)`), or write a canonizer that replaces the "
+        "module inside the scope (docs: writing_a_canonizer)."
+    )
