@@ -76,7 +76,23 @@ def test_eval_pope_json_has_standard_names(tmp_path):
     assert out_file.with_suffix(".csv").read_text().count("\n") >= 2
 
 
+def test_eval_audio_qa_builtin_parses_every_answer(tmp_path):
+    """The audio demo model answers a bare lower-case "no"; the builtin default parser (strict) parses it, where
+    the case-sensitive kuan2024 rule would leave it unparsed (and count it wrong)."""
+    out_file = tmp_path / "aqa.json"
+    rc = main(["eval", "audio-qa", "--model", "builtin:tones-qwen2audio", "--split", "random", "--limit", "8",
+               "--output", str(out_file), "--no-progress"])
+    assert rc == 0
+    data = json.loads(out_file.read_text())
+    assert data["parser"]["name"] == "strict"
+    assert data["counts"]["unparsed"] == 0 and data["metrics"]["accuracy"] > 0.7
+    rc = main(["eval", "audio-qa", "--model", "builtin:tones-qwen2audio", "--split", "random", "--limit", "8",
+               "--parser", "kuan2024", "--output", str(out_file), "--no-progress"])
+    assert rc == 0 and json.loads(out_file.read_text())["counts"]["unparsed"] > 0
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["eval", "pope", "--model", "builtin:digits-llava", "--parser", "nope", "--limit", "2"], "nope"),
     (["generate", "--model", "builtin:digits-llava", "--image", "missing.png", "--prompt", "x"], "no such file"),
     (["explain", "--model", "builtin:digits-llava", "--prompt", "x"], "--image PATH or --audio PATH"),
     (["eval", "pope", "--model", "builtin:digits-llava", "--split", "weird"], "unknown split"),

@@ -173,11 +173,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     try:
         results = run_benchmark(args.benchmark, args.model, _decoding(args), split=args.split, limit=args.limit,
-                                files=vars(args), dtype=args.dtype, progress=not args.no_progress)
+                                files=vars(args), dtype=args.dtype, progress=not args.no_progress,
+                                corruption=args.corruption, parser=args.parser)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise CLIError(str(exc)) from exc
     from .evaluation import write_csv, write_json
+    from .evaluation.sharding import current_dist
 
+    if not current_dist().is_main:  # under torchrun every rank holds the merged result; rank 0 reports it
+        return 0
     for r in results:
         print(_format_metrics(r))
     if args.output:
@@ -265,6 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", default=None, help="CHAIR: COCO instances_*.json")
     p.add_argument("--captions", default=None, help="CHAIR: COCO captions_*.json")
     p.add_argument("--synonyms", default=None, help="CHAIR: synonyms file")
+    p.add_argument("--corruption", default=None, metavar="SPEC",
+                   help="builtin models only: degrade the held-out images / clips, e.g. noise:0.35, blur:1, "
+                        "contrast:0.5, occlude:0.3 (images), snr:18, attenuate:10, dropout:0.3 (audio); join steps "
+                        "with '+', add seed:K for another draw; 'degraded' = the model's default degraded condition "
+                        "(lime_attr.models.DEFAULT_CORRUPTION); default: clean")
+    p.add_argument("--parser", default=None,
+                   help="yes/no answer parser: llava_pope, strict, kuan2024 or one you registered (default: "
+                        "llava_pope for POPE files, kuan2024 for audio-QA files, strict for the builtin models)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
     return parser

@@ -16,7 +16,11 @@ from .chair import CocoChair, score_chair
 from .pope import load_pope_questions, score_pope
 from .runner import run_eval
 
-__all__ = ["run_benchmark", "DIGIT_WORDS", "SOUND_VOCABULARY"]
+__all__ = ["run_benchmark", "DIGIT_WORDS", "BUILTIN_PARSER"]
+
+#: answer parser of the embedded demo models: they answer a bare lower-case "yes" / "no", which the
+#: ``kuan2024`` rule (case-sensitive, "No" only) would leave unparsed
+BUILTIN_PARSER = "strict"
 
 #: synonyms of the digits in the embedded CHAIR benchmark
 DIGIT_WORDS = {"0": ["zero"], "1": ["one"], "2": ["two"], "3": ["three"], "4": ["four"], "5": ["five"],
@@ -71,19 +75,75 @@ def _answer_fn(model: Any, processor: Any, decoding: Any, builtin: Optional[str]
 
 def run_benchmark(benchmark: str, model_spec: str, decoding: Any, split: str = "all", limit: Optional[int] = None,
                   files: Optional[Mapping[str, Any]] = None, dtype: Optional[str] = None, progress: bool = True,
-                  model: Any = None, processor: Any = None) -> list:
+                  model: Any = None, processor: Any = None, corruption: Any = None,
+                  parser: Optional[str] = None) -> list:
     """Score ``model_spec`` with ``decoding`` on ``benchmark`` (``pope``, ``chair`` or ``audio-qa``).
 
-    Returns one result per split (POPE, audio-QA) or a single CHAIR result, each with
-    ``config = {"model", "benchmark", "split", "decoding", "n"}``.
+    Parameters
+    ----------
+    benchmark : {"pope", "chair", "audio-qa"}
+        The benchmark.
+    model_spec : str
+        ``builtin:<name>``, a checkpoint folder or a hub id (recorded in the config).
+    decoding : DecodingConfig
+        Decoding method and settings.
+    split : str
+        ``random``, ``popular``, ``adversarial`` or ``all`` (POPE, audio-QA).
+    limit : int, optional
+        At most this many questions per split (items for CHAIR).
+    files : mapping, optional
+        Benchmark files of non-builtin models (``questions``, ``image_dir``, ...).
+    dtype : str, optional
+        Model dtype when ``model`` is not given.
+    progress : bool
+        Show progress bars.
+    model, processor : optional
+        An already loaded model (``model_spec`` is then only recorded).
+    corruption : str, Corruption, mapping or None
+        Builtin models only: degrade the held-out images / clips
+        (:func:`lime_attr.models.parse_corruption`, e.g. ``"noise:0.35"``, ``"snr:18"`` or
+        ``"degraded"`` for :data:`lime_attr.models.DEFAULT_CORRUPTION`). ``None``: clean data.
+    parser : str, optional
+        Yes/no answer parser (:func:`lime_attr.evaluation.get_parser`). Default: the scorer's own
+        (``llava_pope`` for POPE, ``kuan2024`` for audio-QA) on user files, :data:`BUILTIN_PARSER`
+        (``strict``) on the builtin demo models.
+
+    Returns
+    -------
+    list
+        One result per split (POPE, audio-QA) or a single CHAIR result, each with
+        ``config = {"model", "benchmark", "split", "decoding", "n"}``; builtin models add
+        ``"corruption"`` (the canonical spec string, ``None`` for clean data).
+
+    Raises
+    ------
+    ValueError
+        Unknown benchmark or split, missing files, a bad corruption spec, or a corruption for a
+        non-builtin model.
     """
     files = dict(files or {})
+    builtin = model_spec.split(":", 1)[1] if model_spec.startswith("builtin:") else None
+    if parser is not None:
+        from .parsing import get_parser
+
+        get_parser(parser)  # an unknown name fails here, listing the registered parsers
+    corrupt = None
+    clean = corruption is None or (isinstance(corruption, str) and corruption.strip().lower() in ("clean", "none", ""))
+    if not clean:
+        if builtin is None:
+            raise ValueError(f"corruption={str(corruption)!r} applies only to the embedded held-out sets of the "
+                             f"builtin demo models (builtin:digits-llava, builtin:tones-qwen2audio), not to "
+                             f"{model_spec!r}; degrade your own benchmark files instead")
+        from ..models import parse_corruption
+
+        corrupt = parse_corruption(corruption, builtin)
     if model is None:
         from ..models import load_model
 
         model, processor = load_model(model_spec, dtype=dtype)
-    builtin = model_spec.split(":", 1)[1] if model_spec.startswith("builtin:") else None
     base = {"model": model_spec, "benchmark": benchmark, "decoding": decoding.to_dict()}
+    if builtin is not None:
+        base["corruption"] = None if corrupt is None else str(corrupt)
     results = []
     if benchmark in ("pope", "audio-qa"):
         for sp in _splits(split):
@@ -94,7 +154,7 @@ def run_benchmark(benchmark: str, model_spec: str, decoding: Any, split: str = "
                 if (benchmark == "pope") != (task == "digits-llava"):
                     raise ValueError(f"{benchmark} needs the {'vision' if benchmark == 'pope' else 'audio'} demo model, "
                                      f"not builtin:{task}")
-                items = pope_questions(task, sp)
+                items = pope_questions(task, sp, corruption=corrupt)
                 media_root, qfield = None, "question"
             else:
                 qfile = files.get("questions")
@@ -111,6 +171,9 @@ def run_benchmark(benchmark: str, model_spec: str, decoding: Any, split: str = "
             if not items:
                 raise ValueError(f"no {benchmark} questions for split {sp!r}")
             scorer = score_pope if benchmark == "pope" else score_audio_qa
+            chosen = parser or (BUILTIN_PARSER if builtin is not None else None)
+            if chosen is not None:
+                scorer = functools.partial(scorer, parser=chosen)
             cfg = dict(base, split=sp, n=len(items))
             fn = _answer_fn(model, processor, decoding, builtin, media_root, qfield)
             results.append(run_eval(items, fn, functools.partial(scorer, keep_items=False), cfg, progress=progress,
@@ -120,7 +183,7 @@ def run_benchmark(benchmark: str, model_spec: str, decoding: Any, split: str = "
         if builtin is not None:
             from ..models import description_items
 
-            items = description_items(builtin)
+            items = description_items(builtin, corruption=corrupt)
             if limit is not None:
                 items = items[:limit]
             vocab = DIGIT_WORDS if builtin == "digits-llava" else None

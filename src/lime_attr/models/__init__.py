@@ -11,9 +11,20 @@ package data, so that every attribution / LIME example and test runs offline on 
     sound clips (:mod:`lime_attr.models.sounds`).
 
 Load them with :func:`load_builtin` or :func:`load_model` (``"builtin:<name>"``, a local folder or a hub
-id); get held-out POPE-style and description sets from :mod:`lime_attr.models.heldout`.
+id); get held-out POPE-style and description sets from :mod:`lime_attr.models.heldout`, clean or
+degraded by a named corruption of :mod:`lime_attr.models.corruption` (:data:`DEFAULT_CORRUPTION` is the
+"degraded" condition of each model).
 """
 
+from .corruption import (
+    AUDIO_CORRUPTIONS,
+    DEFAULT_CORRUPTION,
+    IMAGE_CORRUPTIONS,
+    Corruption,
+    corrupt_audio,
+    corrupt_image,
+    parse_corruption,
+)
 from .heldout import (
     POPE_SPLITS,
     DescriptionItem,
@@ -44,6 +55,13 @@ __all__ = [
     "heldout_items",
     "object_names",
     "task_prior",
+    "Corruption",
+    "DEFAULT_CORRUPTION",
+    "IMAGE_CORRUPTIONS",
+    "AUDIO_CORRUPTIONS",
+    "parse_corruption",
+    "corrupt_image",
+    "corrupt_audio",
     "format_prompt",
     "existence_question",
     "description_question",

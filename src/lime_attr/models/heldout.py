@@ -19,15 +19,21 @@ split's negative sampling:
 Hence every split has exactly 50 % "yes". The held-out scenes are drawn with a weaker co-occurrence
 prior than training (``partner_prob = 0.5`` instead of 0.9), so that the adversarial split contains many
 items where the prior points to an absent object.
+
+Every builder takes ``corruption=`` (a spec of :mod:`lime_attr.models.corruption`, e.g. ``"noise:0.3"``,
+``"snr:-5"`` or ``"degraded"``): the same items with degraded images / waveforms, so that the models
+have to fall back on their priors. ``None`` (the default) gives the clean items, bit-identical to a call
+without the keyword; labels, boxes and spans never change.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 
+from .corruption import CorruptionSpec, parse_corruption
 from .priors import HELDOUT_PARTNER_PROB, CooccurrencePrior
 from .processing import description_question, existence_question, format_prompt
 from .scenes import DIGIT_PRIOR, DigitScene, make_scenes
@@ -180,7 +186,11 @@ def task_prior(task: str) -> CooccurrencePrior:
 
 
 def heldout_items(
-    task: str, n_items: int, seed: int = DEFAULT_SEED, partner_prob: float = HELDOUT_PARTNER_PROB
+    task: str,
+    n_items: int,
+    seed: int = DEFAULT_SEED,
+    partner_prob: float = HELDOUT_PARTNER_PROB,
+    corruption: CorruptionSpec = None,
 ) -> list[DigitScene] | list[SoundClip]:
     """Held-out scenes (vision) or clips (audio).
 
@@ -194,15 +204,26 @@ def heldout_items(
         Seed of the items.
     partner_prob : float
         Co-occurrence strength of the prior (0.5 by default, 0.9 reproduces the training distribution).
+    corruption : str, Corruption, mapping or None
+        Degrade every image / waveform (:func:`~lime_attr.models.corruption.parse_corruption`); item
+        ``i`` is corrupted with the key ``(seed, i)``, so a set is a deterministic function of
+        ``(seed, corruption)``. Objects, boxes and spans are unchanged.
 
     Returns
     -------
     list of DigitScene or list of SoundClip
     """
     name = resolve_task(task)
+    corrupt = parse_corruption(corruption, name)
     if name == "digits-llava":
-        return make_scenes(n_items, seed=seed, split="heldout", partner_prob=partner_prob)
-    return make_clips(n_items, seed=seed, split="heldout", partner_prob=partner_prob)
+        scenes = make_scenes(n_items, seed=seed, split="heldout", partner_prob=partner_prob)
+        if corrupt is None:
+            return scenes
+        return [replace(s, image=corrupt.apply_image(s.image, (seed, i))) for i, s in enumerate(scenes)]
+    clips = make_clips(n_items, seed=seed, split="heldout", partner_prob=partner_prob)
+    if corrupt is None:
+        return clips
+    return [replace(c, audio=corrupt.apply_audio(c.audio, (seed, i))) for i, c in enumerate(clips)]
 
 
 def _negatives(
@@ -229,6 +250,7 @@ def pope_questions(
     pairs_per_item: int = 2,
     seed: int = DEFAULT_SEED,
     partner_prob: float = HELDOUT_PARTNER_PROB,
+    corruption: CorruptionSpec = None,
 ) -> list[PopeQuestion]:
     """POPE-style balanced yes/no questions on held-out items.
 
@@ -246,6 +268,8 @@ def pope_questions(
         Seed of items and sampling.
     partner_prob : float
         Co-occurrence strength of the held-out items.
+    corruption : str, Corruption, mapping or None
+        Degraded media (see :func:`heldout_items`); questions and labels are those of the clean set.
 
     Returns
     -------
@@ -256,7 +280,7 @@ def pope_questions(
     prior = _prior(name)
     if split not in POPE_SPLITS:
         raise ValueError(f"unknown POPE split {split!r}; expected one of {POPE_SPLITS}")
-    items = heldout_items(name, n_items, seed=seed, partner_prob=partner_prob)
+    items = heldout_items(name, n_items, seed=seed, partner_prob=partner_prob, corruption=corruption)
     split_code = POPE_SPLITS.index(split)
     questions: list[PopeQuestion] = []
     for item_id, item in enumerate(items):
@@ -295,13 +319,17 @@ def _question(name: str, item: DigitScene | SoundClip, item_id: int, obj: str, l
     )
 
 
-def pope_splits(task: str, **kwargs: Any) -> dict[str, list[PopeQuestion]]:
-    """All three POPE splits, ``{split: pope_questions(task, split, **kwargs)}``."""
-    return {split: pope_questions(task, split, **kwargs) for split in POPE_SPLITS}
+def pope_splits(task: str, corruption: CorruptionSpec = None, **kwargs: Any) -> dict[str, list[PopeQuestion]]:
+    """All three POPE splits, ``{split: pope_questions(task, split, corruption=corruption, **kwargs)}``."""
+    return {split: pope_questions(task, split, corruption=corruption, **kwargs) for split in POPE_SPLITS}
 
 
 def description_items(
-    task: str, n_items: int = 100, seed: int = DEFAULT_SEED + 1, partner_prob: float = HELDOUT_PARTNER_PROB
+    task: str,
+    n_items: int = 100,
+    seed: int = DEFAULT_SEED + 1,
+    partner_prob: float = HELDOUT_PARTNER_PROB,
+    corruption: CorruptionSpec = None,
 ) -> list[DescriptionItem]:
     """Held-out description requests with their ground-truth object sets (for CHAIR-style scoring).
 
@@ -315,6 +343,8 @@ def description_items(
         Seed of the items (differs from the POPE default so the two sets do not share items).
     partner_prob : float
         Co-occurrence strength of the held-out items.
+    corruption : str, Corruption, mapping or None
+        Degraded media (see :func:`heldout_items`); the ground-truth objects are unchanged.
 
     Returns
     -------
@@ -323,7 +353,9 @@ def description_items(
     name = resolve_task(task)
     question = description_question(name)
     out: list[DescriptionItem] = []
-    for item_id, item in enumerate(heldout_items(name, n_items, seed=seed, partner_prob=partner_prob)):
+    for item_id, item in enumerate(
+        heldout_items(name, n_items, seed=seed, partner_prob=partner_prob, corruption=corruption)
+    ):
         common = dict(
             item_id=item_id,
             question=question,
