@@ -192,7 +192,8 @@ def test_kl_term_bounds_the_change(model, prompt):
 def test_variants_run_and_move(model, prompt, direction, perturb, positions, opt):
     lr = 0.05 if opt == "adam" else 5.0
     rec = _one_token(model, prompt, LimeConfig(steps=3, lr=lr, perturb=perturb, positions=positions, optimizer=opt,
-                                               kl_direction=direction, layers=[1] if perturb == "k" else "all"))
+                                               kl_direction=direction, layers=[1] if perturb == "k" else "all",
+                                               fast_updates=None))
     assert rec.steps == 3
     assert rec.rel_losses[-1][0] != rec.rel_losses[0][0]
     assert rec.kl[-1][0] >= -1e-6
@@ -218,9 +219,14 @@ def test_reference_quirk_last_forward_vs_final(model, prompt):
     final = lime_generate(model, None, {"input_ids": prompt}, LimeConfig(mode="reference", emit="final", **cfg),
                           max_new_tokens=5, modality_mask=SPAN)
     assert final.changed.any()
-    fast = lime_generate(model, None, {"input_ids": prompt}, LimeConfig(mode="fast", **cfg), max_new_tokens=5,
-                         modality_mask=SPAN)
+    fast = lime_generate(model, None, {"input_ids": prompt}, LimeConfig(mode="fast", fast_updates=None, **cfg),
+                         max_new_tokens=5, modality_mask=SPAN)
     assert fast.changed.any()
+    # fast mode's default schedule carries the reference's total step (steps - 1 = 0 updates here): with one
+    # step it emits the unperturbed token, as reference mode does
+    compressed = lime_generate(model, None, {"input_ids": prompt}, LimeConfig(mode="fast", **cfg), max_new_tokens=5,
+                               modality_mask=SPAN)
+    assert compressed.tokens.tolist() == ref.tolist()
 
 
 def test_fast_gating_and_early_stop(model, prompt):
@@ -339,7 +345,7 @@ def test_cached_emission_exact_for_last_layer(model, prompt):
 
 def test_optimizer_standalone_and_relevance_traces(model, prompt):
     """LimeOptimizer.optimize outside lime_generate (it enters its own session) and relevance traces."""
-    lime = LimeOptimizer(LRP(model), LimeConfig(steps=3, lr=0.05, record_relevance=True))
+    lime = LimeOptimizer(LRP(model), LimeConfig(steps=3, lr=0.05, record_relevance=True, fast_updates=None))
     emb = model.get_input_embeddings()(prompt).detach()
     mod = torch.zeros_like(prompt, dtype=torch.bool)
     mod[:, 2:8] = True

@@ -6,7 +6,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-__all__ = ["LimeConfig", "PRESETS"]
+__all__ = ["LimeConfig", "PRESETS", "FAST_CONFIDENCE_GATE", "FAST_UPDATES"]
+
+#: Fast mode's default confidence gate (``confidence_gate="auto"``): tokens whose unperturbed top
+#: probability is at least this are emitted from the KV cache without optimisation.
+FAST_CONFIDENCE_GATE: float = 0.99
+#: Fast mode's default number of optimiser updates per token (``fast_updates="auto"``).
+FAST_UPDATES: int = 2
 
 #: ``model_type -> (lr, kl_weight)``, paper Table 5 (the reference code's defaults agree).
 PRESETS: dict[str, tuple[float, float]] = {
@@ -65,7 +71,9 @@ class LimeConfig:
         (``kl_div(log p_delta, p_ref)``); ``"delta||ref"`` is how the paper's text reads.
     mode : {"reference", "fast"}
         ``"reference"`` reproduces the published loop step by step (see ``docs/lime.rst``);
-        ``"fast"`` adds KV-cache reuse, gating and early stopping.
+        ``"fast"`` adds KV-cache reuse, the confidence gate (default 0.99), the compressed schedule
+        (default 2 updates carrying the reference's total step), optional share gating and early
+        stopping; what is exact and what is approximate is listed in ``docs/lime.rst``.
     emit : {"auto", "final", "last_forward", "cached"}
         Which logits the emitted token comes from. ``"last_forward"``: the logits of the last inner
         forward, i.e. *before* the last update (the reference code's behaviour); ``"final"``: one more
@@ -77,10 +85,26 @@ class LimeConfig:
     target : {"auto", "fixed", "per_step"}
         Which token's logit is explained. ``"per_step"``: re-decoded from each inner forward's logits
         (reference code); ``"fixed"``: decoded once from the unperturbed distribution. ``"auto"``:
-        ``per_step`` in reference mode, ``fixed`` in fast mode.
-    confidence_gate : float or None
+        ``per_step`` in both modes (fast mode used ``fixed`` before; ``per_step`` follows the reference
+        trajectory, measured in ``docs/lime.rst``).
+    confidence_gate : float, None or "auto"
         Fast mode: skip the optimisation of a token when the unperturbed probability of the top token is
-        at least this (``None`` disables).
+        at least this (after the logits processors); the token is then the unperturbed one, from the KV
+        cache. ``None`` disables; ``"auto"`` (default) is :data:`FAST_CONFIDENCE_GATE` (0.99) in fast
+        mode and ``None`` in reference mode (which never gates).
+    fast_updates : int, None or "auto"
+        Fast mode: optimiser updates actually run per token. Reference mode applies ``steps - 1``
+        updates before the token it emits (its last update is discarded); fast mode runs
+        ``n = min(fast_updates, steps - 1)`` updates with the learning rate scaled by
+        ``(steps - 1) / n``, so that the total step is the same (Adam's first updates are each about
+        ``lr * sign(g)``; an approximation, see ``docs/lime.rst``), then emits after the last update.
+        ``None``: ``steps`` updates at ``lr`` (the behaviour before this option). ``"auto"`` (default):
+        :data:`FAST_UPDATES` (2) in fast mode. Ignored in reference mode.
+    final_relevance : bool
+        When the token is emitted from a forward after the last update (``emit="final"``), take the
+        relevance in that forward too (one first-order backward), so that ``share_after`` /
+        ``focus_after`` describe the perturbation the token was emitted from. Off by default (it costs a
+        backward per optimised token); the benchmarks turn it on to measure the effect.
     share_gate : float or None
         Fast mode: stop before the first update when the perceptual share of relevance
         (:math:`\sum_M |R| / \sum |R|`) is already at least this (``None`` disables).
@@ -111,8 +135,10 @@ class LimeConfig:
     mode: str = "fast"
     emit: str = "auto"
     target: str = "auto"
-    confidence_gate: Optional[float] = None
+    confidence_gate: Union[float, None, str] = "auto"
     share_gate: Optional[float] = None
+    fast_updates: Union[int, None, str] = "auto"
+    final_relevance: bool = False
     patience: int = 0
     tol: float = 1e-3
     kv_cache: bool = True
@@ -165,8 +191,17 @@ class LimeConfig:
             raise ValueError("LimeConfig.emit='cached' needs mode='fast' and kv_cache=True (it reuses the KV cache)")
         for name in ("confidence_gate", "share_gate"):
             v = getattr(self, name)
+            if name == "confidence_gate" and v == "auto":
+                continue
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1):
-                raise ValueError(f"LimeConfig.{name} must be None or a number in [0, 1], got {v!r}")
+                extra = ", or 'auto'" if name == "confidence_gate" else ""
+                raise ValueError(f"LimeConfig.{name} must be None or a number in [0, 1]{extra}, got {v!r}")
+        v = self.fast_updates
+        if not (v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)):
+            raise ValueError("LimeConfig.fast_updates must be 'auto', None (run `steps` updates at `lr`) or an "
+                             f"int >= 1, got {v!r}")
+        if not isinstance(self.final_relevance, bool):
+            raise TypeError(f"LimeConfig.final_relevance must be a bool, got {self.final_relevance!r}")
         if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 0:
             raise ValueError("LimeConfig.patience must be an int >= 0 (0 disables early stopping), got "
                              f"{self.patience!r}")
@@ -203,7 +238,35 @@ class LimeConfig:
         """``"fixed"`` or ``"per_step"`` after resolving ``"auto"``."""
         if self.target != "auto":
             return self.target
-        return "per_step" if self.mode == "reference" else "fixed"
+        return "per_step"
+
+    @property
+    def gate(self) -> Optional[float]:
+        """The confidence gate after resolving ``"auto"`` (``None`` in reference mode: it never gates)."""
+        if self.mode != "fast":
+            return None
+        if self.confidence_gate == "auto":
+            return FAST_CONFIDENCE_GATE
+        return self.confidence_gate
+
+    @property
+    def schedule(self) -> tuple[int, float]:
+        """``(updates, lr)``: the optimiser updates run per token and their learning rate.
+
+        Reference mode: ``(steps, lr)`` (the last update is computed and, with ``emit="last_forward"``,
+        discarded). Fast mode with ``fast_updates=None``: ``(steps, lr)``. Otherwise ``n = min(fast_updates,
+        steps - 1)`` updates at ``lr * (steps - 1) / n``: the same total step as the ``steps - 1`` updates
+        reference mode applies before emitting (``(0, lr)`` when ``steps <= 1``: reference mode emits the
+        unperturbed token then).
+        """
+        if self.mode != "fast" or self.fast_updates is None:
+            return self.steps, self.lr
+        k = FAST_UPDATES if self.fast_updates == "auto" else int(self.fast_updates)
+        budget = max(self.steps - 1, 0)
+        n = min(k, budget)
+        if n == 0:
+            return 0, self.lr
+        return n, self.lr * budget / n
 
     def replace(self, **changes: Any) -> "LimeConfig":
         """A validated copy with ``changes`` applied."""

@@ -7,9 +7,15 @@ top-k, top-p) and, when sampling, one Gumbel draw per token and row, shared by t
 perturbed distributions so that "did LIME change the token" is meaningful; the
 :class:`~lime_attr.mitigation.optimizer.LimeOptimizer` runs the inner loop; the emitted token is appended
 and every perturbation, optimiser state and graph is dropped.
+
+In fast mode the LRP scope is entered at the first token that is optimised (not before the prompt pass):
+the rules change only the backward pass, so the no-grad cached steps give the same logits outside it, and
+a generation whose tokens are all gated never installs it. Pass ``attribution=`` to reuse one
+attribution (and its scope's one-time op-coverage check) across calls.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
@@ -21,7 +27,7 @@ from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
 
 from .config import LimeConfig
 from ..modality import split_inputs
-from .optimizer import LimeOptimizer, TokenRecord, language_decoder
+from .optimizer import LimeOptimizer, TokenRecord, _switch_attention, language_decoder
 
 __all__ = ["lime_generate", "LimeOutput", "modality_positions"]
 
@@ -261,7 +267,24 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
 
     records: list[TokenRecord] = []
     out_tokens: list[list[int]] = []
-    with lime.session(), torch.no_grad():
+    n_updates = config.schedule[0]
+    gate = config.gate if fast_cache else None
+    # The attention implementation is switched for the whole generation (cheap, and the unperturbed logits
+    # must come from the same kernel as the inner forwards). The LRP scope (hooks, canonizer, frozen
+    # parameters) is entered lazily, at the first token that is optimised: the scope changes the backward
+    # pass only, so the no-grad prompt pass and cached steps before it compute the same numbers outside
+    # it, and a generation whose tokens are all gated never pays for installing it.
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        stack.callback(_switch_attention(model, config.attn_implementation))
+        in_session = [False]
+
+        def enter_session() -> None:
+            if not in_session[0]:
+                stack.enter_context(lime.session())
+                in_session[0] = True
+
+        if not fast_cache and max_new > 0:
+            enter_session()  # reference mode (and kv_cache=False): every token runs the inner loop
         # ---------------------------------------------------------------- prompt pass (no grad)
         captured: dict[str, Any] = {}
 
@@ -303,13 +326,13 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
             decoder.new_token(all_ids, vocab)
             active = ~finished
             skipped = None
-            if fast_cache and config.confidence_gate is not None and ref_logits is not None:
+            if gate is not None and ref_logits is not None:
                 conf = torch.softmax(decoder.scores(ref_logits), -1).max(-1).values
-                active = active & (conf < config.confidence_gate)
+                active = active & (conf < gate)
                 if not bool(active.any()):
                     skipped = "confidence"
             model_kwargs = {"attention_mask": mask, "position_ids": positions, "use_cache": False, **keep1}
-            if skipped is not None or config.steps == 0 and ref_logits is not None:
+            if skipped is not None or n_updates == 0 and ref_logits is not None:
                 nan = [float("nan")] * B
                 emit, ref = ref_logits, ref_logits
                 rec = TokenRecord(index=t, share_before=list(nan), share_after=list(nan), focus_before=list(nan),
@@ -327,6 +350,7 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
                         cache.crop(-1)  # drop its perturbed K/V again: the next cached step re-feeds it
                         refeed[0] = True
                         return o.logits[:, -1, :]
+                enter_session()
                 with torch.enable_grad():
                     emit, ref, rec = lime.optimize(embeds, model_kwargs, _modality_full(modality, mask),
                                                    mask.bool(), decoder, ref_logits=ref_logits, active=active,

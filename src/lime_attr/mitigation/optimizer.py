@@ -313,7 +313,7 @@ class LimeOptimizer:
         self._deltas.clear()
         self._grad_deltas = True
         params: list[Tensor] = []
-        opt: Optional[torch.optim.Optimizer] = None
+        opt: Any = None
         log_ref: Optional[Tensor] = None if ref_logits is None else F.log_softmax(ref_logits.detach().float(), -1)
         fixed_target: Optional[Tensor] = None
         ref_raw: Optional[Tensor] = None
@@ -327,8 +327,9 @@ class LimeOptimizer:
         tau = cfg.temperature
         steps_run = 0
         fresh = False
+        n_updates, lr = cfg.schedule
         try:
-            for s in range(cfg.steps):
+            for s in range(n_updates):
                 self._event("forward", s)
                 if fixed_target is not None:
                     pick_s = lambda _l, t=fixed_target: t  # noqa: E731
@@ -341,8 +342,13 @@ class LimeOptimizer:
                     if not params:
                         raise RuntimeError("no attention call of the perturbed layers went through the scope's "
                                            "attention bridge: is a canonizer for this model registered?")
-                    opt = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
-                           else torch.optim.SGD(params, lr=cfg.lr))
+                    if cfg.mode == "fast":
+                        # same arithmetic as torch.optim's single-tensor Adam / plain SGD (tested bit for
+                        # bit) without its per-call machinery, which costs milliseconds per token
+                        opt = _InnerOptimizer(params, lr, cfg.optimizer)
+                    else:
+                        opt = (torch.optim.Adam(params, lr=lr) if cfg.optimizer == "adam"
+                               else torch.optim.SGD(params, lr=lr))
                     if log_ref is None:
                         ref_raw = out.logits.detach()
                         log_ref = F.log_softmax(ref_raw, -1)
@@ -394,7 +400,7 @@ class LimeOptimizer:
                 steps_run += 1
                 self._event("update", s)
             rec.steps = steps_run
-            if cfg.steps == 0:
+            if n_updates == 0 and rec.skipped is None:
                 rec.skipped = "steps=0"
             # ------------------------------------------------------------ emission
             if last is None:
@@ -417,7 +423,17 @@ class LimeOptimizer:
             else:
                 self._event("emit", "final")
                 self._grad_deltas = False
-                emit = self._forward(embeds, model_kwargs, pick, False, False).logits.detach()
+                if cfg.final_relevance:
+                    # relevance under the perturbation the token is emitted from (first order, no graph)
+                    fin = self._forward(embeds, model_kwargs, pick, True, False)
+                    rec.share_after = modality_share(fin.relevance, mod_f, valid_f).tolist()
+                    rec.focus_after = modality_focus(fin.relevance, mod_f, valid_f, tau).tolist()
+                    if cfg.record_relevance:
+                        rec.relevance_after = fin.relevance.detach().cpu()
+                    emit = fin.logits.detach()
+                    del fin
+                else:
+                    emit = self._forward(embeds, model_kwargs, pick, False, False).logits.detach()
             if ref_logits is None:
                 ref_logits = ref_raw if ref_raw is not None else emit
             ref_logits = ref_logits.detach().float()
@@ -444,6 +460,50 @@ class LimeOptimizer:
         else:
             kl = (log_delta.exp() * (log_delta - log_ref)).sum(-1)
         return rel_loss, kl
+
+
+class _InnerOptimizer:
+    """Adam (betas 0.9 / 0.999, eps 1e-8, no weight decay) or plain SGD over a few tensors, with exactly the
+    operations of ``torch.optim.Adam(foreach=False)`` / ``torch.optim.SGD`` (their single-tensor path,
+    the default on CPU): the same numbers bit for bit, without the optimiser framework's per-step
+    overhead. Used by fast mode; reference mode keeps ``torch.optim``."""
+
+    def __init__(self, params: list, lr: float, kind: str = "adam", betas: tuple = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.params = list(params)
+        self.lr, self.kind, self.betas, self.eps = float(lr), kind, betas, eps
+        self.steps = [0] * len(self.params)
+        self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params] \
+            if kind == "adam" else []
+        self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params] \
+            if kind == "adam" else []
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grads = [p.grad for p in self.params]
+        if self.kind != "adam":
+            for p, g in zip(self.params, grads):
+                if g is not None:
+                    p.add_(g, alpha=-self.lr)
+            return
+        beta1, beta2 = self.betas
+        for i, (p, g, m, v) in enumerate(zip(self.params, grads, self.exp_avg, self.exp_avg_sq)):
+            if g is None:  # torch.optim skips such a parameter, its step count included
+                continue
+            self.steps[i] += 1
+            step = float(self.steps[i])
+            bias_correction1 = 1 - beta1 ** step
+            bias_correction2 = 1 - beta2 ** step
+            step_size = self.lr / bias_correction1
+            bias_correction2_sqrt = bias_correction2 ** 0.5
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / bias_correction2_sqrt).add_(self.eps)
+            p.addcdiv_(m, denom, value=-step_size)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
 
 
 def _configs(model: nn.Module) -> list:
