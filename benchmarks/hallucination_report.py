@@ -232,10 +232,17 @@ def decoding_config(method: str, settings: Settings, max_new_tokens: int):
 
 
 def lime_config(model: Any, method: str, **overrides: Any):
-    """``LimeConfig.for_model(model, mode=...)`` with relevance recording (public API only)."""
+    """``LimeConfig.for_model(model, mode=...)`` with relevance recording (public API only).
+
+    Fast mode also measures the relevance under the perturbation the token was emitted from
+    (``final_relevance=True``), so that its "after" numbers describe what it emitted.
+    """
     from lime_attr.mitigation import LimeConfig
 
-    return LimeConfig.for_model(model, mode=method.split("-", 1)[1], record_relevance=True, **overrides)
+    mode = method.split("-", 1)[1]
+    if mode == "fast":
+        overrides = {"final_relevance": True, **overrides}
+    return LimeConfig.for_model(model, mode=mode, record_relevance=True, **overrides)
 
 
 def encode(model: Any, processor: Any, item: Any) -> dict:
@@ -794,7 +801,7 @@ METHOD_DESCRIPTIONS = {
     "sample": "transformers generate(), do_sample=True",
     "vcd": "greedy decoding of VCD's contrasted logits (lime_attr VCDLogitsProcessor via generation.generate)",
     "lime-reference": "lime_generate with LimeConfig.for_model(model, mode='reference'), greedy",
-    "lime-fast": "lime_generate with LimeConfig.for_model(model, mode='fast'), greedy",
+    "lime-fast": "lime_generate with LimeConfig.for_model(model, mode='fast', final_relevance=True), greedy (fast-mode defaults: confidence gate, compressed updates)",
 }
 
 

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from lime_attr.cli import build_parser, main
 
@@ -109,3 +110,34 @@ def test_generate_rejects_bad_decoding(scene, capsys):
     rc = main(["generate", "--model", "builtin:digits-llava", "--image", str(path), "--prompt", "x",
                "--temperature", "0"])
     assert rc == 2 and "temperature" in capsys.readouterr().err
+
+
+def test_device_map_auto_loads_a_checkpoint_folder_through_accelerate(tmp_path, monkeypatch):
+    """``--device-map auto`` reaches ``from_pretrained(device_map="auto")`` (accelerate) for a checkpoint folder
+    (here the shipped demo weights: the same path a hub checkpoint takes); the model answers like the builtin."""
+    from importlib.resources import files
+
+    import lime_attr.cli as cli
+    import lime_attr.models as models
+    from lime_attr.models import pope_questions
+
+    folder = str(files("lime_attr.models") / "weights" / "digits-llava")
+    seen = []
+    real = models.load_model
+
+    def spy(spec, *a, **kw):
+        seen.append(kw)
+        return real(spec, *a, **kw)
+
+    monkeypatch.setattr(models, "load_model", spy)
+    args = cli.build_parser().parse_args(["generate", "--model", folder, "--device-map", "auto", "--prompt", "x"])
+    model, processor = cli._load_args(args)
+    builtin, _ = cli._load("builtin:digits-llava", device_map="auto")
+    assert seen[0].get("device_map") == "auto" and "device_map" not in seen[1]
+    q = pope_questions("vision", "random")[0]
+    enc = processor(text=q.prompt, images=q.image, return_tensors="pt")
+    assert torch.equal(model.generate(**enc, max_new_tokens=2, do_sample=False),
+                       builtin.generate(**enc, max_new_tokens=2, do_sample=False))
+    with pytest.raises(cli.CLIError, match="applies only to the embedded"):
+        cli.cmd_eval(cli.build_parser().parse_args(
+            ["eval", "pope", "--model", str(tmp_path / "none"), "--corruption", "noise:0.3"]))

@@ -27,13 +27,32 @@ class CLIError(Exception):
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _load(spec: str, dtype: Optional[str] = None):
+def _load(spec: str, dtype: Optional[str] = None, device_map: Optional[str] = "replica", gpus_per_rank: int = 1,
+          max_memory_per_gpu: Optional[str] = None):
+    """Load ``spec`` with the placement of :func:`lime_attr.evaluation.sharding.from_pretrained_kwargs`.
+
+    ``replica``: one copy per process on ``cuda:<LOCAL_RANK>`` (CPU without CUDA); ``auto``: accelerate
+    spreads a model too large for one GPU over this process's GPUs; ``cpu``: CPU.
+    """
+    from .evaluation.sharding import from_pretrained_kwargs
     from .models import load_model
 
     try:
-        return load_model(spec, dtype=dtype)
+        kwargs = from_pretrained_kwargs(device_map, gpus_per_rank=gpus_per_rank,
+                                        max_memory_per_gpu=max_memory_per_gpu)
+        if _builtin_name(spec) is not None:  # a few hundred kB: one device, never split
+            dm = kwargs.get("device_map")
+            device = f"cuda:{dm['']}" if isinstance(dm, dict) and isinstance(dm.get(""), int) else (
+                "cpu" if dm == "cpu" else None)
+            return load_model(spec, dtype=dtype, device=device)
+        return load_model(spec, dtype=dtype, **kwargs)
     except Exception as exc:  # noqa: BLE001 - reported to the user with the cause
         raise CLIError(f"cannot load model {spec!r}: {exc}") from exc
+
+
+def _load_args(args: argparse.Namespace):
+    return _load(args.model, args.dtype, device_map=args.device_map, gpus_per_rank=args.gpus_per_rank,
+                 max_memory_per_gpu=args.max_memory_per_gpu)
 
 
 def _builtin_name(spec: str) -> Optional[str]:
@@ -115,7 +134,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .visualize import audio_plot, image_overlay, text_html
 
     _check_media_paths(args)
-    model, processor = _load(args.model, args.dtype)
+    model, processor = _load_args(args)
     enc = _inputs(model, processor, args)
     tok = getattr(processor, "tokenizer", processor)
     target = None
@@ -157,7 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     _check_media_paths(args)
     cfg = _decoding(args)
-    model, processor = _load(args.model, args.dtype)
+    model, processor = _load_args(args)
     enc = _inputs(model, processor, args)
     res = generate(model, processor, enc, cfg)
     print(res.texts[0])
@@ -171,9 +190,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.harness import run_benchmark
 
+    from .evaluation.harness import check_corruption
+
+    decoding = _decoding(args)
     try:
-        results = run_benchmark(args.benchmark, args.model, _decoding(args), split=args.split, limit=args.limit,
+        check_corruption(args.corruption, args.model)  # cheap checks before the model loads
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    model, processor = _load_args(args)
+    try:
+        results = run_benchmark(args.benchmark, args.model, decoding, split=args.split, limit=args.limit,
                                 files=vars(args), dtype=args.dtype, progress=not args.no_progress,
+                                model=model, processor=processor,
                                 corruption=args.corruption, parser=args.parser)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise CLIError(str(exc)) from exc
@@ -212,6 +240,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_model_args(p: argparse.ArgumentParser, media: bool = True) -> None:
     p.add_argument("--model", required=True, help=BUILTIN_HELP)
     p.add_argument("--dtype", default=None, help="float32 (default for builtin models), bfloat16, float16")
+    p.add_argument("--device-map", default="replica", choices=["replica", "auto", "cpu"],
+                   help="replica (default): one copy per process on cuda:<LOCAL_RANK>, CPU without CUDA; auto: "
+                        "accelerate splits a model too large for one GPU over this process's GPUs; cpu")
+    p.add_argument("--gpus-per-rank", type=int, default=1,
+                   help="with --device-map auto under torchrun: GPUs per process (launch GPUs / this processes)")
+    p.add_argument("--max-memory-per-gpu", default=None, help="with --device-map auto: cap per GPU, e.g. 70GiB")
     if media:
         p.add_argument("--image", help="image file (PNG/JPEG)")
         p.add_argument("--audio", help="audio file (PCM WAV; resampled to the processor's rate)")

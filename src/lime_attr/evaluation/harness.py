@@ -73,6 +73,27 @@ def _answer_fn(model: Any, processor: Any, decoding: Any, builtin: Optional[str]
     return answer
 
 
+def check_corruption(corruption: Any, model_spec: str) -> Any:
+    """The parsed corruption of a benchmark run (``None`` for clean data), checked before any model loads.
+
+    Raises
+    ------
+    ValueError
+        A bad spec, or a corruption for a model that is not a builtin demo model.
+    """
+    clean = corruption is None or (isinstance(corruption, str) and corruption.strip().lower() in ("clean", "none", ""))
+    if clean:
+        return None
+    builtin = model_spec.split(":", 1)[1] if model_spec.startswith("builtin:") else None
+    if builtin is None:
+        raise ValueError(f"corruption={str(corruption)!r} applies only to the embedded held-out sets of the "
+                         f"builtin demo models (builtin:digits-llava, builtin:tones-qwen2audio), not to "
+                         f"{model_spec!r}; degrade your own benchmark files instead")
+    from ..models import parse_corruption
+
+    return parse_corruption(corruption, builtin)
+
+
 def run_benchmark(benchmark: str, model_spec: str, decoding: Any, split: str = "all", limit: Optional[int] = None,
                   files: Optional[Mapping[str, Any]] = None, dtype: Optional[str] = None, progress: bool = True,
                   model: Any = None, processor: Any = None, corruption: Any = None,
@@ -127,16 +148,7 @@ def run_benchmark(benchmark: str, model_spec: str, decoding: Any, split: str = "
         from .parsing import get_parser
 
         get_parser(parser)  # an unknown name fails here, listing the registered parsers
-    corrupt = None
-    clean = corruption is None or (isinstance(corruption, str) and corruption.strip().lower() in ("clean", "none", ""))
-    if not clean:
-        if builtin is None:
-            raise ValueError(f"corruption={str(corruption)!r} applies only to the embedded held-out sets of the "
-                             f"builtin demo models (builtin:digits-llava, builtin:tones-qwen2audio), not to "
-                             f"{model_spec!r}; degrade your own benchmark files instead")
-        from ..models import parse_corruption
-
-        corrupt = parse_corruption(corruption, builtin)
+    corrupt = check_corruption(corruption, model_spec)
     if model is None:
         from ..models import load_model
 
