@@ -17,6 +17,15 @@ What is measured
   ``/proc/self/clear_refs``) of one attribution minus the resident set size just before it is the
   method's peak memory. Ratios are against the plain gradient measured the same way.
 
+Like with like: the parameters of every model are frozen (``requires_grad=False``) for all methods, so
+that neither the baseline nor LRP builds or keeps anything for weight gradients; the baseline is one
+forward and one input-gradient backward (``torch.autograd.grad`` w.r.t. the input only).
+
+Convolution bound (CNNs, CPU): the CPU time of every kind of layer evaluation a rule needs (forward,
+input-gradient, with two weight variants stacked, ...) is measured per convolution of the model on its
+real input; ``bound`` is the baseline's time with its convolutions replaced by the ones the rule needs at
+least (everything else assumed free). A measured ratio can approach it but not go below it.
+
 Models
 ------
 * ``llama``: a :class:`~transformers.LlamaForCausalLM` from a config (hidden 256, 4 layers, 4 heads,
@@ -24,10 +33,12 @@ Models
   embeddings at the last position -- composites ``attnlrp`` (epsilon -> 0), ``attnlrp-eps``
   (epsilon 1e-6 on every linear layer) and ``cp-lrp``;
 * ``mlp``: a 6-layer ReLU MLP (width 1024, batch 256) -- ``epsilon`` (1e-6);
-* ``cnn``: a VGG-style ReLU CNN (5 convolutions, batch 8, 64x64) -- ``gamma``, ``zplus``,
-  ``alpha_beta`` (2, 1) on the convolutions with epsilon on the dense layers, and ``epsilon-gamma``
-  (z-box first layer); each also with zennit's equivalent composite (its hooks, autograd inside
-  ``composite.context``).
+* ``cnn``: a VGG-style ReLU CNN (5 convolutions with 32-32-64-64-128 channels, batch 8, 64x64) --
+  ``gamma``, ``zplus``, ``alpha_beta`` (2, 1) on the convolutions with epsilon on the dense layers,
+  ``epsilon-gamma`` (z-box first layer) and ``epsilon-plus``; each also with zennit's equivalent
+  composite (a layer map with the same rules, ``EpsilonAlpha2Beta1``, ``EpsilonGammaBox``,
+  ``EpsilonPlus``; zennit's hooks, autograd inside ``composite.context``);
+* ``cnn-wide``: the same with 64-64-128-128-256 channels, batch 4 (convolutions dominate even more).
 
 Goals (reported, not enforced): epsilon and AttnLRP <= 1.1x time and <= 1.05x memory; gamma / zplus /
 alpha-beta on a CNN <= 1.5x time and >= 3x faster than zennit.
@@ -55,11 +66,14 @@ OUT = ROOT / "docs" / "benchmarks" / "lrp_cost.json"
 LOW, HIGH = -3.0, 3.0
 
 # model -> methods (the first is the baseline)
+_CNN_METHODS = ["gradient", "lrp:gamma", "zennit:gamma", "lrp:zplus", "zennit:zplus", "lrp:alpha_beta",
+                "zennit:alpha_beta", "lrp:epsilon-gamma", "zennit:epsilon-gamma", "lrp:epsilon-plus",
+                "zennit:epsilon-plus"]
 METHODS: dict[str, list[str]] = {
     "llama": ["gradient", "lrp:attnlrp", "lrp:attnlrp-eps", "lrp:cp-lrp"],
     "mlp": ["gradient", "lrp:epsilon"],
-    "cnn": ["gradient", "lrp:gamma", "zennit:gamma", "lrp:zplus", "zennit:zplus", "lrp:alpha_beta",
-            "zennit:alpha_beta", "lrp:epsilon-gamma", "zennit:epsilon-gamma"],
+    "cnn": list(_CNN_METHODS),
+    "cnn-wide": list(_CNN_METHODS),
 }
 
 GOALS = {
@@ -67,6 +81,7 @@ GOALS = {
     "lrp:cp-lrp": dict(time=1.1, memory=1.05), "lrp:epsilon": dict(time=1.1, memory=1.05),
     "lrp:gamma": dict(time=1.5, vs_zennit=3.0), "lrp:zplus": dict(time=1.5, vs_zennit=3.0),
     "lrp:alpha_beta": dict(time=1.5, vs_zennit=3.0), "lrp:epsilon-gamma": dict(time=1.5, vs_zennit=3.0),
+    "lrp:epsilon-plus": dict(time=1.5, vs_zennit=3.0),
 }
 
 
@@ -74,7 +89,20 @@ GOALS = {
 
 
 def build(name: str, device: torch.device, small: bool = False) -> tuple[nn.Module, torch.Tensor, int]:
-    """(model, input, target) for one benchmark model; ``small`` gives a tiny input for warm-up."""
+    """(model, input, target) for one benchmark model; ``small`` gives a tiny input for warm-up.
+
+    The parameters are frozen (``requires_grad=False``) for every method alike: an attribution needs no
+    weight gradients, and a parameter that requires grad makes autograd keep each linear layer's input
+    for a weight gradient nobody asks for, which would inflate the baseline's memory and hide the cost
+    of a rule's own saved tensors.
+    """
+    model, x, target = _build(name, device, small)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, x, target
+
+
+def _build(name: str, device: torch.device, small: bool = False) -> tuple[nn.Module, torch.Tensor, int]:
     torch.manual_seed(0)
     if name == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -96,14 +124,17 @@ def build(name: str, device: torch.device, small: bool = False) -> tuple[nn.Modu
         layers.append(nn.Linear(d, 10))
         model = nn.Sequential(*layers).eval().to(device)
         return model, torch.randn(4 if small else 256, 512, device=device), 3
-    if name == "cnn":
+    if name in ("cnn", "cnn-wide"):
         def block(c_in: int, c_out: int) -> list[nn.Module]:
             return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU()]
 
-        model = nn.Sequential(*block(3, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64),
-                              nn.MaxPool2d(2), *block(64, 128), nn.MaxPool2d(2), nn.Flatten(),
-                              nn.Linear(128 * 8 * 8, 256), nn.ReLU(), nn.Linear(256, 10)).eval().to(device)
-        x = (torch.rand(1 if small else 8, 3, 64, 64, device=device) * (HIGH - LOW) + LOW)
+        # cnn: 32-64-128 channels, 64x64, batch 8; cnn-wide: 64-128-256 channels (4x the convolution work
+        # per pixel), 64x64, batch 4 -- there the convolutions dominate even more than Python overhead
+        c1, c2, c3, batch = (32, 64, 128, 8) if name == "cnn" else (64, 128, 256, 4)
+        model = nn.Sequential(*block(3, c1), *block(c1, c1), nn.MaxPool2d(2), *block(c1, c2), *block(c2, c2),
+                              nn.MaxPool2d(2), *block(c2, c3), nn.MaxPool2d(2), nn.Flatten(),
+                              nn.Linear(c3 * 8 * 8, 256), nn.ReLU(), nn.Linear(256, 10)).eval().to(device)
+        x = (torch.rand(1 if small else batch, 3, 64, 64, device=device) * (HIGH - LOW) + LOW)
         return model, x, 4
     raise KeyError(name)
 
@@ -118,17 +149,23 @@ def our_composite(rule: str) -> Any:
         return get_composite(rule)
     if rule == "epsilon-gamma":
         return get_composite("epsilon-gamma", low=LOW, high=HIGH)
+    if rule == "epsilon-plus":
+        return get_composite("epsilon-plus")
     conv = {"gamma": Gamma(0.25), "zplus": ZPlus(), "alpha_beta": AlphaBeta(2.0, 1.0), "epsilon": Epsilon()}[rule]
     return Composite([(nn.Conv2d, conv), ("site:layer", Epsilon()), ("site:activation", "identity")], name=rule)
 
 
 def zennit_composite(rule: str) -> Any:
     from zennit import rules as zr
-    from zennit.composites import EpsilonGammaBox, LayerMapComposite
+    from zennit.composites import EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlus, LayerMapComposite
 
     if rule == "epsilon-gamma":
         return EpsilonGammaBox(low=LOW, high=HIGH)
-    conv = {"gamma": lambda: zr.Gamma(0.25), "zplus": zr.ZPlus, "alpha_beta": lambda: zr.AlphaBeta(2.0, 1.0)}[rule]()
+    if rule == "epsilon-plus":
+        return EpsilonPlus()
+    if rule == "alpha_beta":  # zennit's named composite: AlphaBeta(2, 1) on convolutions, epsilon on dense layers
+        return EpsilonAlpha2Beta1()
+    conv = {"gamma": lambda: zr.Gamma(0.25), "zplus": zr.ZPlus}[rule]()
     return LayerMapComposite([(nn.Conv2d, conv), (nn.Linear, zr.Epsilon()), (nn.ReLU, zr.Pass())])
 
 
@@ -202,6 +239,84 @@ def time_model(name: str, methods: list[str], device: torch.device, repeats: int
     return wall, cpu
 
 
+# ------------------------------------------------------------------------------- convolution bound
+
+# Layer evaluations each rule needs per convolution, in the minimal forms lime_attr implements (see
+# docs/benchmarks.rst): F = one forward evaluation, B = one input-gradient (transposed) evaluation; "o2"
+# doubles the output channels (two weight variants stacked), "i2" the input channels ([x+, x-] stacked),
+# "io2" both. The model's own forward (F) is always there; the plain gradient adds B.
+_CONV_COUNTS = {
+    "gradient": dict(first=["F", "B"], other=["F", "B"]),
+    "lrp:zplus": dict(first=["F", "Fi2", "Bi2"], other=["F", "F", "B"]),
+    "lrp:epsilon-plus": dict(first=["F", "Fi2", "Bi2"], other=["F", "F", "B"]),
+    # gamma: the second transposed evaluation (outputs with y < 0) is skipped when a ReLU zeroes its gradient
+    "lrp:gamma": dict(first=["F", "Fio2", "Bi2"], other=["F", "F", "B"]),
+    "lrp:alpha_beta": dict(first=["F", "Fio2", "Bio2"], other=["F", "Fo2", "Bo2"]),
+    # z-box: the layer's own backward for x, one evaluation each for the bounds l (W+) and h (W-), and their backward
+    "lrp:epsilon-gamma": dict(first=["F", "F", "F", "B", "B", "B"], other=["F", "F", "B"]),
+    # zennit (0.5): the model's forward and the layer's own backward (its result is replaced), plus, inside
+    # the backward hook, one re-evaluation and one autograd gradient per (input, parameter) modifier pair:
+    # 2 pairs for ZPlus, 4 for AlphaBeta and Gamma, 3 for ZBox
+    "zennit:zplus": dict(first=["F", "B"] + ["F", "B"] * 2, other=["F", "B"] + ["F", "B"] * 2),
+    "zennit:epsilon-plus": dict(first=["F", "B"] + ["F", "B"] * 2, other=["F", "B"] + ["F", "B"] * 2),
+    "zennit:gamma": dict(first=["F", "B"] + ["F", "B"] * 4, other=["F", "B"] + ["F", "B"] * 4),
+    "zennit:alpha_beta": dict(first=["F", "B"] + ["F", "B"] * 4, other=["F", "B"] + ["F", "B"] * 4),
+    "zennit:epsilon-gamma": dict(first=["F", "B"] + ["F", "B"] * 3, other=["F", "B"] + ["F", "B"] * 4),
+}
+
+
+def _cpu_median(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        c0 = time.process_time()
+        fn()
+        times.append(time.process_time() - c0)
+    return statistics.median(times)
+
+
+def conv_costs(name: str, device: torch.device, repeats: int) -> list[dict[str, float]]:
+    """CPU seconds of each kind of layer evaluation (``F``, ``B``, ``Fo2``, ...) for every convolution."""
+    from torch.nn.grad import conv2d_input
+
+    model, x, _ = build(name, device)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    inputs: dict[nn.Module, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda mod, a, o: inputs.__setitem__(mod, a[0].detach())) for m in convs]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    out = []
+    for m in convs:
+        xi, w = inputs[m], m.weight.detach()
+        x2, w_o2, w_i2 = torch.cat([xi, xi], 1), torch.cat([w, w]), torch.cat([w, w], 1)
+        w_io2 = torch.cat([w_i2, w_i2])
+        kw = dict(stride=m.stride, padding=m.padding)
+        g = torch.ones_like(m(xi))
+        g2 = torch.cat([g, g], 1)
+        with torch.no_grad():
+            out.append({
+                "F": _cpu_median(lambda: m._conv_forward(xi, w, None), repeats),
+                "Fo2": _cpu_median(lambda: m._conv_forward(xi, w_o2, None), repeats),
+                "Fi2": _cpu_median(lambda: m._conv_forward(x2, w_i2, None), repeats),
+                "Fio2": _cpu_median(lambda: m._conv_forward(x2, w_io2, None), repeats),
+                "B": _cpu_median(lambda: conv2d_input(xi.shape, w, g, **kw), repeats),
+                "Bo2": _cpu_median(lambda: conv2d_input(xi.shape, w_o2, g2, **kw), repeats),
+                "Bi2": _cpu_median(lambda: conv2d_input(x2.shape, w_i2, g, **kw), repeats),
+                "Bio2": _cpu_median(lambda: conv2d_input(x2.shape, w_io2, g2, **kw), repeats),
+            })
+    return out
+
+
+def conv_time(method: str, costs: list[dict[str, float]]) -> float | None:
+    """CPU seconds of the convolution evaluations ``method`` needs at least (None if not counted)."""
+    counts = _CONV_COUNTS.get(method)
+    if counts is None:
+        return None
+    return sum(sum(c[k] for k in counts["first" if i == 0 else "other"]) for i, c in enumerate(costs))
+
+
 # ------------------------------------------------------------------------------------------ memory
 
 
@@ -216,7 +331,7 @@ def _status(field: str) -> int:
 def measure_memory_here(name: str, method: str, device: torch.device) -> int:
     """Peak memory (bytes) of one attribution, in this process (see the module docstring)."""
     model, x, target = build(name, device)
-    small_model_input = build(name, device, small=True)[1] if name != "cnn" else x[:1]
+    small_model_input = build(name, device, small=True)[1] if not name.startswith("cnn") else x[:1]
     runner(method, model, small_model_input, target)()  # warm-up: lazy initialisation, op check
     run = runner(method, model, x, target)
     run()  # one full-size call for every method (the scope's first forward also runs the op check)
@@ -304,6 +419,8 @@ def main(argv: list[str] | None = None) -> dict:
         base_t = statistics.median(times["gradient"])
         base_c = statistics.median(cpu["gradient"])
         mems = {} if args.no_memory else {m: measure_memory(name, m, device) for m in methods}
+        costs = conv_costs(name, device, args.repeats) if name.startswith("cnn") and device.type == "cpu" else []
+        base_conv = conv_time("gradient", costs) if costs else None
         entry: dict[str, Any] = {}
         for m in methods:
             med, med_c = statistics.median(times[m]), statistics.median(cpu[m])
@@ -316,23 +433,39 @@ def main(argv: list[str] | None = None) -> dict:
             if m.startswith("lrp:") and zen in times:
                 e["zennit_over_ours"] = statistics.median(times[zen]) / med
                 e["zennit_over_ours_cpu"] = statistics.median(cpu[zen]) / med_c
+                if base_conv is not None and conv_time(m, costs) is not None:
+                    # the most a rule at its convolution bound could gain on zennit as measured here
+                    bound_s = base_c - base_conv + conv_time(m, costs)
+                    e["zennit_over_ours_at_bound_cpu"] = statistics.median(cpu[zen]) / bound_s
+            if base_conv is not None and conv_time(m, costs) is not None:
+                # lower bound: the baseline's measured time with its convolutions replaced by the ones the
+                # rule needs (everything else -- pooling, ReLU, dense layers, Python -- assumed free)
+                e["conv_cpu_s"] = conv_time(m, costs)
+                e["conv_bound_ratio"] = (base_c - base_conv + e["conv_cpu_s"]) / base_c
             if m in GOALS:
                 e["goals"] = GOALS[m]
             entry[m] = e
             rows.append((name, m, e))
         results["models"][name] = entry
+        if costs:
+            results.setdefault("conv_costs_cpu_s", {})[name] = costs
 
-    print(f"{'model':6} {'method':22} {'wall ms':>9} {'wall x':>7} {'cpu ms':>9} {'cpu x':>6} {'mem MiB':>8} "
-          f"{'mem x':>6} {'zennit/ours':>11}  goal")
+    print(f"{'model':8} {'method':22} {'wall ms':>9} {'wall x':>7} {'cpu ms':>9} {'cpu x':>6} {'bound':>6} "
+          f"{'mem MiB':>8} {'mem x':>6} {'zennit/ours':>11} {'at bound':>8}  goal")
     for name, m, e in rows:
         mem = f"{e['peak_bytes'] / 2**20:8.1f}" if "peak_bytes" in e else f"{'-':>8}"
         memx = f"{e['memory_ratio']:6.2f}" if e.get("memory_ratio") is not None else f"{'-':>6}"
         zen = (f"{e['zennit_over_ours_cpu']:5.2f} ({e['zennit_over_ours']:4.2f})" if "zennit_over_ours" in e
                else f"{'':>11}")
         goal = ", ".join(f"{k}{'>=' if k == 'vs_zennit' else '<='}{v}" for k, v in e.get("goals", {}).items())
-        print(f"{name:6} {m:22} {e['median_s'] * 1e3:9.1f} {e['time_ratio']:7.2f} {e['cpu_median_s'] * 1e3:9.1f} "
-              f"{e['cpu_time_ratio']:6.2f} {mem} {memx} {zen}  {goal}")
-    print("(cpu: process CPU time; zennit/ours: CPU-time ratio, wall-time ratio in brackets)")
+        bound = f"{e['conv_bound_ratio']:6.2f}" if "conv_bound_ratio" in e else f"{'':>6}"
+        at_bound = (f"{e['zennit_over_ours_at_bound_cpu']:8.2f}" if "zennit_over_ours_at_bound_cpu" in e
+                    else f"{'':>8}")
+        print(f"{name:8} {m:22} {e['median_s'] * 1e3:9.1f} {e['time_ratio']:7.2f} {e['cpu_median_s'] * 1e3:9.1f} "
+              f"{e['cpu_time_ratio']:6.2f} {bound} {mem} {memx} {zen} {at_bound}  {goal}")
+    print("(cpu: process CPU time; bound: the CPU-time ratio if only the convolutions the rule needs cost anything "
+          "extra; zennit/ours: CPU-time ratio, wall-time ratio in brackets; at bound: zennit's measured CPU time "
+          "over ours at that bound)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

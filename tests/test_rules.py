@@ -313,6 +313,155 @@ def test_conv_rule_matches_written_out_formula(name, positive):
     torch.testing.assert_close(r_in, rel, rtol=1e-9, atol=1e-10)
 
 
+# ------------------------------------------------ 3a. fast paths agree with the general autograd path
+# The layer rules compute their modified backward as one transposed layer evaluation (rules._layer.layer_vjp)
+# where the layer's transpose is known, and through autograd on re-evaluated layers otherwise; x >= 0 and
+# mixed-sign inputs take different forms. All of them must give the same relevance and second derivatives.
+
+FAST_RULES = {"gamma": dict(gamma=0.5), "zplus": {}, "alpha_beta": dict(alpha=2.0, beta=1.0)}
+
+
+def _without_transpose(monkeypatch):
+    import lime_attr.rules.builtin as builtin
+
+    monkeypatch.setattr(builtin, "layer_vjp", lambda module, x: None)
+
+
+def _make(kind: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    if kind == "linear":
+        return nn.Linear(5, 4)
+    if kind == "conv":
+        return nn.Conv2d(3, 4, 3, padding=1, stride=2)
+    if kind == "hf_conv1d":  # transformers' Conv1D (GPT-2): weight [in, out]; mixed-sign x falls back to autograd
+        from transformers.pytorch_utils import Conv1D
+
+        layer = Conv1D(4, 5)
+        nn.init.normal_(layer.weight)
+        nn.init.normal_(layer.bias)
+        return layer
+    return nn.Conv2d(4, 6, 3, padding=1, groups=2)  # grouped: mixed-sign x falls back to autograd
+
+
+@pytest.mark.parametrize("name", sorted(FAST_RULES))
+@pytest.mark.parametrize("kind", ["linear", "conv", "grouped", "hf_conv1d"])
+@pytest.mark.parametrize("positive", [False, True], ids=["mixed-sign x", "x >= 0"])
+def test_fast_path_matches_autograd_path(name, kind, positive, monkeypatch):
+    layer = _make(kind, 3)
+    shape = {"linear": (3, 5), "conv": (2, 3, 6, 5), "grouped": (2, 4, 5, 5), "hf_conv1d": (2, 3, 5)}[kind]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    x = x.abs() if positive else x
+    g = torch.randn(layer(x).shape, generator=torch.Generator().manual_seed(5))
+    rule = get_rule(name, **FAST_RULES[name])
+    fast = layer_relevance(layer, rule, x, g)[0]
+    _without_transpose(monkeypatch)
+    slow = layer_relevance(layer, rule, x, g)[0]
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("positive", [False, True], ids=["mixed-sign x", "x >= 0"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_gamma_skips_the_negative_branch_only_when_its_gradient_is_zero(kind, positive, monkeypatch):
+    """After a ReLU the gradient at outputs y < 0 is 0: gamma then needs one transposed layer, not two."""
+    import lime_attr.rules.builtin as builtin
+
+    layer = _make(kind, 6)
+    shape = (3, 5) if kind == "linear" else (2, 3, 6, 5)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    x = x.abs() if positive else x
+    y = layer(x).detach()
+    params = dict(gamma=0.5, stabilizer=1e-6)
+    calls = []
+    real = builtin.layer_vjp
+
+    def counting(module, inp):
+        vjp = real(module, inp)
+        return lambda grad, w: calls.append(1) or vjp(grad, w)
+
+    monkeypatch.setattr(builtin, "layer_vjp", counting)
+    for seed_mask, expected_calls in (((y > 0).to(y.dtype), 1), (torch.ones_like(y), 2)):
+        calls.clear()
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(8)) * seed_mask
+        r_in, r_out = layer_relevance(layer, get_rule("gamma", **params), x, g)
+        assert len(calls) == (expected_calls if positive else 1)  # mixed x: one stacked call either way
+        if kind == "linear":
+            expected = reference_dense("gamma", params, x, layer.weight.detach(), layer.bias.detach(), r_out)
+            torch.testing.assert_close(r_in, expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(FAST_RULES))
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("positive", [False, True], ids=["mixed-sign x", "x >= 0"])
+def test_fast_path_second_order_matches_autograd_path(name, kind, positive, monkeypatch):
+    """create_graph=True: the modified backward is itself differentiable, with the autograd path's derivatives.
+
+    The upstream gradient is scaled by a parameter ``p``; d(relevance)/dp differentiates through the rule's
+    backward (the transposed layers), d(relevance)/dx through ``x * g``.
+    """
+    layer = _make(kind, 11)
+    shape = (3, 5) if kind == "linear" else (2, 3, 6, 5)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(12))
+    x = x.abs() if positive else x
+    g0 = torch.randn(layer(x).shape, generator=torch.Generator().manual_seed(13))
+    v = torch.randn(shape, generator=torch.Generator().manual_seed(14))
+    rule = get_rule(name, **FAST_RULES[name])
+
+    def second_order():
+        model = nn.Sequential(layer)
+        xr = x.clone().requires_grad_(True)
+        p = torch.tensor(1.3, requires_grad=True)
+        with LRPScope(model, Composite([("site:layer", rule)])):
+            y = model(xr)
+            (gx,) = torch.autograd.grad(y, xr, g0 * p, create_graph=True)
+        rel = xr * gx
+        return (rel.detach(), *torch.autograd.grad((rel * v).sum(), [xr, p]))
+
+    fast = second_order()
+    _without_transpose(monkeypatch)
+    slow = second_order()
+    assert fast[2].abs() > 0
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_fast_path_keeps_op_coverage_after_the_layer():
+    """The fast path's autograd Function is invisible to the op mode; its output must stay input-dependent."""
+    from lime_attr.errors import UncoveredOpError
+
+    class Exp(nn.Module):
+        def forward(self, x):
+            return torch.exp(x)
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), Exp(), nn.Linear(4, 2))
+    comp = Composite([("site:layer", "zplus"), ("site:activation", "identity")])
+    with pytest.raises(UncoveredOpError, match="op 'exp'"):
+        LRP(model, comp).attribute(torch.ones(1, 4), target=0)
+
+
+def test_fast_path_allows_inplace_ops_after_the_layer():
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3), nn.ReLU(inplace=True),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    ref = nn.Sequential(*[m if not isinstance(m, nn.ReLU) else nn.ReLU() for m in model])
+    x = torch.randn(2, 3, 8, 8)
+    for name in sorted(FAST_RULES):
+        comp = Composite([(nn.Conv2d, get_rule(name, **FAST_RULES[name])), ("site:layer", "epsilon"),
+                          ("site:activation", "identity")])
+        torch.testing.assert_close(LRP(model, comp).attribute(x, target=1), LRP(ref, comp).attribute(x, target=1))
+
+
+def test_stabilize_matches_the_sign_convention_bit_for_bit():
+    from lime_attr.rules import stabilize
+
+    z = torch.tensor([-0.0, 0.0, -1e-300, 1e-300, -2.5, 3.0, float("inf"), -float("inf")])
+    expected = z + torch.where(z >= 0, torch.tensor(1e-6), torch.tensor(-1e-6))
+    assert torch.equal(stabilize(z, 1e-6), expected)
+    from lime_attr.rules._grad import stabilize_
+
+    assert torch.equal(stabilize_(z.clone(), 1e-6), expected)
+    assert torch.equal(stabilize(z.float(), 1e-3), z.float() + torch.where(z.float() >= 0, 1e-3, -1e-3).float())
+
+
 # ------------------------------------------ 3b. softmax and bilinear rules on a causal attention head
 
 

@@ -139,7 +139,8 @@ class LRP(GradientAttribution):
 
     def attribute(self, inputs: Union[Tensor, tuple[Tensor, ...]], target: Any = None,
                   additional_forward_args: Any = None, return_convergence_delta: bool = False,
-                  create_graph: bool = False, latent: Optional[Sequence[str]] = None, **model_kwargs: Any) -> Any:
+                  create_graph: bool = False, latent: Optional[Sequence[str]] = None,
+                  second_order: str = "autograd", **model_kwargs: Any) -> Any:
         r"""Relevance of ``inputs`` for the ``target`` output.
 
         Parameters
@@ -156,6 +157,13 @@ class LRP(GradientAttribution):
             Also return ``output - sum(relevance)`` per example.
         create_graph : bool
             Keep the graph so that the relevance can itself be differentiated (LIME needs this).
+        second_order : {"autograd", "exact"}
+            How a relevance computed with ``create_graph=True`` differentiates. ``"autograd"`` (default):
+            autograd differentiates the rule-modified backward pass itself, which is exact only where no
+            rule-modified value enters a later backward formula (LRP-0, CP-LRP). ``"exact"``: the exact
+            derivative of the relevance function, computed when the relevance is differentiated by one
+            reverse-over-forward pass (:mod:`lime_attr.attribution.exact`, docs: rules, "Differentiating
+            relevance"); implies ``create_graph=True``, not with ``latent`` or first-layer rules.
         latent : sequence of str, optional
             Qualified module names whose output relevance (hidden state times modified gradient, from the
             same backward pass) is returned too, as a dict appended to the return value
@@ -171,35 +179,28 @@ class LRP(GradientAttribution):
         if not isinstance(inputs, (Tensor, tuple)):
             raise TypeError(f"inputs must be a torch.Tensor or a tuple of tensors (batch on dim 0), got "
                             f"{type(inputs).__name__}; convert it with torch.as_tensor(..., dtype=torch.float32)")
+        if second_order not in ("autograd", "exact"):
+            raise ValueError(f"second_order must be 'autograd' or 'exact', got {second_order!r}")
         is_tuple = _is_tuple(inputs)
         inputs_t = _format_tensor_into_tuples(inputs)
         validate_inputs(inputs_t)
         forward_func, additional = self._forward_func(inputs_t, target, additional_forward_args, model_kwargs)
+        if second_order == "exact":
+            if latent:
+                raise ValueError("latent relevance is not available with second_order='exact'")
+            from .exact import exact_attribute
+
+            rel_t, delta = exact_attribute(self, forward_func, inputs_t, additional, target)
+            result = _format_output(is_tuple, rel_t)
+            return (result, delta) if return_convergence_delta else result
         work = tuple(x if x.requires_grad else x.detach().requires_grad_(True) for x in inputs_t)
         scope = self.scope()
         recorder = LatentRecorder(self.model, latent) if latent else None
         with torch.enable_grad(), scope, (recorder or contextlib.nullcontext()):
-            try:
-                raw = forward_func(*work, *(_format_additional_forward_args(additional) or ()))
-            except RuntimeError as exc:
-                if isinstance(exc, LimeAttrError):
-                    raise
-                shapes = ", ".join(str(tuple(x.shape)) for x in work)
-                raise RuntimeError(f"the model's forward failed on input(s) of shape {shapes} (does the input "
-                                   f"shape match the model?): {exc}") from exc
-            validate_target(raw, target)
-            out = _run_forward(lambda *a: raw, work, target, None) if target is not None else raw
+            out = self._explained_output(forward_func, work, additional, target)
             carriers = scope.pop_carriers()
             # the backward runs inside the scope: zennit rules driving modules keep their backward hooks
             # only while the scope is active
-            out = out.reshape(out.shape[0], -1)
-            if out.shape[1] != 1:
-                raise ValueError(f"the selected output has {out.shape[1]} values per example; the target must select "
-                                 "one scalar per example")
-            out = out[:, 0]
-            if not bool(torch.isfinite(out).all()):
-                raise FloatingPointError("the explained output is NaN/inf; check the model's dtype (fp16 overflows "
-                                         "easily: use bf16 or fp32) and its inputs")
             carrier_t = [c for _, c in carriers]
             latent_t = recorder.tensors() if recorder else []
             grads = torch.autograd.grad(out, list(work) + carrier_t + latent_t, grad_outputs=torch.ones_like(out),
@@ -228,6 +229,28 @@ class LRP(GradientAttribution):
             delta = out.detach() - total.detach() if not create_graph else out - total
             return (result, delta, latent_rel) if recorder else (result, delta)
         return (result, latent_rel) if recorder else result
+
+    def _explained_output(self, forward_func: Callable, work: Sequence[Tensor], additional: Any, target: Any) -> Tensor:
+        """Run the model on ``work`` (inside the scope) and select the explained scalar per example: ``[batch]``."""
+        try:
+            raw = forward_func(*work, *(_format_additional_forward_args(additional) or ()))
+        except RuntimeError as exc:
+            if isinstance(exc, LimeAttrError):
+                raise
+            shapes = ", ".join(str(tuple(x.shape)) for x in work)
+            raise RuntimeError(f"the model's forward failed on input(s) of shape {shapes} (does the input "
+                               f"shape match the model?): {exc}") from exc
+        validate_target(raw, target)
+        out = _run_forward(lambda *a: raw, tuple(work), target, None) if target is not None else raw
+        out = out.reshape(out.shape[0], -1)
+        if out.shape[1] != 1:
+            raise ValueError(f"the selected output has {out.shape[1]} values per example; the target must select "
+                             "one scalar per example")
+        out = out[:, 0]
+        if not bool(torch.isfinite(out).all()):
+            raise FloatingPointError("the explained output is NaN/inf; check the model's dtype (fp16 overflows "
+                                     "easily: use bf16 or fp32) and its inputs")
+        return out
 
     def _forward_func(self, inputs_t: tuple, target: Any, additional: Any, model_kwargs: dict):
         model = self.model

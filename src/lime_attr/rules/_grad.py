@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _tangent
+
 
 def replace_grad(value: Tensor, surrogate: Tensor) -> Tensor:
     """Return ``value`` in the forward pass with the gradient of ``surrogate``.
@@ -18,6 +20,8 @@ def replace_grad(value: Tensor, surrogate: Tensor) -> Tensor:
     (Plain torch ops on purpose: the op-coverage mode must see them to track input dependence; a custom
     ``autograd.Function`` would hide its output from the mode.)
     """
+    if _tangent.active():  # exact second order (lime_attr.attribution.exact): a forward-mode dual
+        return _tangent.replace_grad(value, surrogate)
     return value.detach() + (surrogate - surrogate.detach())
 
 
@@ -37,6 +41,8 @@ def mul_grad_hook(y: Tensor, factor: Tensor) -> Tensor:
     rule that rescales a *module output's* total gradient (e.g. LRP-epsilon); use :func:`scale_grad`
     for one consumer's copy of a tensor.
     """
+    if _tangent.active():
+        return _tangent.scale_tangent(y, factor)
     if y.requires_grad and torch.is_grad_enabled():
         factor = factor.detach()
         y.register_hook(lambda g: g * factor)
@@ -47,8 +53,22 @@ def stabilize(z: Tensor, eps: float) -> Tensor:
     """``z + eps * sign(z)`` with ``sign(0) = +1`` (the LRP-epsilon denominator)."""
     if eps == 0.0:
         return z
-    # 0-dim branches in z's dtype (python scalars would be cast to the default dtype): no ones-tensors
-    return z + torch.where(z >= 0, z.new_tensor(eps), z.new_tensor(-eps))
+    # copysign (one fast elementwise kernel; torch.where is several times slower on CPU); ``z + 0.0`` turns
+    # -0.0 into +0.0, so that sign(-0) = +1 as well (bit-identical to z + where(z >= 0, eps, -eps))
+    return z + torch.copysign(z.new_tensor(eps), z + 0.0)
+
+
+def stabilize_(z: Tensor, eps: float) -> Tensor:
+    """In-place :func:`stabilize` for a temporary ``z`` that nothing else uses."""
+    if eps == 0.0:
+        return z
+    signed_eps = z + 0.0
+    return z.add_(torch.copysign(z.new_tensor(eps), signed_eps, out=signed_eps))
+
+
+def nonnegative(x: Tensor) -> bool:
+    """Whether ``x >= 0`` everywhere (one reduction; False for NaN). Decides a rule's exact fast path."""
+    return x.numel() == 0 or bool(x.amin() >= 0)
 
 
 def safe_divide(num: Tensor, den: Tensor) -> Tensor:
@@ -93,3 +113,44 @@ def grad_to_relevance(y: Tensor) -> Tensor:
 def relevance_to_grad(x: Tensor) -> Tensor:
     """Boundary used by the zennit adapter: relevance arriving at ``x`` becomes the gradient ``R / x``."""
     return _RelevanceToGrad.apply(x)
+
+
+class _ModifiedGrad(torch.autograd.Function):
+    """Forward: a given value; backward: a given vector-Jacobian product w.r.t. the input ``x``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, value_and_vjp: tuple) -> Tensor:  # noqa: D401
+        value, ctx.vjp = value_and_vjp
+        return value.detach()  # shares value's storage, bit for bit; a fresh tensor, so in-place ops may follow
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return ctx.vjp(g), None
+
+
+def modified_grad(x: Tensor, value: Tensor, vjp) -> Tensor:
+    """``value`` in the forward pass; in the backward pass the gradient sent to ``x`` is ``vjp(g)``.
+
+    For layer rules whose modified backward is a fixed linear map of the incoming gradient ``g`` (the
+    rule's transposed layer with modified weights, scaled by ratios computed in the forward pass): only
+    what ``vjp`` closes over is kept for the backward pass, and nothing of the layer's own forward graph.
+    ``vjp`` must be written with differentiable torch ops (``create_graph=True`` differentiates it).
+
+    A custom ``autograd.Function`` is invisible to the op-coverage mode, so its output is marked as
+    input-dependent here when ``x`` is (the ops after the layer stay checked).
+    """
+    if _tangent.active():
+        out = _tangent.modified_grad(x, value, vjp)
+    else:
+        out = _ModifiedGrad.apply(x, (value, vjp))
+    _mark_dependent(out, x)
+    return out
+
+
+def _mark_dependent(out: Tensor, like: Tensor) -> None:
+    from ..scope import current_scope  # local import: scope imports rules
+
+    scope = current_scope()
+    mode = getattr(scope, "_mode", None) if scope is not None else None
+    if mode is not None and mode._dep(like):
+        mode._mark(out)

@@ -1,7 +1,7 @@
 """Functional forward of weight-bearing layers with substituted parameters."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,3 +53,40 @@ def layer_forward_multi(module: nn.Module, x: Tensor, weights: list[Tensor], bia
         dim = -1 if isinstance(module, nn.Linear) else 1
         return list(out.split([ww.shape[0] for ww in weights], dim=dim))
     return [layer_forward(module, x, w, b) for w, b in zip(weights, biases)]
+
+
+def channel_dim(module: nn.Module) -> int:
+    """The output axis that :func:`layer_forward_multi` stacks weight variants on (1 for conv, -1 otherwise)."""
+    return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+
+
+def layer_vjp(module: nn.Module, x: Tensor) -> Optional[Callable[[Tensor, Tensor], Tensor]]:
+    """``(g, weight) -> J_weight^T g``: the input gradient of ``module``'s linear map with ``weight``.
+
+    The transpose of the layer alone (one matrix product or one transposed convolution; no forward
+    re-evaluation, the input itself is not needed, only its shape). Written with differentiable ops, so
+    a backward pass built from it can be differentiated again. ``None`` for layers it does not know
+    (padding modes other than zeros, string paddings, unbatched convolution input): callers then use
+    autograd on :func:`layer_forward`.
+    """
+    if isinstance(module, nn.Linear):
+        return lambda g, w: g.matmul(w)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        n = len(module.kernel_size)
+        if (module.transposed or module.padding_mode != "zeros" or isinstance(module.padding, str)
+                or x.dim() != n + 2):
+            return None
+        shape, stride, padding = tuple(x.shape), list(module.stride), list(module.padding)
+        dilation, groups = list(module.dilation), module.groups
+
+        def conv_vjp(g: Tensor, w: Tensor) -> Tensor:
+            # shape only: with output_mask (True, False, False) the input is never read. Uninitialised and
+            # contiguous, so neither a copy (an expanded 0-stride tensor would be cloned) nor touched memory
+            dummy = g.new_empty(shape)
+            return torch.ops.aten.convolution_backward(g, dummy, w, None, stride, padding, dilation, False,
+                                                       [0] * n, groups, (True, False, False))[0]
+
+        return conv_vjp
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return lambda g, w: g.matmul(w.t())
+    return None
