@@ -89,6 +89,8 @@ def test_config_defaults_and_presets():
     (dict(layers="some"), "layers must be 'all'"),
     (dict(confidence_gate=1.5), "confidence_gate"),
     (dict(patience=-1), "patience"),
+    (dict(second_order="second"), "second_order must be one of 'autograd', 'exact'"),
+    (dict(second_order=None), "second_order"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -118,7 +120,7 @@ def test_unknown_generation_kwarg(model, prompt):
 
 
 @pytest.mark.parametrize("mode", ["fast", "reference"])
-@pytest.mark.parametrize("change", [dict(lr=0.0, steps=2), dict(steps=0)])
+@pytest.mark.parametrize("change", [dict(lr=0.0, steps=2), dict(steps=0), dict(lr=0.0, steps=2, second_order="exact")])
 def test_no_update_reproduces_greedy(model, prompt, mode, change):
     ref = _greedy(model, prompt, 8)
     out = lime_generate(model, Tok(), {"input_ids": prompt}, LimeConfig(mode=mode, **change), max_new_tokens=8,
@@ -364,3 +366,161 @@ def test_repetition_penalty_matches_generate(model, prompt):
                         modality_mask=SPAN, repetition_penalty=1.5)
     assert out.tokens.tolist() == ref.tolist()
     assert out.tokens.tolist() != _greedy(model, prompt, 8).tolist()  # the penalty mattered
+
+
+# ------------------------------------------------------------------------------------------ exact second order
+
+
+def _llama64() -> LlamaForCausalLM:
+    """The tiny Llama in float64 with SDPA attention and torch's RMSNorm: transformers' LlamaRMSNorm and eager
+    attention compute in float32 even in a float64 model, too coarse for finite differences."""
+    from torch import nn
+
+    model = _llama().to(torch.float64)
+    model.set_attn_implementation("sdpa")
+    for parent in [model.model, *model.model.layers]:
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ == "LlamaRMSNorm":
+                norm = nn.RMSNorm(child.weight.shape[0], eps=child.variance_epsilon, dtype=torch.float64)
+                with torch.no_grad():
+                    norm.weight.copy_(child.weight)
+                setattr(parent, name, norm)
+    return model
+
+
+def _lime_gradients(model, emb, mod, second_order, kl_weight, lr):
+    """Run LimeOptimizer.optimize for two plain-SGD steps and read back, from the perturbations it applied,
+    the gradient it computed at the second step, and the point where it computed it:
+    ``Delta_1 = -lr g_0``, ``Delta_2 = Delta_1 - lr g_1``."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cfg = LimeConfig(mode="reference", steps=2, lr=lr, optimizer="sgd", kl_weight=kl_weight, attn_implementation=None,
+                     second_order=second_order)
+    lime = LimeOptimizer(LRP(model), cfg)
+    seen, orig = [], lime._forward
+
+    def forward(*args, **kwargs):  # snapshot of the perturbation each inner forward ran with
+        out = orig(*args, **kwargs)
+        seen.append({i: tuple(d.detach().clone() for d in pair) for i, pair in lime._deltas.items()})
+        return out
+
+    lime._forward = forward
+    final = {}
+    transform = lime._transform
+    lime._transform = lambda *a: (final.update(lime._deltas), transform(*a))[1]
+    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel has no double backward (the "autograd" path)
+        lime.optimize(emb, {"use_cache": False}, mod, torch.ones_like(mod))
+    point = seen[1]
+    grad = {i: tuple((a - b.detach()) / lr for a, b in zip(point[i], final[i])) for i in point}
+    return point, grad
+
+
+def _lime_loss(model, emb, mod, deltas, kl_weight, log_ref=None, target=None):
+    """LIME's per-token loss (relevance part, KL part) with the given perturbations, the explained token held
+    fixed (``target``), computed by LimeOptimizer's own forward and loss."""
+    lime = LimeOptimizer(LRP(model), LimeConfig(mode="reference", attn_implementation=None, kl_weight=kl_weight))
+    valid = torch.ones_like(mod)
+    with lime.session():
+        lime._deltas.update(deltas)
+        out = lime._forward(emb, {"use_cache": False}, (lambda l: l.argmax(-1)) if target is None else
+                            (lambda l: target), True, False)
+        lref = torch.log_softmax(out.logits.detach(), -1) if log_ref is None else log_ref
+        rel, kl = lime._losses(out, lref, mod.double(), valid, mod.sum(-1))
+        lime._deltas.clear()
+    return float(rel.detach().sum()), float(kl.detach().sum()), out.target
+
+
+def _directional_fd(fn, point, dirs, h=1e-5):
+    out = []
+    for u in dirs:
+        plus = {i: tuple(p + h * d for p, d in zip(point[i], u[i])) for i in point}
+        minus = {i: tuple(p - h * d for p, d in zip(point[i], u[i])) for i in point}
+        out.append((fn(plus) - fn(minus)) / (2 * h))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _dots(grad, dirs):
+    return torch.tensor([sum(float((g * d).sum()) for i in grad for g, d in zip(grad[i], u[i])) for u in dirs],
+                        dtype=torch.float64)
+
+
+def _rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_exact_second_order_gradient_matches_finite_differences(prompt):
+    """The gradient LIME's optimizer computes for Delta (at the second inner step, a nonzero perturbation):
+    with second_order="exact" it is the derivative of LIME's relevance loss as a function of Delta (central
+    finite differences in float64, along random directions); the reference code's double backward
+    ("autograd") is not. The KL term's gradient is the scope's rule-modified gradient of the KL in both
+    settings (as in the reference code): the total gradient is the exact relevance gradient plus lambda
+    times that, which is not the KL's true gradient."""
+    model = _llama64()
+    emb = model.get_input_embeddings()(prompt).detach()
+    mod = torch.zeros_like(prompt, dtype=torch.bool)
+    mod[:, SPAN[0]:SPAN[1]] = True
+    _, _, target = _lime_loss(model, emb, mod, {}, 0.0)
+    errs = {}
+    for so in ("autograd", "exact"):
+        point, grad = _lime_gradients(model, emb, mod, so, 0.0, lr=5.0)
+        torch.manual_seed(3)
+        dirs = [{i: tuple(torch.randn_like(d) for d in pair) for i, pair in point.items()} for _ in range(3)]
+        dirs.append(grad)  # the direction the optimiser moves along
+        _, _, t1 = _lime_loss(model, emb, mod, point, 0.0)
+        fd = _directional_fd(lambda d: _lime_loss(model, emb, mod, d, 0.0, target=t1)[0], point, dirs)
+        errs[so] = _rel_err(_dots(grad, dirs), fd)
+    assert errs["exact"] < 1e-6, errs
+    # the double backward is a different vector (measured about 1.0 here: not even the right scale)
+    assert errs["autograd"] > 1e4 * errs["exact"] and errs["autograd"] > 0.1, errs
+
+    # with the KL term: exact relevance gradient + lambda * (rule-modified gradient of the KL)
+    lam = 0.5
+    point, grad = _lime_gradients(model, emb, mod, "exact", lam, lr=5.0)
+    point_rel, grad_rel = _lime_gradients(model, emb, mod, "exact", 0.0, lr=5.0)
+    for i in point:  # the same point: every gradient of the KL vanishes at Delta = 0
+        for a, b in zip(point[i], point_rel[i]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    torch.manual_seed(4)
+    dirs = [{i: tuple(torch.randn_like(d) for d in pair) for i, pair in point.items()} for _ in range(3)]
+    kl_grad = {i: tuple((g - r) / lam for g, r in zip(grad[i], grad_rel[i])) for i in grad}
+    lime = LimeOptimizer(LRP(model), LimeConfig(mode="reference", attn_implementation=None))
+    with lime.session():
+        ref_logits = lime._forward(emb, {"use_cache": False}, lambda l: target, False, False).logits.detach()
+        log_ref = torch.log_softmax(ref_logits, -1)
+        lime._deltas.clear()
+        leaves = {i: tuple(d.clone().requires_grad_(True) for d in pair) for i, pair in point.items()}
+        lime._deltas.update(leaves)
+        out = lime._forward(emb, {"use_cache": False}, lambda l: target, False, False)  # logits inside the scope
+        kl = (log_ref.exp() * (log_ref - torch.log_softmax(out.logits, -1))).sum()
+        g = torch.autograd.grad(kl, [d for pair in leaves.values() for d in pair])
+        lime._deltas.clear()
+    modified = dict(zip(leaves, zip(g[0::2], g[1::2])))
+    assert _rel_err(_dots(kl_grad, dirs), _dots(modified, dirs)) < 1e-6
+    fd_kl = _directional_fd(lambda d: _lime_loss(model, emb, mod, d, lam, log_ref=log_ref, target=target)[1],
+                            point, dirs)
+    # ... which is not the true gradient of the KL (AttnLRP's modified backward)
+    errs["kl"] = _rel_err(_dots(kl_grad, dirs), fd_kl)
+    assert errs["kl"] > 1e3 * errs["exact"], errs  # (measured about 0.36 here)
+
+
+def test_exact_second_order_batch_and_fast_mode(model):
+    """second_order="exact" with a left-padded batch (one explained token per row) in both modes: lr = 0
+    reproduces greedy, and the relevance objective of each row decreases under the exact gradient."""
+    torch.manual_seed(3)
+    ids = torch.randint(1, 64, (2, 12))
+    mask = torch.ones_like(ids)
+    ids[1, :3] = 0
+    mask[1, :3] = 0
+    spans = [[(3, 8)], [(4, 9)]]
+    ref = _greedy(model, ids, 3, mask)
+    for mode in ("reference", "fast"):
+        out = lime_generate(model, None, {"input_ids": ids, "attention_mask": mask},
+                            LimeConfig(mode=mode, lr=0.0, steps=2, second_order="exact", confidence_gate=None),
+                            max_new_tokens=3, modality_mask=spans)
+        assert out.tokens.tolist() == ref.tolist()
+    recs = []
+    lime_generate(model, None, {"input_ids": ids, "attention_mask": mask},
+                  LimeConfig(mode="reference", steps=4, lr=0.02, kl_weight=0.0, second_order="exact", target="fixed"),
+                  max_new_tokens=1, modality_mask=spans, callback=recs.append)
+    first, last = recs[0].rel_losses[0], recs[0].rel_losses[-1]
+    assert all(b < a for a, b in zip(first, last)), (first, last)

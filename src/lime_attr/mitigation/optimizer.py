@@ -14,8 +14,13 @@ would emit (one rule-modified backward with ``create_graph=True``, exactly what
 
 .. math:: L = -\frac{1}{|M|}\sum_{i\in M}\log\operatorname{softmax}(R/\tau)_i + \lambda\,\mathrm{KL}
 
-with the configured optimiser. LIME never touches rules or canonizers: it uses the attribution's scope
-(composite + canonizer bound to the model) and the scope's public attention-transform list.
+with the configured optimiser. The gradient of the relevance term is, by default
+(``second_order="autograd"``), autograd's double backward through the rule-modified backward pass, as in
+the reference code; ``second_order="exact"`` replaces it with the exact derivative of the relevance
+(:func:`lime_attr.attribution.exact.relevance_vjp`, one reverse-over-forward pass). The KL term's gradient
+is the scope's rule-modified gradient in both settings. LIME never touches rules or canonizers: it uses
+the attribution's scope (composite + canonizer bound to the model) and the scope's public
+attention-transform list.
 """
 from __future__ import annotations
 
@@ -207,10 +212,11 @@ class LimeOptimizer:
             if not self._grad_deltas:
                 return q, k, v
             dk = dv = None
+            dt = _work_dtype(k.dtype)
             if "k" in perturb:
-                dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device, requires_grad=True)
+                dk = torch.zeros(k.shape, dtype=dt, device=k.device, requires_grad=True)
             if "v" in perturb:
-                dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device, requires_grad=True)
+                dv = torch.zeros(v.shape, dtype=dt, device=v.device, requires_grad=True)
             pair = self._deltas[idx] = (dk, dv)
         dk, dv = pair
         mask = self._pos_mask
@@ -234,7 +240,7 @@ class LimeOptimizer:
         scope = self.attribution.scope()
         with torch.enable_grad():
             out = self.model(inputs_embeds=x, **model_kwargs)
-        logits = (out.logits if hasattr(out, "logits") else out[0])[:, -1, :].float()
+        logits = _work((out.logits if hasattr(out, "logits") else out[0])[:, -1, :])
         if hasattr(scope, "pop_carriers") and scope.pop_carriers():
             raise TypeError("LIME takes relevance at the input embeddings; first-layer rules (flat / wsquare / zbox) "
                             "that need carrier tensors are not supported. Use a composite without them")
@@ -247,8 +253,16 @@ class LimeOptimizer:
         if not bool(torch.isfinite(z)):
             raise FloatingPointError("the explained logit is NaN/inf; check the model's dtype and the perturbation "
                                      "(lr)")
+        if create_graph and self.config.second_order == "exact":
+            # first-order relevance (the same values), differentiated exactly when the loss is: the
+            # backward of _ExactRelevance runs one reverse-over-forward pass (relevance_vjp)
+            (g,) = torch.autograd.grad(z, x, retain_graph=True)  # logits keep their graph (KL term)
+            rel = _work((x * g).sum(-1)).detach()
+            deltas = [d for pair in self._deltas.values() for d in pair if d is not None]
+            rel = _ExactRelevance.apply(self, x.detach(), target.tolist(), model_kwargs, rel, *deltas)
+            return _StepOut(logits, rel, target)
         (g,) = torch.autograd.grad(z, x, create_graph=create_graph)
-        rel = (x * g).sum(-1).float()
+        rel = _work((x * g).sum(-1))
         if not create_graph:
             rel = rel.detach()
         return _StepOut(logits, rel, target)
@@ -460,6 +474,47 @@ class LimeOptimizer:
         else:
             kl = (log_delta.exp() * (log_delta - log_ref)).sum(-1)
         return rel_loss, kl
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of LIME's own tensors (perturbations, logits, relevance, losses): float32, or float64 for a
+    float64 model (so that the loop can be checked against finite differences)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _work(t: Tensor) -> Tensor:
+    return t.to(_work_dtype(t.dtype))
+
+
+class _ExactRelevance(torch.autograd.Function):
+    r"""``second_order="exact"``: forward returns the (precomputed, first-order) relevance ``[B, S]``;
+    backward returns the exact :math:`\partial\langle v, R\rangle / \partial\Delta` for every
+    perturbation tensor, by :func:`lime_attr.attribution.exact.relevance_vjp` (one forward of the model in
+    tangent mode seeded with ``x * v``, then one reverse pass over its output tangent). It runs while the
+    optimiser's session, perturbations and position mask are still those of the forward (the loss is
+    differentiated right after it)."""
+
+    @staticmethod
+    def forward(ctx, lime: "LimeOptimizer", x: Tensor, target: list, model_kwargs: dict, rel: Tensor,
+                *deltas: Tensor) -> Tensor:
+        ctx.lime, ctx.x, ctx.target, ctx.model_kwargs, ctx.n = lime, x, target, model_kwargs, len(deltas)
+        return rel.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, v: Tensor):
+        from ..attribution.exact import relevance_vjp
+
+        lime, x, n = ctx.lime, ctx.x, ctx.n
+        deltas = [d for pair in lime._deltas.values() for d in pair if d is not None]
+        if len(deltas) != n:  # pragma: no cover - guarded by the loop's order
+            raise RuntimeError("LIME: the perturbations changed between the forward and the exact backward")
+        v_full = v.to(x.dtype)[..., None].expand_as(x).contiguous()
+        with torch.enable_grad():  # (a backward runs with grad mode off)
+            grads = relevance_vjp(lime.attribution, x, v_full, target=ctx.target, wrt=deltas,
+                                  input_name="inputs_embeds", **ctx.model_kwargs)
+        out = [None if g is None else g.to(d.dtype) for g, d in zip(grads[1:], deltas)]
+        return (None, None, None, None, None, *out)
 
 
 class _InnerOptimizer:
