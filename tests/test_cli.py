@@ -52,7 +52,7 @@ def test_explain_writes_json_html_and_heatmap(scene, tmp_path, capsys):
     assert (tmp_path / "tokens.html").read_text().count("<span") >= 5
 
 
-@pytest.mark.parametrize("method", ["greedy", "vcd"])
+@pytest.mark.parametrize("method", ["greedy", "vcd", "lime"])
 def test_generate_records_answer_and_config(scene, tmp_path, method, capsys):
     path, q = scene
     out_file = tmp_path / "answer.json"
@@ -62,6 +62,14 @@ def test_generate_records_answer_and_config(scene, tmp_path, method, capsys):
     rec = json.loads(out_file.read_text())
     assert rec["decoding"]["method"] == method and rec["text"] == capsys.readouterr().out.strip()
     assert len(rec["tokens"]) >= 1
+    shares = rec["token_shares"]
+    assert len(shares["tokens"]) == len(shares["before"]) == len(rec["tokens"])
+    # LIME measures only the tokens it optimised (gated ones are null); the others explain every token
+    measured = [v for v in shares["before"] if v is not None]
+    assert all(0.0 <= v <= 1.0 for v in measured) and (method == "lime" or len(measured) == len(rec["tokens"]))
+    assert (shares["after"] is not None) == (method == "lime")
+    png = out_file.with_suffix(".png")
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_eval_pope_json_has_standard_names(tmp_path):
@@ -75,6 +83,7 @@ def test_eval_pope_json_has_standard_names(tmp_path):
     assert data["config"]["decoding"]["method"] == "greedy" and data["config"]["n"] == 8
     assert data["config"]["split"] == "adversarial"
     assert out_file.with_suffix(".csv").read_text().count("\n") >= 2
+    assert out_file.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_eval_audio_qa_builtin_parses_every_answer(tmp_path):

@@ -171,6 +171,77 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_shares(model: Any, processor: Any, enc: dict, tokens: list) -> list:
+    """Perceptual share of |relevance| of each generated token (one AttnLRP backward per token)."""
+    import torch
+
+    from . import ModalityAttribution
+
+    if not tokens:
+        return []
+    res = ModalityAttribution(model, processor).attribute(enc, target=[tokens], mode="per_token")
+    rel = res.per_token_relevance[0].detach().abs().double()  # [n, seq]
+    mask = torch.zeros(rel.shape[-1], dtype=torch.bool)
+    for kind in ("image", "video", "audio"):
+        for start, end in res.spans[0].get(kind, ()):
+            mask[start:end] = True
+    den = rel.sum(-1).clamp_min(1e-300)
+    return [float(v) for v in rel[:, mask].sum(-1) / den]
+
+
+def _plot_generation(path: Path, labels: list, before: list, after: Optional[list], title: str) -> None:
+    """Bar chart of the perceptual share per generated token (LIME: before and after)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * n + 2), 3.2))
+    xs = list(range(n))
+    width = 0.4 if after is not None else 0.7
+    ax.bar([x - (width / 2 if after is not None else 0) for x in xs], before, width,
+           label="before LIME" if after is not None else "perceptual share")
+    if after is not None:
+        ax.bar([x + width / 2 for x in xs], after, width, label="after LIME")
+    ax.set_xticks(xs, [repr(t)[1:-1] or "''" for t in labels], rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("image/audio share of |R|")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_eval(path: Path, results: list) -> None:
+    """Grouped bars of the headline metrics per split (POPE / audio-QA) or of the CHAIR metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dicts = [r.to_dict() for r in results]
+    keys = [k for k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "chair_s", "chair_i")
+            if k in dicts[0].get("metrics", {})]
+    fig, ax = plt.subplots(figsize=(1.2 * len(keys) + 2.5, 3.2))
+    width = 0.8 / len(dicts)
+    for i, d in enumerate(dicts):
+        label = d.get("split") or d.get("config", {}).get("split") or d.get("benchmark", "")
+        vals = [float(d["metrics"][k]) for k in keys]
+        ax.bar([j + (i - (len(dicts) - 1) / 2) * width for j in range(len(keys))], vals, width, label=str(label))
+    ax.set_xticks(range(len(keys)), keys)
+    ax.set_ylim(0, 1)
+    cfg = dicts[0].get("config", {})
+    ax.set_title(f"{cfg.get('benchmark', '')} - {cfg.get('model', '')} - {cfg.get('decoding', {}).get('method', '')}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generation import generate
 
@@ -183,7 +254,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     record = {"model": args.model, "prompt": args.prompt, "decoding": cfg.to_dict(), "text": res.texts[0],
               "tokens": res.tokens[0], "seconds": res.seconds, "details": res.details}
     if args.output:
+        tok = getattr(processor, "tokenizer", processor)
+        labels = [tok.decode([t]) for t in res.tokens[0]]
+        if "share_before" in res.details:
+            before, after = res.details["share_before"][0], res.details["share_after"][0]
+        else:
+            before, after = _token_shares(model, processor, enc, list(res.tokens[0])), None
+        def _json(vals):  # LIME leaves gated tokens unmeasured (NaN): null in JSON, no bar in the figure
+            return None if vals is None else [None if v != v else float(v) for v in vals]
+
+        record["token_shares"] = {"tokens": labels, "before": _json(before), "after": _json(after)}
         _write_json(Path(args.output), record)
+        figure = Path(args.output).with_suffix(".png")
+        _plot_generation(figure, labels, before, after, f"{args.model} - {cfg.method}: {res.texts[0][:60]!r}")
+        print(f"wrote {args.output} and {figure}", file=sys.stderr)  # stdout: the answer only
     return 0
 
 
@@ -215,7 +299,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.output:
         write_json(results if len(results) > 1 else results[0], args.output)
         write_csv(results, str(Path(args.output).with_suffix(".csv")))
-        print(f"wrote {args.output} and {Path(args.output).with_suffix('.csv')}")
+        _plot_eval(Path(args.output).with_suffix(".png"), results)
+        print(f"wrote {args.output}, {Path(args.output).with_suffix('.csv')} and "
+              f"{Path(args.output).with_suffix('.png')}")
     return 0
 
 
