@@ -40,7 +40,6 @@ Layout of ``faithfulness.json``::
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import logging
 import math
@@ -55,6 +54,7 @@ import numpy as np
 import torch
 
 from . import _cost
+from ._machine import cpu_model, dist_version
 from ._methods import AGREEMENT_PAIRS, Method, MethodUnavailable, all_methods, applicable, plain_gradient
 from ._perturbation import (
     CurveResult,
@@ -279,35 +279,17 @@ def _cost_of(inst: BenchInstance, built: dict[str, Any], settings: Settings) -> 
 # --------------------------------------------------------------------------------------------------
 # whole run
 # --------------------------------------------------------------------------------------------------
-def _version(dist: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(device: str) -> dict[str, Any]:
     """CPU / GPU, cores, threads and library versions."""
     info: dict[str, Any] = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_cores_visible": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "device": device,
         "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
-        "versions": {d: _version(d) for d in ("torch", "transformers", "captum", "zennit", "lime_attr", "numpy")},
+        "versions": {d: dist_version(d) for d in ("torch", "transformers", "captum", "zennit", "lime_attr", "numpy")},
     }
     try:
         info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]

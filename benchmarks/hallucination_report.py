@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
-import importlib.metadata
 import inspect
 import json
 import logging
@@ -72,6 +71,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
+
+from ._machine import cpu_model, dist_version
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +145,8 @@ class Settings:
         The ``--quick`` smoke run.
     """
 
-    limit: int = 120
-    n_descriptions: int = 40
+    limit: int = 200
+    n_descriptions: int = 60
     conditions: tuple = CONDITIONS
     models: tuple = MODEL_NAMES
     methods: tuple = METHOD_NAMES
@@ -746,34 +747,16 @@ def investigate(model: Any, processor: Any, model_name: str, questions: Sequence
 # --------------------------------------------------------------------------------------------------
 # whole run
 # --------------------------------------------------------------------------------------------------
-def _version(dist: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, threads, platform and library versions."""
     info: dict[str, Any] = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_cores_visible": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "device": "cpu",
-        "versions": {d: _version(d) for d in ("torch", "transformers", "lime_attr", "numpy")},
+        "versions": {d: dist_version(d) for d in ("torch", "transformers", "lime_attr", "numpy")},
     }
     try:
         info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
@@ -950,7 +933,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line entry point (``python -m benchmarks.hallucination_report``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 questions per split, 1 description")
-    parser.add_argument("--limit", type=int, default=None, help="questions per POPE split (default 120)")
+    parser.add_argument("--limit", type=int, default=None, help="questions per POPE split (default 200)")
     parser.add_argument("--descriptions", type=int, default=None, help="description (CHAIR) items per model")
     parser.add_argument("--sweep-limit", type=int, default=None,
                         help="adversarial questions in the investigation sweep (0 disables it)")
