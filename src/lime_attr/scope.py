@@ -126,6 +126,24 @@ class LRPScope:
     def current_module_name(self) -> str:
         return self._module_stack[-1][0] if self._module_stack else ""
 
+    def mark_dependent(self, out: Any, like: Any = None) -> None:
+        """Tell the op-coverage checker that ``out`` depends on the explained input (when ``like`` does).
+
+        For rules and adapters whose computation is hidden from the checker (an ``autograd.Function``, a
+        zennit hook): without this the ops after them would not be seen. ``like=None`` marks
+        unconditionally. No-op outside the first (checked) forward.
+        """
+        mode = self._mode
+        if mode is None:
+            return
+        if like is None or (mode._dep(like) if isinstance(like, Tensor) else bool(like)):
+            mode._mark(out)
+
+    def depends_on_input(self, *tensors: Any) -> bool:
+        """Whether the op-coverage checker sees any of ``tensors`` as depending on the explained input."""
+        mode = self._mode
+        return mode is not None and any(isinstance(t, Tensor) and mode._dep(t) for t in tensors)
+
     def current_module_type(self) -> str:
         return type(self._module_stack[-1][1]).__name__ if self._module_stack else type(self.model).__name__
 
@@ -315,8 +333,7 @@ class LRPScope:
         dep_stack: list[bool] = []
 
         def to_grad(mod, args, kwargs):
-            mode = self._mode
-            dep_stack.append(mode is not None and any(mode._dep(t) for t in rule.input_tensors(args, kwargs)))
+            dep_stack.append(self.depends_on_input(*rule.input_tensors(args, kwargs)))
             if not (self.enabled and torch.is_grad_enabled()):
                 return None
             return rule.inputs_to_grad(args, kwargs)
@@ -326,8 +343,8 @@ class LRPScope:
             new = None
             if self.enabled and torch.is_grad_enabled():
                 new = rule.outputs_to_relevance(out)
-            if dep and self._mode is not None:
-                self._mode._mark(out if new is None else new)
+            if dep:
+                self.mark_dependent(out if new is None else new)
             return new
 
         self._handles.append(module.register_forward_pre_hook(to_grad, with_kwargs=True))

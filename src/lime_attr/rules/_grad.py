@@ -151,6 +151,5 @@ def _mark_dependent(out: Tensor, like: Tensor) -> None:
     from ..scope import current_scope  # local import: scope imports rules
 
     scope = current_scope()
-    mode = getattr(scope, "_mode", None) if scope is not None else None
-    if mode is not None and mode._dep(like):
-        mode._mark(out)
+    if scope is not None:
+        scope.mark_dependent(out, like)
