@@ -417,7 +417,8 @@ def render_rst(report: dict[str, Any], figure_dir: str, figures: dict[str, str])
         f"CPU only; Python {m['python']}, torch {m['versions'].get('torch')}, transformers "
         f"{m['versions'].get('transformers')}, lime_attr {m['versions'].get('lime_attr')}; load average at the "
         f"start {', '.join(str(v) for v in m.get('load_average_at_start', []))}.",
-        f"* **Questions**: the first {s['limit']} questions of each mini-POPE split "
+        (f"* **Questions**: the first {s['limit']} questions of each mini-POPE split " if s.get("limit") else
+         "* **Questions**: every question of each mini-POPE split (N per split in the tables) ") +
         f"(:func:`lime_attr.models.pope_questions`, default seed; they alternate yes / no, so each set is "
         f"balanced; the three splits share their images / clips and their \"yes\" questions) and "
         f"{s['n_descriptions']} description items (:func:`lime_attr.models.description_items`) per model and "

@@ -117,9 +117,9 @@ class Settings:
 
     Attributes
     ----------
-    limit : int
+    limit : int or None
         Questions per POPE split (the first ``limit`` of each split; the sets alternate yes / no per
-        item, so an even limit is balanced).
+        item, so an even limit is balanced). ``None`` (default): every question of the split.
     n_descriptions : int
         Items of the description (CHAIR) set per model.
     conditions : tuple of str
@@ -145,8 +145,8 @@ class Settings:
         The ``--quick`` smoke run.
     """
 
-    limit: int = 200
-    n_descriptions: int = 60
+    limit: Optional[int] = None
+    n_descriptions: int = 100
     conditions: tuple = CONDITIONS
     models: tuple = MODEL_NAMES
     methods: tuple = METHOD_NAMES
@@ -933,7 +933,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line entry point (``python -m benchmarks.hallucination_report``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 questions per split, 1 description")
-    parser.add_argument("--limit", type=int, default=None, help="questions per POPE split (default 200)")
+    parser.add_argument("--limit", type=int, default=None, help="questions per POPE split (default: all of them)")
     parser.add_argument("--descriptions", type=int, default=None, help="description (CHAIR) items per model")
     parser.add_argument("--sweep-limit", type=int, default=None,
                         help="adversarial questions in the investigation sweep (0 disables it)")
