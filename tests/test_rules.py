@@ -683,3 +683,39 @@ def test_custom_rule_doc_is_identical():
     text = doc.read_text()
     assert textwrap.indent(block.strip("\n"), "   ") in text
     assert len(block.strip("\n").splitlines()) < 20
+
+
+class _AddOne(nn.Module):
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x):
+        if self.inplace:
+            x += 1.0
+            return x
+        return x + 1.0
+
+
+@pytest.mark.parametrize("composite", ["attnlrp", "epsilon-plus", "cp-lrp"])
+def test_in_place_op_after_a_rule_site_is_allowed_and_exact(composite):
+    """A rule's output (a replaced gradient) may be modified in place by the model's next op: same relevance
+    as the out-of-place model, and the primitives' outputs do not alias tensors other consumers read."""
+    torch.manual_seed(61)
+    inplace = nn.Sequential(nn.Linear(4, 5), nn.SiLU(), _AddOne(True), nn.Linear(5, 2)).double()
+    plain = nn.Sequential(nn.Linear(4, 5), nn.SiLU(), _AddOne(False), nn.Linear(5, 2)).double()
+    plain.load_state_dict(inplace.state_dict())
+    x = torch.randn(3, 4, dtype=torch.double)
+    assert torch.equal(LRP(inplace, composite).attribute(x, target=0), LRP(plain, composite).attribute(x, target=0))
+
+
+def test_scale_grad_output_does_not_alias_its_input():
+    from lime_attr.rules._grad import scale_grad
+
+    x = torch.randn(5, requires_grad=True)
+    y = x * 1.0
+    out = scale_grad(y, 0.5)
+    out.add_(1.0)  # must not reach y, which other consumers read
+    assert torch.equal(y, x * 1.0)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(g, torch.full_like(x, 0.5))

@@ -1,8 +1,8 @@
 """Gradient-form primitives every rule is built from.
 
 Each primitive returns a tensor whose *value* is exactly the value of the original computation (bit for
-bit) while its *gradient* is the rule-modified one. All of them are written with differentiable torch
-ops, so a backward pass through them can itself be differentiated (``create_graph=True``).
+bit) while its *gradient* is the rule-modified one. Their backward passes are built from differentiable
+torch ops, so a backward pass through them can itself be differentiated (``create_graph=True``).
 """
 from __future__ import annotations
 
@@ -12,17 +12,53 @@ from torch import Tensor
 from . import _tangent
 
 
+class _ReplaceGrad(torch.autograd.Function):
+    """Forward: ``value`` (no computation); backward: the whole gradient goes to ``surrogate``.
+
+    ``value`` is passed detached and *inside a tuple*, so it is not an input of the function: the output
+    is then an ordinary output (not a view of an input), which later in-place ops may modify, and the
+    graph of ``value`` is not kept. The backward is the identity on the gradient, so a ``create_graph``
+    backward through it can be differentiated again.
+    """
+
+    @staticmethod
+    def forward(ctx, surrogate: Tensor, holder: tuple) -> Tensor:  # noqa: D401
+        return holder[0]
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return g, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Forward: a copy of ``x`` (one pass; a copy, because ``x`` usually has other consumers that an
+    in-place op on the result must not reach); backward: the gradient times ``factor``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:  # noqa: D401
+        ctx.factor = factor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return g * ctx.factor, None
+
+
 def replace_grad(value: Tensor, surrogate: Tensor) -> Tensor:
     """Return ``value`` in the forward pass with the gradient of ``surrogate``.
 
-    ``value.detach() + (surrogate - surrogate.detach())``: the bracket is exactly zero, so the
-    forward value is ``value`` bit for bit, and the only gradient path is through ``surrogate``.
-    (Plain torch ops on purpose: the op-coverage mode must see them to track input dependence; a custom
-    ``autograd.Function`` would hide its output from the mode.)
+    The forward value is ``value`` bit for bit (no arithmetic on it), and the only gradient path is
+    through ``surrogate`` -- the same as ``value.detach() + (surrogate - surrogate.detach())`` without
+    its two full-size elementwise passes. The op-coverage checker does not see inside the autograd
+    function, so the output is marked input-dependent when ``surrogate`` is.
     """
     if _tangent.active():  # exact second order (lime_attr.attribution.exact): a forward-mode dual
         return _tangent.replace_grad(value, surrogate)
-    return value.detach() + (surrogate - surrogate.detach())
+    if not (surrogate.requires_grad and torch.is_grad_enabled()):
+        return value.detach()
+    out = _ReplaceGrad.apply(surrogate, (value.detach(),))
+    _mark_dependent(out, surrogate)
+    return out
 
 
 def scale_grad(x: Tensor, factor: float) -> Tensor:
@@ -31,7 +67,13 @@ def scale_grad(x: Tensor, factor: float) -> Tensor:
         return x
     if factor == 0.0:
         return x.detach()
-    return replace_grad(x, x * factor)
+    if _tangent.active():
+        return _tangent.replace_grad(x, x * factor)
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return x
+    out = _ScaleGrad.apply(x, factor)
+    _mark_dependent(out, x)
+    return out
 
 
 def mul_grad_hook(y: Tensor, factor: Tensor) -> Tensor:
