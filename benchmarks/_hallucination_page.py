@@ -206,6 +206,28 @@ def _acc_delta(data: dict[str, Any], method: str) -> list[str]:
     return out
 
 
+def _sign_test(fixed: int, introduced: int) -> float:
+    """Two-sided exact sign test of ``fixed`` against ``introduced`` changes (p = 1 with no change)."""
+    import math
+
+    n, k = fixed + introduced, min(fixed, introduced)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2.0 * sum(math.comb(n, j) for j in range(k + 1)) / 2.0 ** n)
+
+
+def _effect(fixed: int, introduced: int) -> str:
+    """"helps" / "hurts" only when a sign test on the changed answers says so (p < 0.05); the POPE splits
+    share their images and "yes" questions, so one change can count up to three times and the test is, if
+    anything, optimistic."""
+    p = _sign_test(fixed, introduced)
+    if p >= 0.05:
+        return (f"**no measurable effect** ({fixed} fixed vs {introduced} introduced: two-sided sign test "
+                f"p = {p:.2g}; the three POPE splits share their images and \"yes\" questions, so one change "
+                "can count up to three times)")
+    return ("**it helps**" if fixed > introduced else "**it hurts**") + f" (sign test p = {p:.2g})"
+
+
 def _interpret_condition(mname: str, cond: str, data: dict[str, Any], methods: list[str]) -> list[str]:
     lines: list[str] = []
     n_pope = sum(data["n_pope_per_split"].values())
@@ -226,11 +248,9 @@ def _interpret_condition(mname: str, cond: str, data: dict[str, Any], methods: l
             verdict = (f"changed none of the {n_pope} parsed POPE answers against greedy, so its POPE scores equal "
                        "greedy's: at these settings **LIME does not help this model**")
         else:
-            net = ch["fixed"] - ch["introduced"]
             verdict = (f"changed {ch['changed']} of {n_pope} POPE answers against greedy ({ch['fixed']} fixed an "
                        f"error, {ch['introduced']} introduced one, {ch['other']} other); accuracy difference to "
-                       f"greedy: {', '.join(_acc_delta(data, m))}; net "
-                       + ("**it helps**" if net > 0 else "**it does not help**" if net == 0 else "**it hurts**"))
+                       f"greedy: {', '.join(_acc_delta(data, m))}; " + _effect(ch["fixed"], ch["introduced"]))
         text = f"* {METHOD_TITLES[m]} {verdict}."
         if ch["text_changed"] > ch["changed"]:
             text += (f" It changed the generated text of {ch['text_changed']} POPE answers in all, i.e. "
@@ -313,26 +333,27 @@ def _interpret_investigation(mname: str, inv: dict[str, Any]) -> list[str]:
 def _summary(report: dict[str, Any], methods: list[str]) -> list[str]:
     """The overall verdict on LIME, from the numbers."""
     lines: list[str] = []
-    tot = {"changed": 0, "fixed": 0, "introduced": 0, "n": 0}
+    per_mode: dict[str, dict[str, int]] = {}
     for e in report["models"].values():
         for data in _ok_conditions(e).values():
             for m in methods:
                 if _is_lime(m) and data["changes"]:
                     ch = _sum_changes(data, m)
+                    tot = per_mode.setdefault(m, {"changed": 0, "fixed": 0, "introduced": 0, "n": 0})
                     for k in tot:
                         tot[k] += ch[k]
-    if tot["n"]:
-        if tot["changed"] == 0:
+    if per_mode and all(t["n"] for t in per_mode.values()):
+        if all(t["changed"] == 0 for t in per_mode.values()):
+            n = next(iter(per_mode.values()))["n"]
             lines.append(f"**Verdict.** At the paper's hyper-parameters LIME (both modes) changed none of the "
-                         f"{tot['n']} answers it gave on every model, condition and set above: on these models "
+                         f"{n} answers it gave on every model, condition and set above: on these models "
                          "**LIME does not help**, in either condition.")
         else:
-            word = ("helps" if tot["fixed"] > tot["introduced"] else
-                    "does not help" if tot["fixed"] == tot["introduced"] else "hurts")
-            lines.append(f"**Verdict.** At the paper's hyper-parameters LIME (both modes, all models, conditions and "
-                         f"sets together) changed {tot['changed']} of {tot['n']} answers against greedy: "
-                         f"{tot['fixed']} fixed an error, {tot['introduced']} introduced one; overall it **{word}** "
-                         f"(net {tot['fixed'] - tot['introduced']:+d} correct answers of {tot['n']}).")
+            parts = [f"{METHOD_TITLES[m]} changed {t['changed']} of {t['n']} answers against greedy "
+                     f"({100.0 * t['changed'] / t['n']:.2f}%; all models, conditions and sets added up): "
+                     + _effect(t["fixed"], t["introduced"]) for m, t in per_mode.items()]
+            lines.append("**Verdict.** At the paper's hyper-parameters " + "; ".join(parts) + ". On these models "
+                         "LIME at the paper's settings leaves the answers as greedy decoding gives them.")
     invs = {k: v["investigation"] for k, v in report["models"].items() if v.get("investigation")}
     for mname, inv in invs.items():
         sw = inv["sweep"]
