@@ -214,3 +214,16 @@ def test_cli_eval_corruption(tmp_path, capsys):
     rc = main(["eval", "pope", "--model", "builtin:digits-llava", "--limit", "2", "--corruption", "snr:3",
                "--no-progress"])
     assert rc == 2 and "image corruptions are" in capsys.readouterr().err
+
+
+def test_evaluate_heldout_on_degraded_inputs_is_below_clean():
+    """The model-card accuracy helper takes the same corruption; the default degraded condition costs the
+    digits model accuracy (measured on a small set: clean is perfect there, degraded is not)."""
+    from lime_attr.models import DEFAULT_CORRUPTION, load_builtin
+    from lime_attr.models.accuracy import evaluate_heldout
+
+    model, processor = load_builtin("digits-llava")
+    clean = evaluate_heldout(model, processor, "digits-llava", n_pope_items=30, n_description_items=4)
+    bad = evaluate_heldout(model, processor, "digits-llava", n_pope_items=30, n_description_items=4,
+                           corruption=DEFAULT_CORRUPTION["digits-llava"])
+    assert bad["pope_random"]["accuracy"] < clean["pope_random"]["accuracy"]

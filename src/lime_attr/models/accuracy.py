@@ -174,6 +174,7 @@ def evaluate_heldout(
     task: str,
     n_pope_items: int = 150,
     n_description_items: int = 200,
+    corruption: Any = None,
 ) -> dict[str, dict[str, float]]:
     """POPE (three splits) and description metrics of a demo model on the default held-out sets.
 
@@ -187,6 +188,9 @@ def evaluate_heldout(
         Items per POPE split (about 3.2 questions each).
     n_description_items : int
         Items of the description set.
+    corruption : str, Corruption, mapping or None
+        Degrade the held-out images / clips (:func:`lime_attr.models.parse_corruption`; ``"degraded"``
+        for the model's default). ``None``: clean data.
 
     Returns
     -------
@@ -199,7 +203,7 @@ def evaluate_heldout(
     results: dict[str, dict[str, float]] = {}
     prior = task_prior(name)
     for split in POPE_SPLITS:
-        questions = pope_questions(name, split, n_items=n_pope_items)
+        questions = pope_questions(name, split, n_items=n_pope_items, corruption=corruption)
         answers = generate_answers(model, processor, questions, max_new_tokens=2)
         results[f"pope_{split}"] = pope_metrics([q.label for q in questions], answers)
         if split == "adversarial":
@@ -213,7 +217,7 @@ def evaluate_heldout(
                 "n": float(len(breaking)),
                 "accuracy": float(np.mean([parse_yes_no(a) == "no" for a in breaking])) if breaking else float("nan"),
             }
-    items = description_items(name, n_items=n_description_items)
+    items = description_items(name, n_items=n_description_items, corruption=corruption)
     answers = generate_answers(model, processor, items, max_new_tokens=8)
     results["description"] = description_metrics([it.objects for it in items], answers, object_names(name))
     return results
