@@ -150,3 +150,21 @@ def test_device_map_auto_loads_a_checkpoint_folder_through_accelerate(tmp_path, 
     with pytest.raises(cli.CLIError, match="applies only to the embedded"):
         cli.cmd_eval(cli.build_parser().parse_args(
             ["eval", "pope", "--model", str(tmp_path / "none"), "--corruption", "noise:0.3"]))
+
+
+def test_demo_quick_writes_its_outputs_and_measures_lime_shares(tmp_path):
+    """The README's main job (quick variant): every output file, and LIME's shares measured for every question
+    (reference mode optimises each answer token), on prior-breaking questions about degraded images."""
+    import math
+
+    from lime_attr.models import task_prior
+
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    for name in ("heatmap.png", "tokens.html", "lime_vs_greedy.json", "mini_pope.json", "mini_pope.csv"):
+        assert (tmp_path / name).stat().st_size > 0
+    rows = json.loads((tmp_path / "lime_vs_greedy.json").read_text())
+    prior = task_prior("digits-llava")
+    assert len(rows) == 3
+    for r in rows:
+        assert r["label"] == "no" and any(prior.partner_of(o) == r["object"] for o in r["present"])
+        assert math.isfinite(r["share_before"]) and math.isfinite(r["share_after"])
