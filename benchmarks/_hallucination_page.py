@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from ._report import _f, _heading, _table
+
 METHOD_TITLES = {
     "greedy": "greedy",
     "sample": "sampling",
@@ -147,22 +149,6 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------
 # page
 # --------------------------------------------------------------------------------------------------
-def _f(value: Optional[float], fmt: str = ".3f") -> str:
-    return "n/a" if value is None else format(value, fmt)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = [".. list-table::", "   :header-rows: 1", ""]
-    for row in [header, *rows]:
-        lines.append(f"   * - {row[0]}")
-        lines.extend(f"     - {cell}" for cell in row[1:])
-    return lines + [""]
-
-
-def _heading(text: str, char: str) -> list[str]:
-    return [text, char * len(text), ""]
-
-
 def _direction(before: Optional[float], after: Optional[float], tol: float = 5e-4, fmt: str = ".3f",
                relative: bool = False) -> str:
     """"rose from a to b" / "fell ..." / "stayed at a" (a change below ``tol``, relative if asked)."""

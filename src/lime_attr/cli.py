@@ -173,20 +173,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def _token_shares(model: Any, processor: Any, enc: dict, tokens: list) -> list:
     """Perceptual share of |relevance| of each generated token (one AttnLRP backward per token)."""
-    import torch
-
     from . import ModalityAttribution
+    from .mitigation.optimizer import modality_share
+    from .modality import PERCEPTUAL, span_mask
 
     if not tokens:
         return []
     res = ModalityAttribution(model, processor).attribute(enc, target=[tokens], mode="per_token")
-    rel = res.per_token_relevance[0].detach().abs().double()  # [n, seq]
-    mask = torch.zeros(rel.shape[-1], dtype=torch.bool)
-    for kind in ("image", "video", "audio"):
-        for start, end in res.spans[0].get(kind, ()):
-            mask[start:end] = True
-    den = rel.sum(-1).clamp_min(1e-300)
-    return [float(v) for v in rel[:, mask].sum(-1) / den]
+    rel = res.per_token_relevance[0].detach().double()  # [n, seq]: one row per generated token
+    mask = span_mask([sp for kind in PERCEPTUAL for sp in res.spans[0].get(kind, ())], rel.shape[-1])
+    return [float(v) for v in modality_share(rel, mask.double(), 1.0)]
 
 
 def _plot_generation(path: Path, labels: list, before: list, after: Optional[list], title: str) -> None:

@@ -126,7 +126,7 @@ class LRPScope:
     def current_module_name(self) -> str:
         return self._module_stack[-1][0] if self._module_stack else ""
 
-    def mark_dependent(self, out: Any, like: Any = None) -> None:
+    def mark_dependent(self, out: Any, like: Optional[Tensor] = None) -> None:
         """Tell the op-coverage checker that ``out`` depends on the explained input (when ``like`` does).
 
         For rules and adapters whose computation is hidden from the checker (an ``autograd.Function``, a
@@ -134,9 +134,7 @@ class LRPScope:
         unconditionally. No-op outside the first (checked) forward.
         """
         mode = self._mode
-        if mode is None:
-            return
-        if like is None or (mode._dep(like) if isinstance(like, Tensor) else bool(like)):
+        if mode is not None and (like is None or mode._dep(like)):
             mode._mark(out)
 
     def depends_on_input(self, *tensors: Any) -> bool:

@@ -497,7 +497,8 @@ class _ExactRelevance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lime: "LimeOptimizer", x: Tensor, target: list, model_kwargs: dict, rel: Tensor,
                 *deltas: Tensor) -> Tensor:
-        ctx.lime, ctx.x, ctx.target, ctx.model_kwargs, ctx.n = lime, x, target, model_kwargs, len(deltas)
+        ctx.lime, ctx.x, ctx.target, ctx.model_kwargs = lime, x, target, model_kwargs
+        ctx.save_for_backward(*deltas)
         return rel.clone()
 
     @staticmethod
@@ -505,10 +506,7 @@ class _ExactRelevance(torch.autograd.Function):
     def backward(ctx, v: Tensor):
         from ..attribution.exact import relevance_vjp
 
-        lime, x, n = ctx.lime, ctx.x, ctx.n
-        deltas = [d for pair in lime._deltas.values() for d in pair if d is not None]
-        if len(deltas) != n:  # pragma: no cover - guarded by the loop's order
-            raise RuntimeError("LIME: the perturbations changed between the forward and the exact backward")
+        lime, x, deltas = ctx.lime, ctx.x, list(ctx.saved_tensors)
         v_full = v.to(x.dtype)[..., None].expand_as(x).contiguous()
         with torch.enable_grad():  # (a backward runs with grad mode off)
             grads = relevance_vjp(lime.attribution, x, v_full, target=ctx.target, wrt=deltas,

@@ -12,53 +12,18 @@ from torch import Tensor
 from . import _tangent
 
 
-class _ReplaceGrad(torch.autograd.Function):
-    """Forward: ``value`` (no computation); backward: the whole gradient goes to ``surrogate``.
-
-    ``value`` is passed detached and *inside a tuple*, so it is not an input of the function: the output
-    is then an ordinary output (not a view of an input), which later in-place ops may modify, and the
-    graph of ``value`` is not kept. The backward is the identity on the gradient, so a ``create_graph``
-    backward through it can be differentiated again.
-    """
-
-    @staticmethod
-    def forward(ctx, surrogate: Tensor, holder: tuple) -> Tensor:  # noqa: D401
-        return holder[0]
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        return g, None
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Forward: a copy of ``x`` (one pass; a copy, because ``x`` usually has other consumers that an
-    in-place op on the result must not reach); backward: the gradient times ``factor``."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, factor: float) -> Tensor:  # noqa: D401
-        ctx.factor = factor
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        return g * ctx.factor, None
-
-
 def replace_grad(value: Tensor, surrogate: Tensor) -> Tensor:
     """Return ``value`` in the forward pass with the gradient of ``surrogate``.
 
-    The forward value is ``value`` bit for bit (no arithmetic on it), and the only gradient path is
-    through ``surrogate`` -- the same as ``value.detach() + (surrogate - surrogate.detach())`` without
-    its two full-size elementwise passes. The op-coverage checker does not see inside the autograd
-    function, so the output is marked input-dependent when ``surrogate`` is.
+    The forward value is ``value`` bit for bit (no arithmetic on it: :func:`modified_grad` with the
+    identity as the backward map), and the only gradient path is through ``surrogate`` -- the same as
+    ``value.detach() + (surrogate - surrogate.detach())`` without its two full-size elementwise passes.
     """
     if _tangent.active():  # exact second order (lime_attr.attribution.exact): a forward-mode dual
         return _tangent.replace_grad(value, surrogate)
     if not (surrogate.requires_grad and torch.is_grad_enabled()):
         return value.detach()
-    out = _ReplaceGrad.apply(surrogate, (value.detach(),))
-    _mark_dependent(out, surrogate)
-    return out
+    return _modified(surrogate, value, _identity)
 
 
 def scale_grad(x: Tensor, factor: float) -> Tensor:
@@ -71,9 +36,9 @@ def scale_grad(x: Tensor, factor: float) -> Tensor:
         return _tangent.replace_grad(x, x * factor)
     if not (x.requires_grad and torch.is_grad_enabled()):
         return x
-    out = _ScaleGrad.apply(x, factor)
-    _mark_dependent(out, x)
-    return out
+    # a copy (one pass), not ``x`` itself: ``x`` usually has other consumers that an in-place op on the
+    # result must not reach
+    return _modified(x, x.detach().clone(), lambda g: g * factor)
 
 
 def mul_grad_hook(y: Tensor, factor: Tensor) -> Tensor:
@@ -183,8 +148,17 @@ def modified_grad(x: Tensor, value: Tensor, vjp) -> Tensor:
     """
     if _tangent.active():
         out = _tangent.modified_grad(x, value, vjp)
-    else:
-        out = _ModifiedGrad.apply(x, (value, vjp))
+        _mark_dependent(out, x)
+        return out
+    return _modified(x, value, vjp)
+
+
+def _identity(g: Tensor) -> Tensor:
+    return g
+
+
+def _modified(x: Tensor, value: Tensor, vjp) -> Tensor:
+    out = _ModifiedGrad.apply(x, (value, vjp))
     _mark_dependent(out, x)
     return out
 
