@@ -16,7 +16,7 @@ from .chair import CocoChair, score_chair
 from .pope import load_pope_questions, score_pope
 from .runner import run_eval
 
-__all__ = ["run_benchmark", "DIGIT_WORDS", "BUILTIN_PARSER"]
+__all__ = ["run_benchmark", "check_corruption", "DIGIT_WORDS", "BUILTIN_PARSER"]
 
 #: answer parser of the embedded demo models: they answer a bare lower-case "yes" / "no", which the
 #: ``kuan2024`` rule (case-sensitive, "No" only) would leave unparsed
