@@ -719,3 +719,90 @@ def test_scale_grad_output_does_not_alias_its_input():
     assert torch.equal(y, x * 1.0)
     (g,) = torch.autograd.grad(out.sum(), x)
     assert torch.equal(g, torch.full_like(x, 0.5))
+
+
+class _LinearThenInPlace(nn.Module):
+    """A dense layer whose output the model then writes into in place (legal for autograd: nothing saved it)."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.fc, self.head, self.inplace = nn.Linear(4, 5), nn.Linear(5, 2), inplace
+
+    def forward(self, x):
+        y = self.fc(x)
+        if self.inplace:
+            y.mul_(2.0)
+        else:
+            y = y * 2.0
+        return self.head(y)
+
+
+def test_epsilon_factor_is_read_in_the_backward_and_an_in_place_write_is_a_clear_error():
+    """LRP-epsilon computes |z| / (|z| + eps) from the layer's output in the backward pass (no tensor of its
+    own); a write into that output after the rule would change the factor, so it is refused, not used."""
+    torch.manual_seed(3)
+    plain = _LinearThenInPlace(False).double()
+    x = torch.randn(3, 4, dtype=torch.double)
+    comp = Composite([("site:layer", get_rule("epsilon", epsilon=0.5))])
+    # the written-out rule on the out-of-place model: the result of the lazily computed factor is exact
+    r = LRP(plain, comp).attribute(x, target=0)
+    z1 = plain.fc(x)
+    a1 = z1 * 2.0
+    z2 = plain.head(a1)
+    r2 = torch.zeros_like(z2)
+    r2[:, 0] = z2[:, 0]
+    s2 = r2 / (z2 + 0.5 * torch.where(z2 >= 0, 1.0, -1.0))
+    r_fc_out = a1 * (s2 @ plain.head.weight)  # y = 2 z is linear: its relevance passes unchanged
+    expected = x * ((r_fc_out / (z1 + 0.5 * torch.where(z1 >= 0, 1.0, -1.0))) @ plain.fc.weight)
+    torch.testing.assert_close(r, expected.detach(), rtol=1e-10, atol=1e-12)
+    inplace = _LinearThenInPlace(True).double()
+    inplace.load_state_dict(plain.state_dict())
+    with pytest.raises(RuntimeError, match="modified in place.*out-of-place form"):
+        LRP(inplace, comp).attribute(x, target=0)
+    # with epsilon = 0 there is no factor and the in-place model is fine
+    comp0 = Composite([("site:layer", get_rule("epsilon", epsilon=0.0))])
+    torch.testing.assert_close(LRP(inplace, comp0).attribute(x, target=0), LRP(plain, comp0).attribute(x, target=0))
+
+
+def test_epsilon_on_batchnorm_allows_an_in_place_residual_add():
+    """BatchNorm (an affine site) keeps a factor computed in the forward pass: ResNets write ``out += identity``
+    into its output."""
+    torch.manual_seed(4)
+
+    class Block(nn.Module):
+        def __init__(self, inplace):
+            super().__init__()
+            self.conv, self.bn, self.head, self.inplace = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Linear(32, 2), inplace
+
+        def forward(self, x):
+            out = self.bn(self.conv(x))
+            if self.inplace:
+                out += x
+            else:
+                out = out + x
+            return self.head(torch.relu(out).flatten(1))
+
+    a, b = Block(True).double().eval(), Block(False).double().eval()
+    a.bn.running_mean.uniform_(-1, 1)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 2, 4, 4, dtype=torch.double)
+    comp = Composite([(nn.BatchNorm2d, get_rule("epsilon", epsilon=0.1)), ("site:layer", get_rule("epsilon", epsilon=0.1)),
+                      ("site:activation", "identity")])
+    torch.testing.assert_close(LRP(a, comp).attribute(x, target=1), LRP(b, comp).attribute(x, target=1))
+
+
+def test_scale_grad_without_copy_shares_storage_and_scales_only_its_own_use():
+    from lime_attr.rules._grad import scale_grad
+
+    x = torch.randn(5, requires_grad=True)
+    y = x * 1.0
+    out = scale_grad(y, 0.25, copy=False)
+    assert out.data_ptr() == y.data_ptr()
+    (g,) = torch.autograd.grad((out * 2.0).sum() + y.sum(), x)  # this use scaled, the other one not
+    assert torch.equal(g, torch.full_like(x, 0.25 * 2.0 + 1.0))
+    second = []
+    for copy in (False, True):  # differentiable, and the same second derivative as the copying form
+        out = scale_grad(x * 1.0, 0.25, copy=copy)
+        (g1,) = torch.autograd.grad((out ** 2).sum(), x, create_graph=True)
+        second.append(torch.autograd.grad(g1.sum(), x)[0])
+    assert torch.equal(second[0], second[1]) and torch.equal(second[0], torch.full_like(x, 0.125))

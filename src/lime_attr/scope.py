@@ -302,7 +302,7 @@ class LRPScope:
         def pre(mod, args):
             if not (self.enabled and torch.is_grad_enabled()) or not args:
                 return None
-            return (scale_grad(args[0], scale_out), *args[1:])
+            return (scale_grad(args[0], scale_out, copy=False), *args[1:])
 
         self._handles.append(consumer.register_forward_pre_hook(pre))
         if gate_extra != 1.0 and act is None:
@@ -317,7 +317,7 @@ class LRPScope:
                 # not marked input-dependent): the declared product it feeds is ruled by these hooks, and the
                 # op mode must not rule that product a second time
                 with torch._C.DisableTorchFunction():
-                    return scale_grad(out, gate_extra) if gate_extra != 1.0 else out.view_as(out)
+                    return scale_grad(out, gate_extra, copy=False) if gate_extra != 1.0 else out.view_as(out)
 
             self._handles.append(act.register_forward_hook(gate_post))
         if w_up == 0 and site.spec.get("up") is not None:

@@ -26,8 +26,21 @@ def replace_grad(value: Tensor, surrogate: Tensor) -> Tensor:
     return _modified(surrogate, value, _identity)
 
 
-def scale_grad(x: Tensor, factor: float) -> Tensor:
-    """Identity in the forward pass; multiplies the gradient flowing back through it by ``factor``."""
+def scale_grad(x: Tensor, factor: float, *, copy: bool = True) -> Tensor:
+    """Identity in the forward pass; multiplies the gradient flowing back through it by ``factor``.
+
+    Parameters
+    ----------
+    x : Tensor
+        The tensor whose gradient *through this use* is scaled (other consumers of ``x`` keep theirs).
+    factor : float
+        The scale.
+    copy : bool
+        ``True`` (default): the result is a copy of ``x``, so that an in-place op on it cannot reach
+        ``x``'s other consumers. ``False``: the result shares ``x``'s storage (no copy, and where ``x`` is
+        saved for a backward pass elsewhere, no second tensor): only for a consumer that does not write
+        into its input in place, e.g. an attention kernel, a matrix product or an elementwise product.
+    """
     if factor == 1.0:
         return x
     if factor == 0.0:
@@ -36,9 +49,19 @@ def scale_grad(x: Tensor, factor: float) -> Tensor:
         return _tangent.replace_grad(x, x * factor)
     if not (x.requires_grad and torch.is_grad_enabled()):
         return x
-    # a copy (one pass), not ``x`` itself: ``x`` usually has other consumers that an in-place op on the
-    # result must not reach
-    return _modified(x, x.detach().clone(), lambda g: g * factor)
+    # by default a copy (one pass), not ``x`` itself: ``x`` usually has other consumers that an in-place op
+    # on the result must not reach
+    return _modified(x, x.detach().clone() if copy else x, _Scale(factor))
+
+
+class _Scale:
+    __slots__ = ("factor",)
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def __call__(self, g: Tensor) -> Tensor:
+        return g * self.factor
 
 
 def mul_grad_hook(y: Tensor, factor: Tensor) -> Tensor:
@@ -54,6 +77,61 @@ def mul_grad_hook(y: Tensor, factor: Tensor) -> Tensor:
         factor = factor.detach()
         y.register_hook(lambda g: g * factor)
     return y
+
+
+def epsilon_grad_hook(y: Tensor, eps: float) -> Tensor:
+    """Multiply the gradient arriving at ``y`` by ``|y| / (|y| + eps)`` (LRP-epsilon in gradient form).
+
+    Returns ``y`` itself. The factor is computed in the backward pass from ``y``'s own storage, which
+    the hook keeps alive; where a consumer of ``y`` saves it for its backward anyway (an attention kernel
+    its values, a gated MLP its factors, the caller the logits) that costs no memory at all, and elsewhere
+    one tensor the size of ``y``, as a precomputed factor would. A write into ``y`` after the rule (an
+    in-place op, which autograd allows on a tensor nothing saved) would change the factor: the hook checks
+    ``y``'s version counter and raises instead of returning a wrong gradient.
+    """
+    if eps == 0.0:
+        return y
+    if _tangent.active():
+        a = y.detach().abs()
+        return _tangent.scale_tangent(y, a.div_(a + eps))
+    if y.requires_grad and torch.is_grad_enabled():
+        y.register_hook(_EpsilonHook(y.detach(), eps))
+    return y
+
+
+class Frozen:
+    """A tensor's value kept for a backward pass, read there (for factors computed lazily).
+
+    Holds ``t.detach()`` (the same storage, no copy) and ``t``'s version counter. Reading it after ``t``
+    was written in place (which autograd allows on a tensor that nothing saved) raises instead of
+    returning the changed values.
+    """
+
+    __slots__ = ("t", "version")
+
+    def __init__(self, t: Tensor) -> None:
+        self.t = t.detach()
+        self.version = self.t._version
+
+    def get(self) -> Tensor:
+        if self.t._version != self.version:
+            raise RuntimeError(
+                "lime_attr: a tensor that an LRP rule reads in the backward pass was modified in place after "
+                f"the rule saw it (version {self.version} -> {self.t._version}), so the rule's factor would "
+                "be wrong. Replace the in-place op (e.g. `y *= s`, `y.add_(b)`) after that layer or "
+                "activation with its out-of-place form (`y = y * s`).")
+        return self.t
+
+
+class _EpsilonHook:
+    __slots__ = ("y", "eps")
+
+    def __init__(self, y: Tensor, eps: float) -> None:
+        self.y, self.eps = Frozen(y), eps
+
+    def __call__(self, g: Tensor) -> Tensor:
+        a = self.y.get().abs()
+        return g * a.div_(a + self.eps)
 
 
 def stabilize(z: Tensor, eps: float) -> Tensor:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..errors import RuleParameterError
-from ._grad import modified_grad, mul_grad_hook, nonnegative, replace_grad, scale_grad, stabilize, stabilize_
+from ._grad import _Scale, epsilon_grad_hook, modified_grad, mul_grad_hook, nonnegative, replace_grad, scale_grad, stabilize, stabilize_
 from ._layer import channel_dim, layer_forward, layer_forward_multi, layer_params, layer_vjp
 from .registry import Rule, register_rule
 
@@ -133,14 +133,18 @@ class Epsilon(Rule):
         _check_nonneg("epsilon", self.epsilon, "epsilon")
 
     def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
+        # z / (z + eps sign(z)) = |z| / (|z| + eps) (sign(0) = +1 gives 0 either way), applied by a hook on
+        # y's gradient and computed from y in the backward pass (no copy of y; a later in-place write into
+        # y is caught there)
+        return epsilon_grad_hook(y, self.epsilon)
+
+    def apply_affine(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
         if self.epsilon == 0:
             return y
-        # z / (z + eps sign(z)) = |z| / (|z| + eps) (sign(0) = +1 gives 0 either way): three passes, and the
-        # gradient arriving at y is scaled by a hook (no copy of y, nothing in the backward but one product)
+        # elementwise affine modules (BatchNorm) are often followed by an in-place residual addition
+        # (``out += identity`` in ResNets): the factor is computed now, from the value the rule saw
         a = y.detach().abs()
         return mul_grad_hook(y, a.div_(a + self.epsilon))
-
-    apply_affine = apply_layer
 
 
 @register_rule("gradient")
@@ -489,9 +493,11 @@ class Identity(Rule):
     def apply_activation(self, x: Tensor, y: Tensor) -> Tensor:
         if type(y.grad_fn).__name__ in _EXACT_IDENTITY_NODES:
             return y  # ReLU: f(x) / x = 1[x > 0] = f'(x), the rule *is* the plain gradient (no extra work)
-        # y / x, then 0 where x == 0 (masked_fill_ on the fresh quotient: cheaper than two torch.where)
+        # y / x, then 0 where x == 0 (masked_fill_ on the fresh quotient: cheaper than two torch.where),
+        # computed now: the model may write into y in place after the activation (legal for autograd, as
+        # the activation saved x); the backward scales the gradient by it (no surrogate x * ratio)
         ratio = torch.div(y.detach(), x.detach()).masked_fill_(x.detach() == 0, 0.0)
-        return replace_grad(y, x * ratio)
+        return modified_grad(x, y, _Scale(ratio))
 
     def apply_softmax(self, x: Tensor, y: Tensor) -> Tensor:  # used only if mapped explicitly
         return self.apply_activation(x, y)
@@ -532,9 +538,9 @@ class Uniform(Rule):
         if self.weights is not None:
             if len(self.weights) != len(factors):
                 raise RuleParameterError(f"uniform: {len(self.weights)} weights for a {len(factors)}-way product")
-            return [scale_grad(f, w) if isinstance(f, Tensor) else f for f, w in zip(factors, self.weights)]
+            return [scale_grad(f, w, copy=False) if isinstance(f, Tensor) else f for f, w in zip(factors, self.weights)]
         k = max(len(live), 1)
-        return [scale_grad(f, 1.0 / k) if i in live else f for i, f in enumerate(factors)]
+        return [scale_grad(f, 1.0 / k, copy=False) if i in live else f for i, f in enumerate(factors)]
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -570,11 +576,11 @@ class Bilinear(Rule):
         a_live = isinstance(a, Tensor) and a.requires_grad
         b_live = isinstance(b, Tensor) and b.requires_grad
         if a_live and b_live:
-            return scale_grad(a, 0.5), scale_grad(b, 0.5)
+            return scale_grad(a, 0.5, copy=False), scale_grad(b, 0.5, copy=False)
         return a, b
 
     def apply_attention(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return scale_grad(q, 0.25), scale_grad(k, 0.25), scale_grad(v, 0.5)
+        return scale_grad(q, 0.25, copy=False), scale_grad(k, 0.25, copy=False), scale_grad(v, 0.5, copy=False)
 
 
 @register_rule("cp_attention")
