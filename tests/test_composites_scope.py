@@ -428,3 +428,75 @@ def test_inplace_functional_activation_is_a_clear_error():
 
     with pytest.raises(UncoveredOpError, match=r"in-place activation 'silu'.*inplace=False"):
         LRP(model, "attnlrp").attribute(x, target=0)
+
+
+# ------------------------------------------------------------- epsilon factor read from the ReLU after a layer
+
+
+class _SameMLPUnrolled(nn.Module):
+    """The layers of a Sequential MLP called from a custom forward: no structural pairing possible."""
+
+    def __init__(self, seq: nn.Sequential) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(list(seq))
+
+    def forward(self, x):
+        for m in self.layers:
+            x = m(x)
+        return x
+
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)).double()
+
+
+def test_epsilon_before_a_relu_is_read_from_the_relu_output_bit_for_bit():
+    """In a stock nn.Sequential the ReLU after an epsilon layer takes its factor over (no tensor of its own):
+    the relevance is bit-identical to the unpaired computation, and no hook is left on the layer outputs."""
+    seq = _mlp()
+    x = torch.randn(5, 6, dtype=torch.double)
+    comp = Composite([("site:layer", Epsilon(0.3)), ("site:activation", "identity")])
+    outs: list = []
+    # (a forward hook on the ReLUs sees their inputs, the layers' outputs, without observing the layers)
+    handles = [seq[i].register_forward_hook(lambda m, a, o: outs.append(a[0])) for i in (1, 3)]
+    paired = LRP(seq, comp).attribute(x, target=1)
+    for h in handles:
+        h.remove()
+    assert len(outs) == 2 and all(not o._backward_hooks for o in outs)  # claimed by the ReLUs
+    unrolled = LRP(_SameMLPUnrolled(seq), comp).attribute(x, target=1)
+    assert torch.equal(paired, unrolled)
+    # and both equal the written-out epsilon rule, layer by layer
+    acts, a = [x], x
+    for m in seq:
+        a = torch.relu(a) if isinstance(m, nn.ReLU) else m(a)  # (not the in-place ReLU: keep every tensor)
+        acts.append(a)
+    r = torch.zeros_like(acts[-1])
+    r[:, 1] = acts[-1][:, 1]
+    for i in (4, 2, 0):
+        z = acts[i + 1]
+        # (the ReLU before layer i passes relevance unchanged: identity rule)
+        r = acts[i] * ((r / (z + 0.3 * ((z >= 0).to(z) * 2 - 1))) @ seq[i].weight)
+    torch.testing.assert_close(paired, r.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_epsilon_pairing_falls_back_when_the_relu_gets_another_tensor():
+    """A pre-hook that replaces the ReLU's input breaks the 'only consumer' premise: the layer's output then
+    gets the ordinary epsilon hook, and the result equals the unpaired model with the same hook."""
+    seq = _mlp(1)
+    x = torch.randn(4, 6, dtype=torch.double)
+    comp = Composite([("site:layer", Epsilon(0.3)), ("site:activation", "identity")])
+    seq[1].register_forward_pre_hook(lambda m, a: (a[0] * 1.0,))
+    unrolled = _SameMLPUnrolled(seq)
+    assert torch.equal(LRP(seq, comp).attribute(x, target=0), LRP(unrolled, comp).attribute(x, target=0))
+
+
+def test_epsilon_pairing_keeps_latent_relevance_at_the_layer_and_relu_outputs():
+    """Latent relevance at a layer's output is z * g *before* the layer's epsilon factor: a recorded layer
+    keeps its own hook (its output is observed), the ReLU's output relevance is unchanged either way."""
+    seq = _mlp(2)
+    x = torch.randn(3, 6, dtype=torch.double)
+    comp = Composite([("site:layer", Epsilon(0.3)), ("site:activation", "identity")])
+    _, lat_seq = LRP(seq, comp).attribute(x, target=2, latent=["1", "2"])
+    _, lat_unr = LRP(_SameMLPUnrolled(seq), comp).attribute(x, target=2, latent=["layers.1", "layers.2"])
+    assert torch.equal(lat_seq["1"], lat_unr["layers.1"]) and torch.equal(lat_seq["2"], lat_unr["layers.2"])

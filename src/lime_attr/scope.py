@@ -18,7 +18,7 @@ from .composites import Composite, ZennitRule, _ZennitLookup, apply_zennit_canon
 from .errors import UncoveredModuleError
 from .ops import RuleMode
 from .rules import Rule
-from .rules._grad import scale_grad
+from .rules._grad import Frozen, epsilon_grad_hook, modified_grad, scale_grad
 from .sites import Site, disable_inplace, discover_sites, inplace_input_error
 
 __all__ = ["LRPScope", "lrp_scope", "current_scope"]
@@ -99,6 +99,8 @@ class LRPScope:
         self._product_modules: list[nn.Module] = []
         self.declared_product_depth = 0
         self._mode: Any = None  # the RuleMode while it runs
+        # id(relu) -> (output of the dense layer before it, epsilon): see _epsilon_relu_pairs
+        self._pending_epsilon: dict[int, tuple[Tensor, float]] = {}
 
     # ------------------------------------------------------------------ public helpers
     def add_carrier(self, x: Tensor, carrier: Tensor) -> None:
@@ -188,6 +190,7 @@ class LRPScope:
         self.sites = discover_sites(model, overrides)
         problems: list[str] = []
         products: list = []
+        module_rules: list = []
         for site in self.sites:
             if site.kind in ("container", "passthrough"):
                 continue
@@ -219,7 +222,15 @@ class LRPScope:
                     why += f"; matched {bad[0]!r}, which does not apply to {site.kind!r}"
                 problems.append(f"  {site.name or '<root>'} ({type(site.module).__name__}, {site.kind}): {why}")
                 continue
+            module_rules.append((site, rule))
+        relu_after = _epsilon_relu_pairs(model, module_rules)
+        for site, rule in module_rules:
+            if id(site.module) in relu_after:
+                rule = _DeferredEpsilon(rule.epsilon, self._pending_epsilon, id(relu_after[id(site.module)]))
             self._install_module_rule(site, rule)
+        # after the activations' own rules, so that they act on the rule's output
+        for relu in relu_after.values():
+            self._handles.append(relu.register_forward_hook(self._claim_epsilon))
         # products last: their gate hooks must act on the activation rule's output
         for site, rule in products:
             self._install_product(site, rule)
@@ -235,6 +246,31 @@ class LRPScope:
         self._wrap_root_forward()
 
     # ------------------------------------------------------------------ hooks
+    def _claim_epsilon(self, relu: nn.Module, args: tuple, out: Any) -> Any:
+        """Forward hook of a ReLU after an epsilon layer: take over the layer's epsilon factor.
+
+        The ReLU is the layer output's only consumer (see :func:`_epsilon_relu_pairs`), so the gradient at
+        the output ``y`` is zero wherever the ReLU's output ``r`` is, and elsewhere ``y = r``: scaling the
+        gradient arriving at ``r`` by ``r / (r + eps)`` gives, after the ReLU's backward, exactly what
+        scaling the gradient at ``y`` by ``|y| / (|y| + eps)`` gives -- but reads ``r``, which the ReLU
+        keeps for its own backward anyway, so the factor costs no memory. Not claimed (another tensor
+        reached the ReLU): the layer's output gets the ordinary epsilon hook.
+        """
+        pending = self._pending_epsilon.pop(id(relu), None)
+        if pending is None:
+            return None
+        y, eps = pending
+        if not (args and args[0] is y and isinstance(out, Tensor) and out.requires_grad and torch.is_grad_enabled()):
+            epsilon_grad_hook(y, eps)
+            return None
+        return modified_grad(out, out, _EpsilonFromOutput(out, eps))
+
+    def _flush_epsilon(self) -> None:
+        """Give every unclaimed pending layer output its ordinary epsilon hook (before any backward)."""
+        while self._pending_epsilon:
+            y, eps = self._pending_epsilon.popitem()[1]
+            epsilon_grad_hook(y, eps)
+
     def _track_module(self, site: Site) -> None:
         self._handles.append(site.module.register_forward_pre_hook(self._push_hook(site.name)))
         self._handles.append(site.module.register_forward_hook(self._pop_hook))
@@ -383,6 +419,7 @@ class LRPScope:
                 return bound(*args, **kwargs)
             finally:
                 stack.pop()
+                scope._flush_epsilon()
 
         forward.__wrapped__ = bound  # type: ignore[attr-defined]
         model.forward = forward  # instance attribute: this model only
@@ -494,3 +531,77 @@ def lrp_scope(model: nn.Module, composite: Union[str, Composite] = "attnlrp", ca
     scope = LRPScope(model, composite, canonizer, check_ops)
     with scope as m:
         yield m
+
+
+# ----------------------------------------------------------------- epsilon read from the ReLU after the layer
+
+
+def _epsilon_relu_pairs(model: nn.Module, module_rules: list) -> dict[int, nn.Module]:
+    """Dense layers with LRP-epsilon (> 0) whose output only an ``nn.ReLU`` consumes: ``id(layer) -> relu``.
+
+    Found structurally: consecutive children of an ``nn.Sequential`` whose forward is the stock one (each
+    child's output is the next child's only input), each module used once in the model, the ReLU ruled
+    as the plain ReLU Jacobian (identity / pass / gradient). At run time the ReLU must also receive the
+    very tensor the layer returned (:meth:`LRPScope._claim_epsilon`); otherwise the ordinary hook is used.
+    """
+    from .rules.builtin import Epsilon, Gradient, Identity, Pass
+
+    plain_relu = (Identity, Pass, Gradient)  # each is the ReLU's own Jacobian on a ReLU
+    ruled = {id(site.module): (site, rule) for site, rule in module_rules}
+    counts: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        counts[id(m)] = counts.get(id(m), 0) + 1
+    pairs: dict[int, nn.Module] = {}
+    for seq in model.modules():
+        if type(seq).forward is not nn.Sequential.forward or not isinstance(seq, nn.Sequential):
+            continue
+        kids = list(seq)
+        for a, b in zip(kids, kids[1:]):
+            if type(b) is not nn.ReLU or counts.get(id(a)) != 1 or counts.get(id(b)) != 1:
+                continue
+            la, lb = ruled.get(id(a)), ruled.get(id(b))
+            if la is None or lb is None or la[0].kind != "layer" or lb[0].kind != "activation":
+                continue
+            if type(la[1]) is not Epsilon or la[1].epsilon == 0 or type(lb[1]) not in plain_relu:
+                continue
+            pairs[id(a)] = b
+    return pairs
+
+
+class _DeferredEpsilon(Rule):
+    """LRP-epsilon on a layer whose ReLU takes the factor over (internal; see ``LRPScope._claim_epsilon``)."""
+
+    def __init__(self, epsilon: float, pending: dict, relu_id: int) -> None:
+        self.epsilon, self._pending, self._relu = epsilon, pending, relu_id
+
+    def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
+        from .rules import _tangent
+
+        if _tangent.active() or not (y.requires_grad and torch.is_grad_enabled()) or _observed(module):
+            return epsilon_grad_hook(y, self.epsilon)
+        old = self._pending.pop(self._relu, None)
+        if old is not None:  # the previous output never reached the ReLU
+            epsilon_grad_hook(*old)
+        self._pending[self._relu] = (y, self.epsilon)
+        return y
+
+    def __repr__(self) -> str:
+        return f"Epsilon(epsilon={self.epsilon})"
+
+
+def _observed(module: nn.Module) -> bool:
+    """Whether a forward hook besides the scope's own sees ``module``'s output (latent relevance, Captum's
+    layer methods, a user's capture): then the gradient *at* the output must stay the one before the
+    layer's epsilon factor, so the factor is not moved up to the ReLU."""
+    return len(module._forward_hooks) > 1 or bool(nn.modules.module._global_forward_hooks)
+
+
+class _EpsilonFromOutput:
+    __slots__ = ("r", "eps")
+
+    def __init__(self, r: Tensor, eps: float) -> None:
+        self.r, self.eps = Frozen(r), eps
+
+    def __call__(self, g: Tensor) -> Tensor:
+        r = self.r.get()  # >= 0
+        return g * (r / (r + self.eps))

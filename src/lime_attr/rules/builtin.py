@@ -213,7 +213,7 @@ class Gamma(Rule):
             def gamma_vjp(grad: Tensor) -> Tensor:
                 neg = t.clamp(max=0).mul_(grad)  # -t g where y < 0 (in place on fresh tensors: fewer allocations)
                 g_in = vjp(t.clamp(min=0).mul_(grad), w_up)
-                if neg.numel() and (bool(neg.amin() != 0) or bool(neg.amax() != 0)):  # NaN also counts as nonzero
+                if bool(neg.any()):  # one reduction; NaN counts as nonzero
                     g_in = g_in - vjp(neg, w_dn)
                 return g_in
 
@@ -239,7 +239,7 @@ class Gamma(Rule):
             def gamma_mixed_vjp(grad: Tensor) -> Tensor:
                 h = grad.unsqueeze(k) * c
                 h_neg = h.select(k, 1)
-                if h_neg.numel() and (bool(h_neg.amin() != 0) or bool(h_neg.amax() != 0)):
+                if bool(h_neg.any()):
                     return combine(vjp2(_unpair(h, k), w_full))
                 return combine(vjp2(h.select(k, 0), w_half))
 
@@ -290,7 +290,9 @@ class ZPlus(Rule):
             # x >= 0 (e.g. after a ReLU): z^+ = x W^+ + b^+ (one extra layer evaluation), and the modified
             # gradient is one transposed layer, W^+^T (s g) with s = y / z^+ (the layer's own backward never runs)
             wp = w.clamp(min=0)
-            z = stabilize_(layer_forward(module, x.detach(), wp, _plus(b)), self.stabilizer)
+            # z^+ >= 0 here (x >= 0, W^+ >= 0, b^+ >= 0; a -0.0 sum gives eps as well), so the stabiliser is
+            # a plain + eps: one pass instead of stabilize_'s copysign, bit for bit the same
+            z = layer_forward(module, x.detach(), wp, _plus(b)).add_(self.stabilizer)
             s = torch.div(y.detach(), z, out=z)  # in place: one output-sized tensor
             return modified_grad(x, y, lambda grad: vjp(grad * s, wp))
         split = _split_input(module, x) if vjp is not None and not nonneg else None
