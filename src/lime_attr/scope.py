@@ -18,7 +18,7 @@ from .composites import Composite, ZennitRule, _ZennitLookup, apply_zennit_canon
 from .errors import UncoveredModuleError
 from .ops import RuleMode
 from .rules import Rule
-from .rules._grad import Frozen, epsilon_grad_hook, modified_grad, scale_grad
+from .rules._grad import Frozen, epsilon_grad_hook, epsilon_scale, modified_grad, scale_grad
 from .sites import Site, disable_inplace, discover_sites, inplace_input_error
 
 __all__ = ["LRPScope", "lrp_scope", "current_scope"]
@@ -603,5 +603,4 @@ class _EpsilonFromOutput:
         self.r, self.eps = Frozen(r), eps
 
     def __call__(self, g: Tensor) -> Tensor:
-        r = self.r.get()  # >= 0
-        return g * (r / (r + self.eps))
+        return epsilon_scale(g, self.r.get(), self.eps)  # r >= 0

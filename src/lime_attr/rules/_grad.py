@@ -130,8 +130,15 @@ class _EpsilonHook:
         self.y, self.eps = Frozen(y), eps
 
     def __call__(self, g: Tensor) -> Tensor:
-        a = self.y.get().abs()
-        return g * a.div_(a + self.eps)
+        return epsilon_scale(g, self.y.get().abs(), self.eps)
+
+
+def epsilon_scale(g: Tensor, a: Tensor, eps: float) -> Tensor:
+    """``g * a / (a + eps)`` for ``a >= 0`` with one new tensor (two while dividing); differentiable in ``g``
+    when ``g`` requires grad (``create_graph=True``), in place on the new tensor otherwise."""
+    f = a + eps
+    torch.div(a, f, out=f)
+    return g * f if g.requires_grad else f.mul_(g)
 
 
 def stabilize(z: Tensor, eps: float) -> Tensor:
