@@ -806,3 +806,39 @@ def test_scale_grad_without_copy_shares_storage_and_scales_only_its_own_use():
         (g1,) = torch.autograd.grad((out ** 2).sum(), x, create_graph=True)
         second.append(torch.autograd.grad(g1.sum(), x)[0])
     assert torch.equal(second[0], second[1]) and torch.equal(second[0], torch.full_like(x, 0.125))
+
+
+class _FunctionalSiLU(nn.Module):
+    """Linear -> F.silu -> Linear: the activation is an op (ratio computed in the forward pass)."""
+
+    def __init__(self, seq: nn.Sequential) -> None:
+        super().__init__()
+        self.a, self.b = seq[0], seq[2]
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.silu(self.a(x)))
+
+
+@pytest.mark.parametrize("inplace_after", [False, True])
+def test_identity_ratio_recomputed_in_the_backward_after_an_epsilon_layer(monkeypatch, inplace_after):
+    """After an epsilon layer (which keeps its output for the backward pass) the identity rule recomputes
+    f(x) / x there instead of keeping a ratio: bit for bit the forward-pass ratio, and an in-place write into
+    the activation's output after it is still fine."""
+    from lime_attr.rules import builtin
+
+    calls = []
+    original = builtin._RecomputedRatio.__call__
+    monkeypatch.setattr(builtin._RecomputedRatio, "__call__", lambda self, g: calls.append(1) or original(self, g))
+    torch.manual_seed(7)
+    seq = nn.Sequential(nn.Linear(5, 6), nn.SiLU(), nn.Linear(6, 2)).double()
+    model = nn.Sequential(seq[0], seq[1], _AddOne(True), seq[2]) if inplace_after else seq
+    x = torch.randn(4, 5, dtype=torch.double)
+    comp = Composite([("site:layer", get_rule("epsilon", epsilon=0.1)), ("site:activation", "identity")])
+    got = LRP(model, comp).attribute(x, target=1)
+    assert calls, "the recomputing path was not taken"
+    if inplace_after:
+        ref_model = nn.Sequential(seq[0], seq[1], _AddOne(False), seq[2])
+        calls.clear()
+        assert torch.equal(got, LRP(ref_model, comp).attribute(x, target=1))
+    else:
+        assert torch.equal(got, LRP(_FunctionalSiLU(seq), comp).attribute(x, target=1))

@@ -318,7 +318,7 @@ class LRPScope:
             if kind == "affine":
                 return rule.apply_affine(mod, x, out)
             if kind == "activation":
-                return rule.apply_activation(x, out)
+                return rule.apply_activation_module(mod, x, out)
             if kind == "softmax":
                 return rule.apply_softmax(x, out)
             if kind == "norm":

@@ -96,7 +96,18 @@ def epsilon_grad_hook(y: Tensor, eps: float) -> Tensor:
         return _tangent.scale_tangent(y, a.div_(a + eps))
     if y.requires_grad and torch.is_grad_enabled():
         y.register_hook(_EpsilonHook(y.detach(), eps))
+        mark_kept(y)
     return y
+
+
+def mark_kept(t: Tensor) -> None:
+    """Note that ``t``'s values are kept for the backward pass (a rule reads them there)."""
+    t._lime_attr_kept = True  # an attribute of this tensor object only, gone with it
+
+
+def is_kept(t: Tensor) -> bool:
+    """Whether a rule keeps ``t``'s values for the backward pass anyway (then reading them is free)."""
+    return getattr(t, "_lime_attr_kept", False)
 
 
 class Frozen:

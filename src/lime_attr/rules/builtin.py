@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from ..errors import RuleParameterError
-from ._grad import _Scale, epsilon_grad_hook, modified_grad, mul_grad_hook, nonnegative, replace_grad, scale_grad, stabilize, stabilize_
+from . import _tangent
+from ._grad import Frozen, _Scale, epsilon_grad_hook, is_kept, modified_grad, mul_grad_hook, nonnegative, replace_grad, scale_grad, stabilize, stabilize_
 from ._layer import channel_dim, layer_forward, layer_forward_multi, layer_params, layer_vjp
 from .registry import Rule, register_rule
 
@@ -500,6 +501,37 @@ class Identity(Rule):
         # the activation saved x); the backward scales the gradient by it (no surrogate x * ratio)
         ratio = torch.div(y.detach(), x.detach()).masked_fill_(x.detach() == 0, 0.0)
         return modified_grad(x, y, _Scale(ratio))
+
+    def apply_activation_module(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
+        """As :meth:`apply_activation`, with ``f(x) / x`` recomputed in the backward pass from ``x``.
+
+        Done only where the layer before keeps ``x`` for the backward pass anyway (an epsilon rule reads
+        it there): then the ratio costs no memory at all, for one more evaluation of ``f``. ``f`` is the
+        module's own ``forward`` (called without hooks, under no_grad). Bit for bit the same ratio; the
+        model may still write into ``y`` in place. Elsewhere, under autocast (where the backward pass would
+        recompute ``f`` in another precision) and in the exact second-order mode the ratio is computed in
+        the forward pass.
+        """
+        if (not is_kept(x) or type(y.grad_fn).__name__ in _EXACT_IDENTITY_NODES or _tangent.active()
+                or torch.is_autocast_enabled(x.device.type) or not (x.requires_grad and torch.is_grad_enabled())):
+            return self.apply_activation(x, y)
+        return modified_grad(x, y, _RecomputedRatio(module, x))
+
+
+class _RecomputedRatio:
+    """``g * f(x) / x`` (0 where ``x == 0``) with ``f`` the activation module's forward, run in the backward."""
+
+    __slots__ = ("module", "x")
+
+    def __init__(self, module: Any, x: Tensor) -> None:
+        self.module, self.x = module, Frozen(x)
+
+    def __call__(self, g: Tensor) -> Tensor:
+        x = self.x.get()
+        with torch.no_grad():
+            # (an in-place module -- made out-of-place only while the scope is open -- gets a copy)
+            fx = type(self.module).forward(self.module, x.clone() if getattr(self.module, "inplace", False) else x)
+        return g * torch.div(fx, x).masked_fill_(x == 0, 0.0)
 
     def apply_softmax(self, x: Tensor, y: Tensor) -> Tensor:  # used only if mapped explicitly
         return self.apply_activation(x, y)

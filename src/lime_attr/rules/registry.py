@@ -73,6 +73,14 @@ class Rule:
         """Modify the gradient of an elementwise nonlinearity ``y = f(x)``."""
         raise self._unsupported("activation")
 
+    def apply_activation_module(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
+        """An activation site whose module is known (``y = module(x)``, elementwise and stateless).
+
+        Optional: the default is :meth:`apply_activation`. A rule may use the module to recompute ``f`` in
+        the backward pass instead of keeping tensors from the forward pass (see ``Identity``).
+        """
+        return self.apply_activation(x, y)
+
     def apply_product(self, factors: Sequence[Tensor]) -> list[Tensor]:
         """Modify the gradients of the factors of an elementwise product (the caller multiplies)."""
         raise self._unsupported("product")
