@@ -842,3 +842,25 @@ def test_identity_ratio_recomputed_in_the_backward_after_an_epsilon_layer(monkey
         assert torch.equal(got, LRP(ref_model, comp).attribute(x, target=1))
     else:
         assert torch.equal(got, LRP(_FunctionalSiLU(seq), comp).attribute(x, target=1))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_conv_transpose_vjp_equals_the_convolution_input_gradient(dims):
+    """The layer rules' transposed convolution (conv_transpose with the output padding that restores the
+    input size) is the convolution's input gradient, for strides, dilations, paddings, groups and sizes
+    that do not divide evenly."""
+    import itertools
+
+    from lime_attr.rules._layer import layer_vjp
+
+    torch.manual_seed(dims)
+    conv_t = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+    for stride, pad, dil, groups, size in itertools.product([1, 2, 3], [0, 1], [1, 2], [1, 2], [7, 8]):
+        conv = conv_t(4, 6, 3, stride=stride, padding=pad, dilation=dil, groups=groups).double()
+        x = torch.randn(2, 4, *([size] * dims), dtype=torch.double, requires_grad=True)
+        y = conv(x)
+        g = torch.randn_like(y)
+        (ref,) = torch.autograd.grad(y, x, g)
+        got = layer_vjp(conv, x)(g, conv.weight.detach())
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)

@@ -79,12 +79,17 @@ def layer_vjp(module: nn.Module, x: Tensor) -> Optional[Callable[[Tensor, Tensor
         shape, stride, padding = tuple(x.shape), list(module.stride), list(module.padding)
         dilation, groups = list(module.dilation), module.groups
 
+        transpose = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
+
         def conv_vjp(g: Tensor, w: Tensor) -> Tensor:
-            # shape only: with output_mask (True, False, False) the input is never read. Uninitialised and
-            # contiguous, so neither a copy (an expanded 0-stride tensor would be cloned) nor touched memory
-            dummy = g.new_empty(shape)
-            return torch.ops.aten.convolution_backward(g, dummy, w, None, stride, padding, dilation, False,
-                                                       [0] * n, groups, (True, False, False))[0]
+            # the transposed convolution (the same kernel as the input gradient), with the output padding
+            # that gives back the input's size. Not convolution_backward: that takes an input-sized tensor
+            # for its shape, and a fresh uninitialised one per call costs up to as much as the convolution
+            # itself here (its pages are touched); the input itself is not kept
+            out = g.shape[2:]
+            extra = [shape[2 + i] - ((out[i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (module.kernel_size[i] - 1) + 1)
+                     for i in range(n)]
+            return transpose(g, w, None, stride, padding, extra, groups, dilation)
 
         return conv_vjp
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
