@@ -213,10 +213,12 @@ class Gamma(Rule):
 
             def gamma_vjp(grad: Tensor) -> Tensor:
                 neg = t.clamp(max=0).mul_(grad)  # -t g where y < 0 (in place on fresh tensors: fewer allocations)
-                g_in = vjp(t.clamp(min=0).mul_(grad), w_up)
                 if bool(neg.any()):  # one reduction; NaN counts as nonzero
-                    g_in = g_in - vjp(neg, w_dn)
-                return g_in
+                    return vjp(t.clamp(min=0).mul_(grad), w_up) - vjp(neg, w_dn)
+                if grad.requires_grad:  # create_graph: no out= into a tensor of the graph
+                    return vjp(t.clamp(min=0).mul_(grad), w_up)
+                # the usual case (a ReLU after the layer): the zero buffer is reused, one allocation fewer
+                return vjp(torch.clamp(t, min=0, out=neg).mul_(grad), w_up)
 
             return modified_grad(x, y, gamma_vjp)
         split = _split_input(module, x) if vjp is not None else None
