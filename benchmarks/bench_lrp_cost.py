@@ -40,6 +40,13 @@ Models
   ``EpsilonPlus``; zennit's hooks, autograd inside ``composite.context``);
 * ``cnn-wide``: the same with 64-64-128-128-256 channels, batch 4 (convolutions dominate even more).
 
+Allocator (CPU): glibc serves large tensors from freshly mapped pages by default, and the first touch of
+each page is a page fault; how many a method takes depends on the allocator's state, which moves single
+ratios by up to ~0.15. ``--malloc reuse`` reruns the timing with glibc set to keep and reuse freed memory
+(``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_TOP_PAD_``), as jemalloc and tcmalloc
+do by default, so that the ratios measure the computation; the memory children keep their own setting.
+The JSON records which one was used.
+
 Goals (reported, not enforced): epsilon and AttnLRP <= 1.1x time and <= 1.05x memory; gamma / zplus /
 alpha-beta on a CNN <= 1.5x time and >= 3x faster than zennit.
 """
@@ -62,6 +69,9 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks" / "lrp_cost.json"
+# glibc: no mmap for large blocks, no trimming, and a generous top pad: freed tensor memory is reused
+REUSE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32),
+             "MALLOC_TOP_PAD_": str(2**28)}
 
 LOW, HIGH = -3.0, 3.0
 
@@ -353,7 +363,8 @@ def measure_memory_here(name: str, method: str, device: torch.device) -> int:
 def measure_memory(name: str, method: str, device: torch.device) -> int:
     if device.type == "cuda":
         return measure_memory_here(name, method, device)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=f"{ROOT / 'src'}:{ROOT}")
+    env = {k: v for k, v in os.environ.items() if k not in REUSE_ENV}  # the memory method's own setting
+    env.update(MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=f"{ROOT / 'src'}:{ROOT}")
     out = subprocess.run([sys.executable, "-m", "benchmarks.bench_lrp_cost", "--memory-child", name, method],
                          cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
@@ -398,8 +409,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); 1 makes CPU time robust on a busy machine")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--malloc", choices=["default", "reuse"], default="default",
+                        help="glibc allocator setting for the timing (see the module docstring)")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.malloc == "reuse" and not args.memory_child and any(os.environ.get(k) != v for k, v in REUSE_ENV.items()):
+        # glibc reads these once, at start-up: run again with them set
+        env = dict(os.environ, **REUSE_ENV)
+        raw = sys.argv[1:] if argv is None else list(argv)
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.bench_lrp_cost", *raw], env)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -407,7 +425,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(measure_memory_here(args.memory_child[0], args.memory_child[1], device))
         return {}
 
-    results: dict[str, Any] = {"machine": machine_info(device), "repeats": args.repeats, "warmup": args.warmup,
+    results: dict[str, Any] = {"machine": machine_info(device), "malloc": args.malloc,
+                               "repeats": args.repeats, "warmup": args.warmup,
                                "threads": torch.get_num_threads(),
                                "memory_method": ("cuda max_memory_allocated" if device.type == "cuda" else
                                                  "fresh subprocess per method, VmHWM - VmRSS around one call"),

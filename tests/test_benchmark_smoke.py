@@ -154,3 +154,23 @@ def test_evidence_attribution_beats_random_on_a_synthetic_retrieval_model():
     assert abpc["captum:InputXGradient"] > abpc["random"] + 1.0
     assert result["captum:InputXGradient"]["evidence"]["pointing_accuracy"] == 1.0
     assert result["random"]["evidence"]["evidence_mass"] < 0.5
+
+
+def test_lrp_cost_benchmark_runs_and_records_its_allocator_setting(tmp_path):
+    """``bench_lrp_cost`` end to end on the MLP (one repeat), with ``--malloc reuse`` (it re-executes itself
+    with glibc's reuse settings): the JSON has the ratios and says which allocator setting was used."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "cost.json"
+    env = dict(os.environ, PYTHONPATH=f"{root / 'src'}:{root}")
+    subprocess.run([sys.executable, "-m", "benchmarks.bench_lrp_cost", "--models", "mlp", "--repeats", "1",
+                    "--warmup", "0", "--no-memory", "--threads", "1", "--malloc", "reuse", "--out", str(out)],
+                   cwd=root, env=env, check=True, capture_output=True, timeout=300)
+    data = json.loads(out.read_text())
+    assert data["malloc"] == "reuse"
+    mlp = data["models"]["mlp"]
+    assert mlp["gradient"]["cpu_time_ratio"] == 1.0 and mlp["lrp:epsilon"]["cpu_time_ratio"] > 0
