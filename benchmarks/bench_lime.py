@@ -14,7 +14,11 @@ own), on one CPU thread, and every ratio is to greedy measured in the same run.
 * ``lime-fast-nogate``: ``lime-fast`` with ``confidence_gate=None`` (every token optimised);
 * ``lime-fast-v1``: fast mode as it was before the compressed schedule (7 updates at ``lr``, fixed
   target, no gate);
-* ``lime-fast-cached``: ``lime-fast-nogate`` with the incremental (approximate) emission.
+* ``lime-fast-cached``: ``lime-fast-nogate`` with the incremental (approximate) emission;
+* ``lime-fast-1``: ``lime-fast`` with one update (``fast_updates=1``) carrying the same total step.
+
+``--lr-factor K`` also runs the decoders named by ``--lr-decoders`` (default ``lime-reference`` and
+``lime-fast``) at K times the preset learning rate.
 
 It reports tokens/s, the peak resident memory above the memory after loading the model, and the ratios
 to greedy. On CUDA the peak is ``torch.cuda.max_memory_allocated``.
@@ -53,7 +57,8 @@ from typing import Any
 
 import torch
 
-DECODERS = ("greedy", "vcd", "lime-reference", "lime-fast", "lime-fast-nogate", "lime-fast-v1", "lime-fast-cached")
+DECODERS = ("greedy", "vcd", "lime-reference", "lime-fast", "lime-fast-nogate", "lime-fast-v1", "lime-fast-cached",
+            "lime-fast-1")
 TASK_DECODERS = ("greedy", "lime-reference", "lime-fast", "lime-fast-nogate")
 TASK_MODELS = ("digits-llava", "tones-qwen2audio")
 
@@ -71,9 +76,10 @@ def lime_configs(model: Any = None, lr_factor: float = 1.0) -> dict:
         "lime-fast-nogate": base.replace(mode="fast", confidence_gate=None),
         "lime-fast-v1": base.replace(mode="fast", confidence_gate=None, fast_updates=None, target="fixed"),
         "lime-fast-cached": base.replace(mode="fast", confidence_gate=None, emit="cached"),
+        "lime-fast-1": base.replace(mode="fast", fast_updates=1),  # one update at (steps - 1) x lr
     }
     if lr_factor != 1.0:
-        for k in ("lime-reference", "lime-fast"):
+        for k in ("lime-reference", "lime-fast", "lime-fast-1"):
             cfgs[f"{k}@x{lr_factor:g}"] = cfgs[k].replace(lr=base.lr * lr_factor)
     return cfgs
 
@@ -360,6 +366,8 @@ def main(argv: Any = None) -> None:
     ap.add_argument("--items", type=int, default=10, help="held-out scenes / clips per set")
     ap.add_argument("--lr-factor", type=float, default=1.0,
                     help="also run lime-reference / lime-fast with this multiple of the preset lr")
+    ap.add_argument("--lr-decoders", nargs="*", default=["lime-reference", "lime-fast"],
+                    help="the task decoders that also run at --lr-factor")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args(argv)
     if args.one:
@@ -381,7 +389,7 @@ def main(argv: Any = None) -> None:
             conds.remove("degraded")
         decs = list(args.task_decoders)
         if args.lr_factor != 1.0:
-            decs += [f"lime-reference@x{args.lr_factor:g}", f"lime-fast@x{args.lr_factor:g}"]
+            decs += [f"{d}@x{args.lr_factor:g}" for d in args.lr_decoders]
         for m in args.task_models:
             for kind in args.tasks:
                 for cond in conds:
