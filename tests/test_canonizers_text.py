@@ -606,3 +606,23 @@ def test_writing_a_canonizer_example_runs():
     finally:
         canon_base._CANONIZERS.clear()
         canon_base._CANONIZERS.update(before)
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_epsilon_read_in_the_backward_equals_a_forward_factor(family, monkeypatch):
+    """AttnLRP with epsilon > 0 on every linear layer: reading |z| (and the SiLU / GELU identity ratio) in
+    the backward pass gives bit for bit the relevance of factors computed in the forward pass, and no
+    family writes into a layer output in place after the rule (that would raise)."""
+    from lime_attr import get_composite
+    from lime_attr.rules import _grad, builtin
+
+    comp = get_composite("attnlrp", epsilon=1e-3)
+    lazy = attrs(family, composite=comp)
+
+    def eager(y, eps):
+        a = y.detach().abs()
+        return _grad.mul_grad_hook(y, a.div_(a + eps))
+
+    monkeypatch.setattr(builtin, "epsilon_grad_hook", eager)
+    monkeypatch.setattr(builtin, "is_kept", lambda t: False)
+    assert torch.equal(lazy, attrs(family, composite=comp))
