@@ -102,7 +102,10 @@ def epsilon_grad_hook(y: Tensor, eps: float) -> Tensor:
 
 def mark_kept(t: Tensor) -> None:
     """Note that ``t``'s values are kept for the backward pass (a rule reads them there)."""
-    t._lime_attr_kept = True  # an attribute of this tensor object only, gone with it
+    try:
+        t._lime_attr_kept = True  # an attribute of this tensor object only, gone with it
+    except AttributeError:  # a tensor subclass without instance attributes: the rules just keep their own
+        pass
 
 
 def is_kept(t: Tensor) -> bool:
