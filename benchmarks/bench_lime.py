@@ -41,7 +41,10 @@ hallucination effect at least that of ``lime-reference``.
 Run: ``python -m benchmarks.bench_lime [--tokens 16] [--models llama llava]`` and
 ``python -m benchmarks.bench_lime --models --tasks pope description --items 10 [--lr-factor 100]``.
 ``digits-llava`` as a ``--models`` entry is the old single-scene cost row (``LIME_BENCH_DIGITS_PATH``
-names a ``save_pretrained`` folder).
+names a ``save_pretrained`` folder). ``llava-1b`` is the GPU row the LIME issue asks for: a randomly
+initialised LLaVA-1.5-shaped model of about 1.2B parameters (CLIP ViT-L/14-336 tower, 576 image tokens,
+a 16-layer 2048-wide Llama), bf16 on CUDA:
+``python -m benchmarks.bench_lime --models llava-1b --tokens 16 --device cuda``.
 """
 from __future__ import annotations
 
@@ -113,6 +116,26 @@ def build(name: str, device: str) -> tuple[Any, dict, Any]:
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                   "pixel_values": torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))}
         span = None  # found from the image placeholder
+    elif name == "llava-1b":
+        # randomly initialised, LLaVA-1.5-shaped at about 1.2B parameters: a CLIP ViT-L/14 tower at 336 px
+        # (576 image tokens) and a 1B Llama (hidden 2048, 16 layers, GQA 32/8 heads); bf16 on CUDA
+        vc = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+        tc = LlamaConfig(vocab_size=32064, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=0)
+        img = 32000
+        cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=img, image_seq_length=576,
+                          vision_feature_layer=-2, attn_implementation="sdpa")
+        model = LlavaForConditionalGeneration(cfg)
+        if device == "cuda":
+            model = model.to(torch.bfloat16)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.cat([torch.randint(1, 31999, (1, 16), generator=g), torch.full((1, 576), img),
+                         torch.randint(1, 31999, (1, 24), generator=g)], 1)
+        pixels = torch.randn(1, 3, 336, 336, generator=g).to(next(model.parameters()).dtype)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+        span = None
     elif name == "digits-llava":  # the embedded trained demo model, when its weights are installed
         import numpy as np
 
