@@ -4,29 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from lime_attr import LRP
 from lime_attr.mitigation import LimeConfig, lime_generate
 from lime_attr.mitigation.config import FAST_CONFIDENCE_GATE, FAST_UPDATES
+from test_lime import _llama  # the same tiny Llama
 
 SPAN = (2, 8)
 
 
-def _llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      attn_implementation="eager", bos_token_id=None, eos_token_id=None, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -252,30 +252,38 @@ def test_epsilon_rule_exact_second_order_matches_finite_differences():
     model = tanh_mlp()
     comp = Composite([("site:layer", Epsilon(0.05)), ("site:activation", "identity")])
     x = torch.randn(2, 5, dtype=DT)
-    w = torch.randn(2, 5, dtype=DT)
-    state = {"p": torch.zeros(2, 8, dtype=DT)}
-    model[2].register_forward_hook(lambda mod, args, out: out * (1 + state["p"]))
-
-    def loss(p, exact):
-        state["p"] = p
-        so = "exact" if exact else "autograd"
-        return (LRP(model, comp).attribute(x, target=[0, 2], create_graph=exact, second_order=so) * w).sum()
-
+    loss, loss_x = _perturbed_losses(model, comp, x, torch.randn(2, 5, dtype=DT))
     g, fd = _exact_vs_fd(loss, torch.randn(2, 8, dtype=DT) * 0.1)
     assert rel_error(g, fd) < 1e-6
     # (the default path is not exact here: it holds the epsilon and tanh factors constant)
     p = (torch.randn(2, 8, dtype=DT) * 0.1).requires_grad_(True)
-    state["p"] = p
-    (g_default,) = torch.autograd.grad((LRP(model, comp).attribute(x, target=[0, 2], create_graph=True) * w).sum(), p)
+    (g_default,) = torch.autograd.grad(loss(p, False, create_graph=True), p)
     assert rel_error(g_default, central_difference(lambda q: loss(q, False), p.detach())) > 1e-3
-
-    def loss_x(xx, exact):
-        state["p"] = torch.zeros(2, 8, dtype=DT)
-        so = "exact" if exact else "autograd"
-        return (LRP(model, comp).attribute(xx, target=[0, 2], create_graph=exact, second_order=so) * w).sum()
-
     g, fd = _exact_vs_fd(loss_x, x)
     assert rel_error(g, fd) < 1e-6
+
+
+def _perturbed_losses(model: nn.Module, comp: Composite, x: torch.Tensor, w: torch.Tensor):
+    """``<w, R>`` as a function of a multiplicative perturbation ``p`` of ``model[2]``'s output
+    (``loss(p, exact)``) and of the input (``loss_x(x, exact)``, ``p = 0``); ``exact`` picks
+    ``second_order="exact"`` with ``create_graph``, else the default first-order call."""
+    state = {"p": torch.zeros(x.shape[0], 8, dtype=DT)}
+    model[2].register_forward_hook(lambda mod, args, out: out * (1 + state["p"]))
+
+    def relevance(xx, exact, create_graph=None):
+        so = "exact" if exact else "autograd"
+        cg = exact if create_graph is None else create_graph
+        return (LRP(model, comp).attribute(xx, target=[0, 2], create_graph=cg, second_order=so) * w).sum()
+
+    def loss(p, exact, create_graph=None):
+        state["p"] = p
+        return relevance(x, exact, create_graph)
+
+    def loss_x(xx, exact):
+        state["p"] = torch.zeros(x.shape[0], 8, dtype=DT)
+        return relevance(xx, exact)
+
+    return loss, loss_x
 
 
 @pytest.mark.parametrize("rule", ["gamma", "zplus", "alpha_beta"])
@@ -287,23 +295,9 @@ def test_layer_rules_exact_second_order_matches_finite_differences(rule):
     model = relu_mlp()
     comp = Composite([("site:layer", get_rule(rule)), ("site:activation", "identity")])
     x = torch.randn(2, 5, dtype=DT)
-    w = torch.randn(2, 5, dtype=DT)
-    state = {"p": torch.zeros(2, 8, dtype=DT)}
-    model[2].register_forward_hook(lambda mod, args, out: out * (1 + state["p"]))
-
-    def loss(p, exact):
-        state["p"] = p
-        so = "exact" if exact else "autograd"
-        return (LRP(model, comp).attribute(x, target=[0, 2], create_graph=exact, second_order=so) * w).sum()
-
+    loss, loss_x = _perturbed_losses(model, comp, x, torch.randn(2, 5, dtype=DT))
     g, fd = _exact_vs_fd(loss, torch.randn(2, 8, dtype=DT) * 0.1)
     assert rel_error(g, fd) < 1e-6
-
-    def loss_x(xx, exact):
-        state["p"] = torch.zeros(2, 8, dtype=DT)
-        so = "exact" if exact else "autograd"
-        return (LRP(model, comp).attribute(xx, target=[0, 2], create_graph=exact, second_order=so) * w).sum()
-
     g, fd = _exact_vs_fd(loss_x, x)
     assert rel_error(g, fd) < 1e-6
 

@@ -18,7 +18,8 @@ from .composites import Composite, ZennitRule, _ZennitLookup, apply_zennit_canon
 from .errors import UncoveredModuleError
 from .ops import RuleMode
 from .rules import Rule
-from .rules._grad import Frozen, epsilon_grad_hook, epsilon_scale, modified_grad, scale_grad
+from .rules import _tangent
+from .rules._grad import EpsilonScale, epsilon_grad_hook, modified_grad, scale_grad
 from .sites import Site, disable_inplace, discover_sites, inplace_input_error
 
 __all__ = ["LRPScope", "lrp_scope", "current_scope"]
@@ -263,7 +264,7 @@ class LRPScope:
         if not (args and args[0] is y and isinstance(out, Tensor) and out.requires_grad and torch.is_grad_enabled()):
             epsilon_grad_hook(y, eps)
             return None
-        return modified_grad(out, out, _EpsilonFromOutput(out, eps))
+        return modified_grad(out, out, EpsilonScale(out, eps, nonnegative=True))
 
     def _flush_epsilon(self) -> None:
         """Give every unclaimed pending layer output its ordinary epsilon hook (before any backward)."""
@@ -575,8 +576,6 @@ class _DeferredEpsilon(Rule):
         self.epsilon, self._pending, self._relu = epsilon, pending, relu_id
 
     def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
-        from .rules import _tangent
-
         if _tangent.active() or not (y.requires_grad and torch.is_grad_enabled()) or _observed(module):
             return epsilon_grad_hook(y, self.epsilon)
         old = self._pending.pop(self._relu, None)
@@ -594,13 +593,3 @@ def _observed(module: nn.Module) -> bool:
     layer methods, a user's capture): then the gradient *at* the output must stay the one before the
     layer's epsilon factor, so the factor is not moved up to the ReLU."""
     return len(module._forward_hooks) > 1 or bool(nn.modules.module._global_forward_hooks)
-
-
-class _EpsilonFromOutput:
-    __slots__ = ("r", "eps")
-
-    def __init__(self, r: Tensor, eps: float) -> None:
-        self.r, self.eps = Frozen(r), eps
-
-    def __call__(self, g: Tensor) -> Tensor:
-        return epsilon_scale(g, self.r.get(), self.eps)  # r >= 0

@@ -92,12 +92,17 @@ def epsilon_grad_hook(y: Tensor, eps: float) -> Tensor:
     if eps == 0.0:
         return y
     if _tangent.active():
-        a = y.detach().abs()
-        return _tangent.scale_tangent(y, a.div_(a + eps))
+        return _tangent.scale_tangent(y, epsilon_factor(y, eps))
     if y.requires_grad and torch.is_grad_enabled():
-        y.register_hook(_EpsilonHook(y.detach(), eps))
+        y.register_hook(EpsilonScale(y, eps))
         mark_kept(y)
     return y
+
+
+def epsilon_factor(y: Tensor, eps: float) -> Tensor:
+    """``|y| / (|y| + eps)`` computed now, as a constant (for a factor that must not read ``y`` later)."""
+    a = y.detach().abs()
+    return a.div_(a + eps)
 
 
 def mark_kept(t: Tensor) -> None:
@@ -137,14 +142,20 @@ class Frozen:
         return self.t
 
 
-class _EpsilonHook:
-    __slots__ = ("y", "eps")
+class EpsilonScale:
+    """``g -> g * |y| / (|y| + eps)`` with ``y`` read in the backward pass (see :class:`Frozen`).
 
-    def __init__(self, y: Tensor, eps: float) -> None:
-        self.y, self.eps = Frozen(y), eps
+    ``nonnegative=True`` for a ``y`` known to be ``>= 0`` (a ReLU's output): no ``abs`` pass.
+    """
+
+    __slots__ = ("y", "eps", "nonnegative")
+
+    def __init__(self, y: Tensor, eps: float, nonnegative: bool = False) -> None:
+        self.y, self.eps, self.nonnegative = Frozen(y), eps, nonnegative
 
     def __call__(self, g: Tensor) -> Tensor:
-        return epsilon_scale(g, self.y.get().abs(), self.eps)
+        y = self.y.get()
+        return epsilon_scale(g, y if self.nonnegative else y.abs(), self.eps)
 
 
 def epsilon_scale(g: Tensor, a: Tensor, eps: float) -> Tensor:

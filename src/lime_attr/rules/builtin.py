@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..errors import RuleParameterError
 from . import _tangent
-from ._grad import Frozen, _Scale, epsilon_grad_hook, is_kept, modified_grad, mul_grad_hook, nonnegative, replace_grad, scale_grad, stabilize, stabilize_
+from ._grad import Frozen, _Scale, epsilon_factor, epsilon_grad_hook, is_kept, modified_grad, mul_grad_hook, nonnegative, replace_grad, scale_grad, stabilize, stabilize_
 from ._layer import channel_dim, layer_forward, layer_forward_multi, layer_params, layer_vjp
 from .registry import Rule, register_rule
 
@@ -144,8 +144,7 @@ class Epsilon(Rule):
             return y
         # elementwise affine modules (BatchNorm) are often followed by an in-place residual addition
         # (``out += identity`` in ResNets): the factor is computed now, from the value the rule saw
-        a = y.detach().abs()
-        return mul_grad_hook(y, a.div_(a + self.epsilon))
+        return mul_grad_hook(y, epsilon_factor(y, self.epsilon))
 
 
 @register_rule("gradient")
