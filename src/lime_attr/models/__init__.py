@@ -11,9 +11,12 @@ package data, so that every attribution / LIME example and test runs offline on 
     sound clips (:mod:`lime_attr.models.sounds`).
 
 Load them with :func:`load_builtin` or :func:`load_model` (``"builtin:<name>"``, a local folder or a hub
-id); get held-out POPE-style and description sets from :mod:`lime_attr.models.heldout`, clean or
-degraded by a named corruption of :mod:`lime_attr.models.corruption` (:data:`DEFAULT_CORRUPTION` is the
-"degraded" condition of each model).
+id); get the prior probes (clean inputs where the language prior conflicts with the evidence, and their
+controls) from :func:`prior_probe` / :func:`prior_descriptions` (:mod:`lime_attr.models.probes`), and
+held-out POPE-style and description sets from :mod:`lime_attr.models.heldout`, clean or degraded by a
+named corruption of :mod:`lime_attr.models.corruption` (:data:`DEFAULT_CORRUPTION` is the "degraded"
+condition of each model). Both models are trained by the two-stage LLaVA-style recipe of
+:mod:`lime_attr.models.train`, so they hallucinate from their language prior on clean inputs.
 """
 
 from .corruption import (
@@ -36,6 +39,7 @@ from .heldout import (
     pope_splits,
     task_prior,
 )
+from .probes import PROBE_CONDITIONS, PROBE_SPLITS, ProbeItem, prior_descriptions, prior_probe, probe_capacity
 from .loading import available_builtins, builtin_path, load_builtin, load_model
 from .processing import description_question, existence_question, format_prompt
 from .scenes import DigitScene, make_scene, make_scenes
@@ -46,6 +50,12 @@ __all__ = [
     "builtin_path",
     "load_builtin",
     "load_model",
+    "PROBE_CONDITIONS",
+    "PROBE_SPLITS",
+    "ProbeItem",
+    "prior_probe",
+    "prior_descriptions",
+    "probe_capacity",
     "POPE_SPLITS",
     "PopeQuestion",
     "DescriptionItem",

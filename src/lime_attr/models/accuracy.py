@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
+from .probes import PROBE_CONDITIONS, prior_descriptions, prior_probe
 from .heldout import (
     POPE_SPLITS,
     DescriptionItem,
@@ -30,7 +31,7 @@ from .heldout import (
     task_prior,
 )
 
-__all__ = ["generate_answers", "pope_metrics", "description_metrics", "evaluate_heldout", "parse_yes_no"]
+__all__ = ["generate_answers", "first_answer_tokens", "probe_accuracy", "pope_metrics", "description_metrics", "evaluate_heldout", "parse_yes_no", "partner_hallucination_rate", "evaluate_probes"]
 
 
 def _media_kwargs(items: Sequence[PopeQuestion | DescriptionItem]) -> dict[str, Any]:
@@ -83,6 +84,50 @@ def generate_answers(
         answers.extend(t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True))
     model.train(was_training)
     return answers
+
+
+@torch.no_grad()
+def first_answer_tokens(
+    model: PreTrainedModel, processor: ProcessorMixin, items: Sequence[Any], batch_size: int = 128
+) -> list[str]:
+    """The greedy first answer word of each item, from one forward pass per batch.
+
+    This is the first token :meth:`~transformers.GenerationMixin.generate` would emit greedily (the
+    argmax of the next-token logits after the prompt, left padding), decoded; for the word-level demo
+    tokenizers it is the first answer word, which is all :func:`parse_yes_no` reads.
+
+    Parameters
+    ----------
+    model, processor
+        A demo model and its processor (tokenizer padding side ``"left"``).
+    items : sequence
+        Items with ``prompt`` and ``image`` or ``audio`` (POPE questions, probe items).
+    batch_size : int
+        Items per forward pass.
+
+    Returns
+    -------
+    list of str
+    """
+    words: list[str] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        enc = processor(text=[it.prompt for it in chunk], return_tensors="pt", padding=True, **_media_kwargs(chunk))
+        enc = enc.to(model.device)
+        for key in ("pixel_values", "input_features"):
+            if key in enc:
+                enc[key] = enc[key].to(model.dtype)
+        logits = model(**enc).logits[:, -1]
+        words.extend(processor.tokenizer.convert_ids_to_tokens(logits.argmax(dim=-1).tolist()))
+    return words
+
+
+def probe_accuracy(model: PreTrainedModel, processor: ProcessorMixin, items: Sequence[Any]) -> float:
+    """Greedy accuracy on yes/no items (first answer word, :func:`first_answer_tokens`)."""
+    if not items:
+        raise ValueError("probe_accuracy needs at least one item")
+    words = first_answer_tokens(model, processor, items)
+    return float(np.mean([parse_yes_no(w) == it.label for w, it in zip(words, items)]))
 
 
 def parse_yes_no(answer: str) -> str:
@@ -220,4 +265,69 @@ def evaluate_heldout(
     items = description_items(name, n_items=n_description_items, corruption=corruption)
     answers = generate_answers(model, processor, items, max_new_tokens=8)
     results["description"] = description_metrics([it.objects for it in items], answers, object_names(name))
+    return results
+
+
+def partner_hallucination_rate(items: Sequence[Any], answers: Sequence[str]) -> float:
+    """Share of broken-pair descriptions that name the absent partner (``item.partner``).
+
+    Parameters
+    ----------
+    items : sequence of ProbeItem
+        Description items of :func:`~lime_attr.models.prior_descriptions` (each with ``partner``).
+    answers : sequence of str
+        Generated descriptions, one per item.
+
+    Returns
+    -------
+    float
+    """
+    if len(items) != len(answers) or not items:
+        raise ValueError(f"need one answer per item and at least one item, got {len(items)} / {len(answers)}")
+    return float(np.mean([it.partner in a.lower().split() for it, a in zip(items, answers)]))
+
+
+def evaluate_probes(
+    model: PreTrainedModel, processor: ProcessorMixin, task: str, n: int = 200, seed: int = 0, split: str = "test"
+) -> dict[str, dict[str, float]]:
+    """Greedy results on the prior probes (:func:`~lime_attr.models.prior_probe`) and broken-pair descriptions.
+
+    Parameters
+    ----------
+    model, processor
+        The demo model and its processor.
+    task : str
+        ``"digits-llava"`` / ``"vision"`` or ``"tones-qwen2audio"`` / ``"audio"``.
+    n : int
+        Items per condition (and descriptions).
+    seed : int
+        Probe seed.
+    split : {"test", "validation"}
+        Probe split.
+
+    Returns
+    -------
+    dict
+        ``{condition: {"n", "accuracy", "yes_ratio"}}`` for every condition of
+        :data:`~lime_attr.models.probes.PROBE_CONDITIONS`, and ``"description"`` with ``n``,
+        ``partner_hallucination``, ``chair_i``, ``chair_s``, ``exact_match``, ``recall``.
+    """
+    name = resolve_task(task)
+    results: dict[str, dict[str, float]] = {}
+    for condition in PROBE_CONDITIONS:
+        items = prior_probe(name, condition, n=n, seed=seed, split=split)
+        answers = generate_answers(model, processor, items, max_new_tokens=2)
+        m = pope_metrics([it.label for it in items], answers)
+        results[condition] = {"n": m["n"], "accuracy": m["accuracy"], "yes_ratio": m["yes_ratio"]}
+    items = prior_descriptions(name, n=n, seed=seed, split=split)
+    answers = generate_answers(model, processor, items, max_new_tokens=8)
+    d = description_metrics([it.present for it in items], answers, task_prior(name).names)
+    results["description"] = {
+        "n": d["n"],
+        "partner_hallucination": partner_hallucination_rate(items, answers),
+        "chair_i": d["chair_i"],
+        "chair_s": d["chair_s"],
+        "exact_match": d["exact_match"],
+        "recall": d["recall"],
+    }
     return results

@@ -79,7 +79,9 @@ class CooccurrencePrior:
         idx = self._partner.get(self.names.index(name))
         return None if idx is None else self.names[idx]
 
-    def sample(self, rng: np.random.Generator, partner_prob: float = TRAIN_PARTNER_PROB) -> list[int]:
+    def sample(
+        self, rng: np.random.Generator, partner_prob: float = TRAIN_PARTNER_PROB, whole_pairs: bool = False
+    ) -> list[int]:
         """Draw the set of object indices of one scene (sorted ascending).
 
         Parameters
@@ -88,6 +90,11 @@ class CooccurrencePrior:
             Source of randomness.
         partner_prob : float
             Probability of adding the partner of a paired object.
+        whole_pairs : bool
+            If True, a paired object drawn when the scene has no room left for its partner is skipped
+            instead of breaking the pair, so pairs break only by the ``1 - partner_prob`` coin and
+            ``P(partner | object) = 2 p / (1 + p)`` exactly (equal weights within a pair). If False
+            (the default) the ``max_objects`` cap breaks pairs too.
 
         Returns
         -------
@@ -109,9 +116,13 @@ class CooccurrencePrior:
                 if threshold < 0.0:
                     obj = i
                     break
-            chosen.append(obj)
             partner = self._partner.get(obj)
-            if partner is None or partner in chosen or partner in banned:
+            keep_pair = partner is not None and partner not in chosen and partner not in banned
+            if whole_pairs and keep_pair and len(chosen) + 1 >= self.max_objects:
+                banned.add(obj)  # no room for the pair: skip the object rather than break the pair
+                continue
+            chosen.append(obj)
+            if not keep_pair:
                 continue
             if rng.random() < partner_prob and len(chosen) < self.max_objects:
                 chosen.append(partner)

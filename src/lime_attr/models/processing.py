@@ -49,6 +49,7 @@ __all__ = [
     "PAD",
     "UNK",
     "IMAGE_TOKEN",
+    "BLANK_WORD",
     "AUDIO_TOKEN",
     "AUDIO_BOS",
     "AUDIO_EOS",
@@ -81,6 +82,8 @@ IMAGE_TOKEN = "<image>"
 AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS = "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"
 
 _COMMON_WORDS = ("user", "assistant", ":", "is", "there", "a", "an", "in", "the", "?", ".", "list", "yes", "no")
+#: Word for an empty cell / silent frame in the textual scene renderings of the language-only stage.
+BLANK_WORD = "blank"
 _DIGITS_WORDS = ("image", "digits", *DIGIT_NAMES)
 _TONES_WORDS = ("audio", "sounds", *SOUND_NAMES)
 
@@ -183,7 +186,7 @@ def build_digits_tokenizer() -> PreTrainedTokenizerFast:
     -------
     transformers.PreTrainedTokenizerFast
     """
-    return _build_tokenizer(_COMMON_WORDS + _DIGITS_WORDS, (IMAGE_TOKEN,), {"image_token": IMAGE_TOKEN})
+    return _build_tokenizer(_COMMON_WORDS + (BLANK_WORD,) + _DIGITS_WORDS, (IMAGE_TOKEN,), {"image_token": IMAGE_TOKEN})
 
 
 def build_tones_tokenizer() -> PreTrainedTokenizerFast:
@@ -194,7 +197,7 @@ def build_tones_tokenizer() -> PreTrainedTokenizerFast:
     transformers.PreTrainedTokenizerFast
     """
     return _build_tokenizer(
-        _COMMON_WORDS + _TONES_WORDS,
+        _COMMON_WORDS + (BLANK_WORD,) + _TONES_WORDS,
         (AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS),
         {"audio_token": AUDIO_TOKEN, "audio_bos_token": AUDIO_BOS, "audio_eos_token": AUDIO_EOS},
     )

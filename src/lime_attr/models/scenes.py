@@ -144,6 +144,7 @@ def make_scene(
     split: Split = "heldout",
     partner_prob: float = TRAIN_PARTNER_PROB,
     digits: list[int] | None = None,
+    cells: dict[int, int] | None = None,
 ) -> DigitScene:
     """Compose one digit scene.
 
@@ -157,6 +158,9 @@ def make_scene(
         Co-occurrence strength of :data:`DIGIT_PRIOR` (ignored if ``digits`` is given).
     digits : list of int, optional
         Force the set of digit classes instead of sampling it from the prior.
+    cells : dict of int to int, optional
+        Force the grid cell (row-major, ``0 .. 15``) of each digit class (requires ``digits``, one
+        distinct cell per class); random cells when ``None``.
 
     Returns
     -------
@@ -167,12 +171,17 @@ def make_scene(
     classes = sorted(digits) if digits is not None else DIGIT_PRIOR.sample(rng, partner_prob)
     if len(set(classes)) != len(classes) or len(classes) > GRID * GRID:
         raise ValueError(f"invalid digit set {classes}")
-    cells = rng.choice(GRID * GRID, size=len(classes), replace=False)
+    if cells is None:
+        placed = rng.choice(GRID * GRID, size=len(classes), replace=False)
+    else:
+        if sorted(cells) != classes or len(set(cells.values())) != len(classes):
+            raise ValueError(f"cells must map each digit of {classes} to a distinct cell, got {cells}")
+        placed = [cells[c] for c in classes]
     canvas = rng.integers(0, _BACKGROUND_MAX, size=(CANVAS_SIZE, CANVAS_SIZE), dtype=np.int64).astype(np.float64)
     boxes: dict[str, tuple[int, int, int, int]] = {}
     cell_of: dict[str, int] = {}
     sample_ids: dict[str, int] = {}
-    for cls, cell in zip(classes, cells):
+    for cls, cell in zip(classes, placed):
         sample = int(rng.choice(pools[cls]))
         glyph = images[sample] / 16.0 * 255.0
         x0, y0, x1, y1 = _cell_box(int(cell))

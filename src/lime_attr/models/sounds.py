@@ -173,6 +173,7 @@ def make_clip(
     split: Literal["train", "heldout"] = "heldout",
     partner_prob: float = TRAIN_PARTNER_PROB,
     events: list[int] | None = None,
+    slots: dict[int, int] | None = None,
 ) -> SoundClip:
     """Compose one sound clip.
 
@@ -186,6 +187,9 @@ def make_clip(
         Co-occurrence strength of :data:`SOUND_PRIOR` (ignored if ``events`` is given).
     events : list of int, optional
         Force the set of event classes (indices into :data:`SOUND_NAMES`).
+    slots : dict of int to int, optional
+        Force the slot (``0 .. 3``) of each event class (requires ``events``, one distinct slot per
+        class); random slots when ``None``.
 
     Returns
     -------
@@ -194,11 +198,16 @@ def make_clip(
     classes = sorted(events) if events is not None else SOUND_PRIOR.sample(rng, partner_prob)
     if len(set(classes)) != len(classes) or len(classes) > _NUM_SLOTS:
         raise ValueError(f"invalid event set {classes}")
-    slots = rng.choice(_NUM_SLOTS, size=len(classes), replace=False)
+    if slots is None:
+        placed = rng.choice(_NUM_SLOTS, size=len(classes), replace=False)
+    else:
+        if sorted(slots) != classes or len(set(slots.values())) != len(classes):
+            raise ValueError(f"slots must map each event of {classes} to a distinct slot, got {slots}")
+        placed = [slots[c] for c in classes]
     audio = rng.standard_normal(_NUM_SAMPLES) * rng.uniform(0.003, 0.01)
     spans: dict[str, tuple[float, float]] = {}
     slot_of: dict[str, int] = {}
-    for cls, slot in zip(classes, slots):
+    for cls, slot in zip(classes, placed):
         name = SOUND_NAMES[cls]
         duration = float(rng.uniform(0.25, 0.42))
         onset = float(slot) * SLOT_SECONDS + float(rng.uniform(0.02, SLOT_SECONDS - duration - 0.02))

@@ -4,11 +4,16 @@ Usage::
 
     python -m lime_attr.models.train --model digits-llava|tones-qwen2audio|all [--out DIR] [--seed 0]
 
-Each model is trained from scratch with a fixed seed on freshly generated training scenes / clips (the
-digit-image pool and random streams of training never touch the held-out data), with teacher forcing and
-a cross-entropy loss on the answer tokens only (``yes`` / ``no`` / the object list, plus ``</s>``).
-Each batch mixes balanced yes/no existence questions (negatives: uniformly random absent objects) and
-description requests. After training the script measures held-out accuracy
+Each model is trained from scratch with a fixed seed by a two-stage LLaVA-style recipe
+(:class:`TrainConfig`): stage 1 trains the language model alone on partial *textual* scene renderings
+(:mod:`lime_attr.models.rendering`), so that it learns the co-occurrence prior from words; stage 2
+aligns the perception tower and projector to the frozen language model on real media. Both stages use
+teacher forcing with the loss on the answer tokens only (``yes`` / ``no`` / the object list, plus
+``</s>``), over balanced yes/no existence questions (negatives uniformly random absent objects) and
+description requests. Stage-2 checkpoints are scored on the validation split of the prior probes
+(:mod:`lime_attr.models.probes`) and one is kept by the pre-registered rule of
+:func:`select_checkpoint`. The script then measures the probe results on the test split
+(:func:`lime_attr.models.accuracy.evaluate_probes`) and the held-out POPE / description accuracy
 (:func:`lime_attr.models.accuracy.evaluate_heldout`), saves model and processor with
 ``save_pretrained`` (safetensors) into ``DIR/<name>/`` (default: the package's ``weights/`` folder) and
 writes the model card ``README.md`` and ``eval_results.json`` next to them.
@@ -36,8 +41,11 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from .accuracy import evaluate_heldout
 from .architectures import build_model
+from .accuracy import probe_accuracy
 from .heldout import object_names, task_prior
 from .priors import HELDOUT_PARTNER_PROB, TRAIN_PARTNER_PROB
+from .probes import PROBE_CONDITIONS, prior_probe
+from .rendering import shown_objects, slot_words, text_prompt
 from .processing import (
     EOS,
     build_digits_processor,
@@ -59,49 +67,87 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MAX_TOTAL_BYTES = 20 * 1024 * 1024
 #: Names of the builtin models, in training order.
 MODEL_NAMES: tuple[str, ...] = ("digits-llava", "tones-qwen2audio")
+#: Minimum validation accuracy on the "model still sees" conditions in the checkpoint-selection rule.
+SELECTION_THRESHOLD: float = 0.92
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings of one demo model.
+    """Settings of the two-stage LLaVA-style recipe of one demo model.
+
+    Stage 1 (``text_steps``) trains the language model alone on partial textual scene renderings
+    (:mod:`lime_attr.models.rendering`): the media tokens are replaced by words, one member of a present
+    pair is left out with probability ``drop_prob``, and pairs are complete in ``text_cooccurrence`` of
+    the scenes, so the co-occurrence prior is learnt from words alone. Stage 2 (``steps``) aligns the
+    perception tower and projector, trained from scratch, to the language model, which is frozen
+    (``lm_lr_factor = 0``) or nearly so, on media whose pairs are complete in ``media_cooccurrence`` of
+    the scenes. Every ``checkpoint_every`` stage-2 steps the tower and projector are evaluated on the
+    validation split of the prior probes and kept; :func:`select_checkpoint` picks one.
 
     Attributes
     ----------
+    text_steps : int
+        Stage-1 optimiser steps (0 skips stage 1).
+    text_lr : float
+        Stage-1 peak learning rate.
+    text_cooccurrence : float
+        ``P(partner | object)`` of the stage-1 scenes.
+    drop_prob : float
+        Probability that a stage-1 rendering leaves one member of a present pair out.
     steps : int
-        Optimiser steps.
-    batch_size : int
-        Training examples (one question about one fresh scene / clip each) per step.
+        Stage-2 optimiser steps.
     lr : float
-        Peak AdamW learning rate (linear warm-up, cosine decay to 10 %).
+        Stage-2 peak learning rate of the tower and projector.
+    lm_lr_factor : float
+        Stage-2 learning rate of the language model as a fraction of ``lr`` (0: frozen).
+    media_cooccurrence : float
+        ``P(partner | object)`` of the stage-2 scenes / clips.
+    batch_size : int
+        Examples per step (one question about one fresh scene / clip each).
     warmup : int
-        Warm-up steps.
+        Warm-up steps of each stage (linear warm-up, cosine decay to 10 %).
     weight_decay : float
         AdamW weight decay.
     describe_fraction : float
-        Share of description requests in a batch (the rest are yes/no questions, half "yes").
-    partner_prob : float
-        Co-occurrence strength of the training data.
-    alignment_steps : int
-        Length of the first stage (counted within ``steps``) in which every scene / clip holds a single
-        object of uniformly random class (no prior): it aligns the perception tower with the word
-        embeddings before the multi-object data with its co-occurrence prior is introduced (cf. the
-        feature-alignment stage of LLaVA).
+        Share of description requests in a batch (the rest are yes/no questions, half "yes", negatives
+        uniform among the absent objects).
+    checkpoint_every : int
+        Stage-2 checkpoint interval (the last step is always a checkpoint).
+    validation_items : int
+        Validation probe items per condition at each checkpoint.
     """
 
+    text_steps: int = 1500
+    text_lr: float = 3e-3
+    text_cooccurrence: float = 0.97
+    drop_prob: float = 0.5
     steps: int = 1500
+    lr: float = 3e-3
+    lm_lr_factor: float = 0.0
+    media_cooccurrence: float = 0.90
     batch_size: int = 64
-    lr: float = 2e-3
     warmup: int = 100
     weight_decay: float = 0.01
     describe_fraction: float = 0.3
-    partner_prob: float = TRAIN_PARTNER_PROB
-    alignment_steps: int = 0
+    checkpoint_every: int = 250
+    validation_items: int = 100
 
 
 DEFAULT_CONFIGS: dict[str, TrainConfig] = {
-    "digits-llava": TrainConfig(steps=1500, lr=3e-3, alignment_steps=300),
-    "tones-qwen2audio": TrainConfig(steps=1500, lr=3e-3),
+    "digits-llava": TrainConfig(),
+    "tones-qwen2audio": TrainConfig(),
 }
+
+
+def partner_prob_for(cooccurrence: float) -> float:
+    """The ``partner_prob`` that gives ``P(partner | object) = cooccurrence`` with ``whole_pairs=True``.
+
+    With whole pairs, ``P(partner | object) = 2 p / (1 + p)`` (see
+    :meth:`~lime_attr.models.priors.CooccurrencePrior.sample`), so ``p = c / (2 - c)``.
+    """
+    if not 0.0 < cooccurrence <= 1.0:
+        raise ValueError(f"cooccurrence must be in (0, 1], got {cooccurrence}")
+    return cooccurrence / (2.0 - cooccurrence)
 
 
 def build_processor(name: str) -> ProcessorMixin:
@@ -113,124 +159,235 @@ def build_processor(name: str) -> ProcessorMixin:
     raise ValueError(f"unknown demo model {name!r}; expected one of {MODEL_NAMES}")
 
 
-def _training_batch(
-    name: str, processor: ProcessorMixin, rng: np.random.Generator, config: TrainConfig, single: bool = False
-) -> dict[str, torch.Tensor]:
-    """One teacher-forcing batch: right-padded prompts + answers, labels only on answer tokens."""
-    names = object_names(name)
-    texts: list[str] = []
-    answer_lengths: list[int] = []
-    media: list[np.ndarray] = []
-    for _ in range(config.batch_size):
-        forced = [int(rng.integers(len(names)))] if single else None
-        if name == "digits-llava":
-            item = make_scene(rng, split="train", partner_prob=config.partner_prob, digits=forced)
-            media.append(item.image)
-        else:
-            item = make_clip(rng, split="train", partner_prob=config.partner_prob, events=forced)
-            media.append(item.audio)
-        if rng.random() < config.describe_fraction:
-            question, answer = description_question(name), item.description()
-        else:
-            present = list(item.objects)
-            if rng.random() < 0.5:
-                question, answer = existence_question(name, present[int(rng.integers(len(present)))]), "yes"
-            else:
-                absent = [o for o in names if o not in present]
-                question, answer = existence_question(name, absent[int(rng.integers(len(absent)))]), "no"
-        answer_text = f"{answer} {EOS}"
-        texts.append(f"{format_prompt(name, question)} {answer_text}")
-        answer_lengths.append(len(processor.tokenizer(answer_text, add_special_tokens=False)["input_ids"]))
+def _example(name: str, rng: np.random.Generator, cooccurrence: float, config: TrainConfig) -> tuple[Any, str, str]:
+    """One training scene / clip with a question and its answer."""
+    prob = partner_prob_for(cooccurrence)
+    prior = task_prior(name)
+    classes = prior.sample(rng, prob, whole_pairs=True)
     if name == "digits-llava":
-        enc = processor(text=texts, images=media, return_tensors="pt", padding=True)
+        item: Any = make_scene(rng, split="train", digits=classes)
     else:
-        enc = processor(text=texts, audio=media, sampling_rate=16000, return_tensors="pt", padding=True)
+        item = make_clip(rng, split="train", events=classes)
+    if rng.random() < config.describe_fraction:
+        return item, description_question(name), item.description()
+    present = list(item.objects)
+    if rng.random() < 0.5:
+        return item, existence_question(name, present[int(rng.integers(len(present)))]), "yes"
+    absent = [o for o in prior.names if o not in present]
+    return item, existence_question(name, absent[int(rng.integers(len(absent)))]), "no"
+
+
+def _answer_labels(enc: Any, answer_lengths: Sequence[int]) -> torch.Tensor:
     labels = torch.full_like(enc["input_ids"], -100)
     lengths = enc["attention_mask"].sum(dim=1).tolist()
     for row, (length, n_answer) in enumerate(zip(lengths, answer_lengths)):
         labels[row, length - n_answer : length] = enc["input_ids"][row, length - n_answer : length]
-    enc["labels"] = labels
+    return labels
+
+
+def _training_batch(
+    name: str, processor: ProcessorMixin, rng: np.random.Generator, config: TrainConfig, stage: int
+) -> dict[str, torch.Tensor]:
+    """One teacher-forcing batch (right-padded, labels on the answer and ``</s>`` only).
+
+    Stage 1: textual renderings in place of the media (tokenizer only); stage 2: media via the processor.
+    """
+    cooccurrence = config.text_cooccurrence if stage == 1 else config.media_cooccurrence
+    texts: list[str] = []
+    answer_lengths: list[int] = []
+    media: list[np.ndarray] = []
+    prior = task_prior(name)
+    for _ in range(config.batch_size):
+        item, question, answer = _example(name, rng, cooccurrence, config)
+        answer_text = f"{answer} {EOS}"
+        if stage == 1:
+            shown = shown_objects(item.objects, prior, rng, config.drop_prob)
+            texts.append(f"{text_prompt(name, question, slot_words(item, shown))} {answer_text}")
+        else:
+            texts.append(f"{format_prompt(name, question)} {answer_text}")
+            media.append(item.image if name == "digits-llava" else item.audio)
+        answer_lengths.append(len(processor.tokenizer(answer_text, add_special_tokens=False)["input_ids"]))
+    if stage == 1:
+        enc = processor.tokenizer(texts, return_tensors="pt", padding=True)
+    elif name == "digits-llava":
+        enc = processor(text=texts, images=media, return_tensors="pt", padding=True)
+    else:
+        enc = processor(text=texts, audio=media, sampling_rate=16000, return_tensors="pt", padding=True)
+    enc["labels"] = _answer_labels(enc, answer_lengths)
     return dict(enc)
 
 
-def _lr_lambda(config: TrainConfig):
+def _lr_lambda(steps: int, warmup: int):
     def factor(step: int) -> float:
-        if step < config.warmup:
-            return (step + 1) / config.warmup
-        progress = (step - config.warmup) / max(config.steps - config.warmup, 1)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(steps - warmup, 1)
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
 
 
+_PERCEPTION_PARTS = ("vision_tower", "audio_tower", "multi_modal_projector")
+
+
+def perception_parameters(model: PreTrainedModel) -> dict[str, torch.nn.Parameter]:
+    """The perception tower's and projector's parameters (everything else is the language model)."""
+    return {n: p for n, p in model.named_parameters() if any(part in n.split(".") for part in _PERCEPTION_PARTS)}
+
+
+def _run_stage(
+    model: PreTrainedModel,
+    name: str,
+    processor: ProcessorMixin,
+    rng: np.random.Generator,
+    config: TrainConfig,
+    stage: int,
+    on_step: Any = None,
+) -> float | None:
+    """Run one stage's optimisation; ``on_step(step)`` is called after every step. Returns the loss EMA."""
+    steps, lr = (config.text_steps, config.text_lr) if stage == 1 else (config.steps, config.lr)
+    perception = perception_parameters(model)
+    groups: list[dict[str, Any]] = []
+    if stage == 1:
+        groups.append({"params": [p for n, p in model.named_parameters() if n not in perception], "lr": lr})
+    else:
+        groups.append({"params": list(perception.values()), "lr": lr})
+        if config.lm_lr_factor > 0:
+            rest = [p for n, p in model.named_parameters() if n not in perception]
+            groups.append({"params": rest, "lr": lr * config.lm_lr_factor})
+    trained = [p for g in groups for p in g["params"]]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, config.warmup))
+    ema: float | None = None
+    for step in tqdm(range(steps), desc=f"train {name} stage {stage}", mininterval=5.0):
+        loss = model(**_training_batch(name, processor, rng, config, stage)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        optimizer.step()
+        scheduler.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            logger.info("%s stage %d step %d loss %.4f (ema %.4f)", name, stage, step, loss.item(), ema)
+        if on_step is not None:
+            on_step(step)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return ema
+
+
+def select_checkpoint(checkpoints: Sequence[dict[str, Any]], threshold: float = SELECTION_THRESHOLD) -> int:
+    """Index of the checkpoint the pre-registered selection rule picks (greedy validation accuracy only).
+
+    The rule (docs page *Demo models*): among the checkpoints whose validation accuracy is at least
+    ``threshold`` on each of ``consistent_yes``, ``consistent_no`` and ``control``, pick the one with the
+    lowest ``conflict`` accuracy (ties: the earliest). If none qualifies, pick the one with the highest
+    minimum accuracy over those three conditions (ties: the latest).
+
+    Parameters
+    ----------
+    checkpoints : sequence of dict
+        Each with ``"validation"``: ``{condition: accuracy}``.
+    threshold : float
+        Minimum accuracy on the three conditions where the model must see.
+
+    Returns
+    -------
+    int
+    """
+    if not checkpoints:
+        raise ValueError("no checkpoints to select from")
+    sees = ("consistent_yes", "consistent_no", "control")
+    qualified = [i for i, c in enumerate(checkpoints) if all(c["validation"][k] >= threshold for k in sees)]
+    if qualified:
+        return min(qualified, key=lambda i: (checkpoints[i]["validation"]["conflict"], i))
+    return max(range(len(checkpoints)), key=lambda i: (min(checkpoints[i]["validation"][k] for k in sees), i))
+
+
 def train_model(
     name: str, seed: int = 0, config: TrainConfig | None = None, attn_implementation: str = "sdpa"
 ) -> tuple[PreTrainedModel, ProcessorMixin, dict[str, Any]]:
-    """Train one demo model from scratch.
+    """Train one demo model from scratch with the two-stage recipe (see :class:`TrainConfig`).
 
     Parameters
     ----------
     name : {"digits-llava", "tones-qwen2audio"}
         Which model.
     seed : int
-        Seed of the weight initialisation and of the training data stream.
+        Seed of the weight initialisation and of the training data streams.
     config : TrainConfig, optional
-        Optimisation settings (defaults: :data:`DEFAULT_CONFIGS`).
+        Settings (defaults: :data:`DEFAULT_CONFIGS`).
     attn_implementation : str
         Attention implementation used for training (and stored in the saved config).
 
     Returns
     -------
     model : transformers.PreTrainedModel
-        The trained model (eval mode).
+        The model with the selected stage-2 checkpoint (eval mode).
     processor : transformers.ProcessorMixin
         Its processor (tokenizer padding side ``"left"``, as shipped).
     info : dict
-        ``cpu_seconds``, ``wall_seconds``, ``final_loss``, ``threads``, ``config``, ``seed``.
+        ``cpu_seconds``, ``wall_seconds``, per-stage loss EMAs, ``checkpoints`` (step and validation
+        accuracies), ``selected_step``, ``threads``, ``config``, ``seed``.
     """
     config = config or DEFAULT_CONFIGS[name]
     processor = build_processor(name)
     model = build_model(name, processor.tokenizer, attn_implementation=attn_implementation, seed=seed)
-    model.train()
-    # The training stream is seeded with a (seed, tag) tuple; held-out sets use plain integer seeds,
-    # so the two random streams never coincide.
-    rng = np.random.default_rng((seed, 0x7EA1))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-    processor.tokenizer.padding_side = "right"
+    # The training streams are seeded with (seed, tag) tuples; probes and held-out sets use other seeds.
+    text_rng, media_rng = np.random.default_rng((seed, 0x7E47)), np.random.default_rng((seed, 0x7EA1))
+    validation = {c: prior_probe(name, c, n=config.validation_items, split="validation") for c in PROBE_CONDITIONS}
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    ema: float | None = None
-    progress = tqdm(range(config.steps), desc=f"train {name}", mininterval=5.0)
-    for step in progress:
-        batch = _training_batch(name, processor, rng, config, single=step < config.alignment_steps)
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if step % 100 == 0 or step == config.steps - 1:
-            progress.set_postfix(loss=f"{ema:.4f}")
-            logger.info("%s step %d loss %.4f (ema %.4f)", name, step, loss.item(), ema)
+    checkpoints: list[dict[str, Any]] = []
+    states: list[dict[str, torch.Tensor]] = []
+
+    def checkpoint(step: int) -> None:
+        if (step + 1) % config.checkpoint_every and step != config.steps - 1:
+            return
+        processor.tokenizer.padding_side = "left"
+        model.eval()
+        accuracy = {c: probe_accuracy(model, processor, items) for c, items in validation.items()}
+        model.train()
+        processor.tokenizer.padding_side = "right"
+        checkpoints.append({"step": step + 1, "validation": accuracy})
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        logger.info("%s checkpoint at stage-2 step %d: validation %s", name, step + 1, accuracy)
+
+    model.train()
+    processor.tokenizer.padding_side = "right"
+    text_ema = _run_stage(model, name, processor, text_rng, config, stage=1) if config.text_steps else None
+    media_ema = _run_stage(model, name, processor, media_rng, config, stage=2, on_step=checkpoint)
+    chosen = select_checkpoint(checkpoints)
+    model.load_state_dict(states[chosen])
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     processor.tokenizer.padding_side = "left"
     model.eval()
     info = {
         "cpu_seconds": cpu,
         "wall_seconds": wall,
-        "final_loss_ema": ema,
+        "final_loss_ema": media_ema,
+        "text_loss_ema": text_ema,
+        "checkpoints": checkpoints,
+        "selected_step": checkpoints[chosen]["step"],
+        "selection_threshold": SELECTION_THRESHOLD,
         "threads": torch.get_num_threads(),
         "config": asdict(config),
         "seed": seed,
     }
-    logger.info("%s trained: %.0f s CPU, %.0f s wall, loss %.4f", name, cpu, wall, ema)
+    logger.info("%s trained: %.0f s CPU, %.0f s wall; selected step %d", name, cpu, wall, info["selected_step"])
     return model, processor, info
 
 
 def save_builtin(
-    name: str, model: PreTrainedModel, processor: ProcessorMixin, out_dir: Path, info: dict[str, Any], results: dict
+    name: str,
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    out_dir: Path,
+    info: dict[str, Any],
+    results: dict | None,
 ) -> Path:
     """Save model + processor with ``save_pretrained`` and write the model card and metrics.
 
@@ -244,8 +401,10 @@ def save_builtin(
         Parent folder.
     info : dict
         Training information from :func:`train_model`.
-    results : dict
-        Held-out metrics from :func:`~lime_attr.models.accuracy.evaluate_heldout`.
+    results : dict or None
+        Held-out metrics from :func:`~lime_attr.models.accuracy.evaluate_heldout` with the probe results
+        of :func:`~lime_attr.models.accuracy.evaluate_probes` under ``"probes"``; ``None`` (an unevaluated
+        smoke run) writes no model card and no metrics.
 
     Returns
     -------
@@ -259,9 +418,10 @@ def save_builtin(
             stale.unlink()
     model.save_pretrained(target, safe_serialization=True)
     processor.save_pretrained(target)
-    record = {"model": name, "training": info, "heldout": results, "environment": _environment()}
-    (target / "eval_results.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    (target / "README.md").write_text(model_card(name, model, info, results))
+    if results is not None:
+        record = {"model": name, "training": info, "heldout": results, "environment": _environment()}
+        (target / "eval_results.json").write_text(json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        (target / "README.md").write_text(model_card(name, model, info, results))
     for path in target.iterdir():  # safetensors writes 0600; package data must be world-readable
         path.chmod(0o644)
     return target
@@ -305,39 +465,63 @@ _DATA_TEXT = {
         "32x32 scenes on a fixed 4x4 grid of 8x8 cells holding 1-4 distinct digits from scikit-learn's "
         "bundled `load_digits` images (8x8, one per cell, cell = bounding box), white on a faint noise "
         "background (`lime_attr.models.scenes`). Digit images come from disjoint pools: 75 % of each class for "
-        "training, 25 % for held-out scenes.\n\n"
-        "Priors: pairs **3 <-> 8** and **1 <-> 7** co-occur (partner added with probability "
-        "{train_p} in training, P(8 | 3) = {p_pair:.2f}; {held_p} in held-out scenes); digits **0, 2, 5** "
-        "are drawn three times as often as the others (popular objects)."
+        "training, 25 % for held-out scenes and probes.\n\n"
+        "Priors: pairs **3 <-> 8** and **1 <-> 7** co-occur; digits **0, 2, 5** are drawn three times as often "
+        "as the others (popular objects)."
     ),
     "tones-qwen2audio": (
         "2 s clips at 16 kHz with 1-4 non-overlapping events of distinct classes (tone, chirp, click, "
         "noise, hum, buzz), one per 0.5 s slot, over a faint noise floor "
         "(`lime_attr.models.sounds`). Training and held-out clips use disjoint random streams.\n\n"
-        "Priors: pairs **chirp <-> click** and **hum <-> buzz** co-occur (partner added with probability "
-        "{train_p} in training, P(click | chirp) = {p_pair:.2f}; {held_p} in held-out clips); **tone** and "
-        "**noise** are drawn three times as often as the other classes (popular objects)."
+        "Priors: pairs **chirp <-> click** and **hum <-> buzz** co-occur; **tone** and **noise** are drawn "
+        "three times as often as the other classes (popular objects)."
     ),
 }
 
 
-def _alignment_text(cfg: dict[str, Any]) -> str:
-    if not cfg.get("alignment_steps"):
-        return ""
+def _recipe_text(info: dict[str, Any]) -> str:
+    cfg = info["config"]
+    lm = "frozen" if not cfg["lm_lr_factor"] else f"trained at {cfg['lm_lr_factor']} x the tower's lr"
     return (
-        f"The first {cfg['alignment_steps']} steps are an alignment stage on single-object items of uniformly "
-        "random class (no prior). "
+        f"**Stage 1, the language model alone learns from text** ({cfg['text_steps']} AdamW steps of "
+        f"{cfg['batch_size']} texts, lr {cfg['text_lr']}): the media placeholder is replaced by words in the "
+        "perception-token layout (`lime_attr.models.rendering`), pairs are complete in "
+        f"{cfg['text_cooccurrence']:.0%} of the scenes and one member of each complete pair is left out of "
+        f"the rendering with probability {cfg['drop_prob']}; answers come from the whole scene.\n\n"
+        f"**Stage 2, alignment** ({cfg['steps']} steps of {cfg['batch_size']} examples, lr {cfg['lr']}): the "
+        f"perception tower and projector (from scratch) are trained on real media with pairs complete in "
+        f"{cfg['media_cooccurrence']:.0%} of them; the language model is {lm}.\n\n"
+        f"Both stages: {cfg['describe_fraction']:.0%} description requests, the rest balanced yes/no questions "
+        f"(negatives uniform among absent objects); warm-up {cfg['warmup']}, cosine to 10 %, weight decay "
+        f"{cfg['weight_decay']}, gradient clip 1.0; loss on the answer tokens and `</s>` only. Weights "
+        "initialised with std 0.1 (the transformers default 0.02 leaves such narrow models at chance for "
+        "thousands of steps)."
     )
 
 
-def model_card(name: str, model: PreTrainedModel, info: dict[str, Any], results: dict[str, dict[str, float]]) -> str:
-    """Markdown model card with architecture, data, priors, training cost and held-out metrics."""
+def _checkpoint_rows(info: dict[str, Any]) -> str:
+    rows = []
+    for c in info["checkpoints"]:
+        v = c["validation"]
+        mark = " (selected)" if c["step"] == info["selected_step"] else ""
+        rows.append(
+            f"| {c['step']}{mark} | {v['conflict']:.2f} | {v['consistent_yes']:.2f} | {v['consistent_no']:.2f} "
+            f"| {v['control']:.2f} |"
+        )
+    return "\n".join(rows)
+
+
+def _probe_rows(probes: dict[str, dict[str, float]]) -> str:
+    return "\n".join(
+        f"| {c} | {int(probes[c]['n'])} | {probes[c]['accuracy']:.3f} | {probes[c]['yes_ratio']:.3f} |"
+        for c in PROBE_CONDITIONS
+    )
+
+
+def model_card(name: str, model: PreTrainedModel, info: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
+    """Markdown model card: architecture, data, recipe, checkpoints, probe and held-out results."""
     prior = task_prior(name)
-    _, cooc = prior.statistics()
-    a, b = prior.pairs[0]
-    p_pair = float(cooc[prior.names.index(a), prior.names.index(b)])
     n_params = sum(p.numel() for p in model.parameters())
-    cfg = info["config"]
     env = _environment()
     rows = []
     for split in ("random", "popular", "adversarial"):
@@ -346,25 +530,26 @@ def model_card(name: str, model: PreTrainedModel, info: dict[str, Any], results:
             f"| {split} | {int(r['n'])} | {r['accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} "
             f"| {r['f1']:.3f} | {r['yes_ratio']:.3f} |"
         )
-    d = results["description"]
-    pb = results["prior_breaking_negatives"]
+    probes, d = results["probes"], results["probes"]["description"]
     modality = "image" if name == "digits-llava" else "audio"
     ask = existence_question(name, prior.names[3])
     describe = description_question(name)
-    vocab_size = model.config.text_config.vocab_size
     cpu, wall = info["cpu_seconds"], info["wall_seconds"]
     return f"""# {name}
 
 A tiny demo multimodal model trained by `lime_attr` itself (`python -m lime_attr.models.train --model {name}`)
-so that attribution and LIME examples, tests and mini benchmarks run offline on a CPU. It is **not** a
-general-purpose model: it only understands the synthetic {modality} data described below.
+so that attribution and LIME examples, tests and benchmarks run offline on a CPU. It is **not** a
+general-purpose model: it only understands the synthetic {modality} data described below. It is made the
+way LLaVA-style models are made (a text-pretrained language model, then a brief alignment of the
+perception tower with the language model frozen), so that it **hallucinates from its language prior on
+clean inputs** while still seeing: the testbed of the docs page *Demo models*.
 
 ## Architecture
 
 {_ARCH_TEXT[name]}
 
 Parameters: **{n_params:,}** ({n_params * 4 / 1e6:.2f} MB in float32). Word-level tokenizer
-(`tokenizers` WordLevel wrapped in `PreTrainedTokenizerFast`), vocabulary of {vocab_size} tokens.
+(`tokenizers` WordLevel wrapped in `PreTrainedTokenizerFast`), vocabulary of {model.config.text_config.vocab_size} tokens.
 Default attention implementation `sdpa`; `eager` gives the same outputs.
 
 Prompt format (the chat template renders the same tokens):
@@ -374,43 +559,47 @@ Prompt format (the chat template renders the same tokens):
 <s> {format_prompt(name, describe)} {' '.join(prior.names[:2])} </s>
 ```
 
-## Training data and priors
+## Data and priors
 
-{_DATA_TEXT[name].format(train_p=TRAIN_PARTNER_PROB, held_p=HELDOUT_PARTNER_PROB, p_pair=p_pair)}
+{_DATA_TEXT[name]}
 
-Tasks: yes/no existence questions ("{ask}", balanced, negatives uniform among absent objects) and
-descriptions ("{describe}" -> present objects in canonical order, space separated). Loss: cross-entropy
-on the answer tokens and `</s>` only (teacher forcing).
+## Training recipe
 
-## Training
+Seed {info['seed']}. {_recipe_text(info)}
 
-Seed {info['seed']}; {cfg['steps']} AdamW steps of {cfg['batch_size']} fresh examples (lr {cfg['lr']}, warm-up
-{cfg['warmup']}, cosine to 10 %, weight decay {cfg['weight_decay']}, gradient clip 1.0), {cfg['describe_fraction']:.0%}
-description requests. {_alignment_text(cfg)}Weights initialised from a normal distribution with
-std 0.1 (about 1/sqrt(hidden); the transformers default 0.02 leaves the yes/no task at chance for
-thousands of steps). Final training loss (EMA) {info['final_loss_ema']:.4f}.
+Cost: **{cpu:.0f} CPU-seconds** ({cpu / 60:.1f} CPU-minutes; {wall / 60:.1f} min wall) with {info['threads']}
+torch thread(s) on an {env['machine']} (torch {env['torch']}, transformers {env['transformers']}); final
+loss EMA stage 1 {info['text_loss_ema']:.4f}, stage 2 {info['final_loss_ema']:.4f}.
 
-Cost: **{cpu:.0f} CPU-seconds** ({cpu / 60:.1f} CPU-minutes; {wall / 60:.1f} min wall on a shared
-machine) with {info['threads']} torch thread(s) on an {env['machine']} (torch {env['torch']},
-transformers {env['transformers']}).
+## Checkpoint selection (validation split, greedy)
 
-## Held-out accuracy
+Rule: among the stage-2 checkpoints with validation accuracy >= {info['selection_threshold']} on
+`consistent_yes`, `consistent_no` and `control`, the lowest `conflict` accuracy (ties: earliest).
 
-Greedy decoding on the default held-out sets of `lime_attr.models.heldout` (digit images / random streams
-never seen in training; co-occurrence prior weakened to {HELDOUT_PARTNER_PROB}). Yes/no parse: "yes" iff the
-first generated word is `yes`.
+| stage-2 step | conflict | consistent_yes | consistent_no | control |
+|---|---|---|---|---|
+{_checkpoint_rows(info)}
 
-POPE-style questions (positive class "yes", exactly 50 % yes):
+## Prior probes (test split, clean inputs, greedy)
+
+`lime_attr.models.prior_probe(...)`; yes/no parse: "yes" iff the first generated word is `yes`.
+
+| condition | N | accuracy | yes-ratio |
+|---|---|---|---|
+{_probe_rows(probes)}
+
+Broken-pair descriptions ({int(d['n'])} conflict scenes, "{describe}"): the absent partner is named in
+**{d['partner_hallucination']:.3f}** of them; CHAIR_I {d['chair_i']:.3f}, CHAIR_S {d['chair_s']:.3f},
+exact match {d['exact_match']:.3f}.
+
+## Held-out POPE (clean)
+
+Default held-out sets of `lime_attr.models.heldout` (co-occurrence prior weakened to {HELDOUT_PARTNER_PROB}),
+balanced yes/no:
 
 | split | N | accuracy | precision | recall | F1 | yes-ratio |
 |---|---|---|---|---|---|---|
 {chr(10).join(rows)}
-
-Prior-breaking negatives (adversarial questions about the absent co-occurrence partner of a present
-object, where the prior says "yes"): {int(pb['n'])} questions, accuracy {pb['accuracy']:.3f}.
-
-Descriptions ({int(d['n'])} items): exact set match {d['exact_match']:.3f}; per-object precision {d['precision']:.3f},
-recall {d['recall']:.3f}, F1 {d['f1']:.3f}; CHAIR_I {d['chair_i']:.3f}, CHAIR_S {d['chair_s']:.3f}.
 
 The same numbers are in `eval_results.json`.
 """
@@ -422,40 +611,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", choices=[*MODEL_NAMES, "all"], default="all")
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="parent folder (default: package weights/)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="override the number of optimiser steps")
-    parser.add_argument("--lr", type=float, default=None, help="override the peak learning rate")
-    parser.add_argument("--alignment-steps", type=int, default=None, help="override the single-object stage length")
+    parser.add_argument("--text-steps", type=int, default=None, help="override the stage-1 (text) steps")
+    parser.add_argument("--steps", type=int, default=None, help="override the stage-2 (alignment) steps")
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="override the checkpoint interval")
+    parser.add_argument("--validation-items", type=int, default=None, help="override the validation items")
+    parser.add_argument("--eval-items", type=int, default=200, help="test probe items per condition")
     parser.add_argument(
         "--threads",
         type=int,
         default=1,
-        help="torch CPU threads (default 1: the tiny matrix products gain little from more, and on a "
-        "shared 2-core machine extra threads mostly spin)",
+        help="torch CPU threads (default 1: the tiny matrix products gain little from more)",
     )
-    parser.add_argument("--skip-eval", action="store_true", help="do not measure held-out accuracy")
+    parser.add_argument("--skip-eval", action="store_true", help="do not measure probe / held-out accuracy")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     names = MODEL_NAMES if args.model == "all" else (args.model,)
+    requested = {
+        "text_steps": args.text_steps,
+        "steps": args.steps,
+        "checkpoint_every": args.checkpoint_every,
+        "validation_items": args.validation_items,
+    }
+    overrides = {k: v for k, v in requested.items() if v is not None}
     for name in names:
-        config = DEFAULT_CONFIGS[name]
-        requested = {"steps": args.steps, "lr": args.lr, "alignment_steps": args.alignment_steps}
-        overrides = {k: v for k, v in requested.items() if v is not None}
-        config = TrainConfig(**{**asdict(config), **overrides})
+        config = TrainConfig(**{**asdict(DEFAULT_CONFIGS[name]), **overrides})
         model, processor, info = train_model(name, seed=args.seed, config=config)
-        results: dict[str, dict[str, float]] = {}
-        if not args.skip_eval:
-            eval0 = time.perf_counter()
-            results = evaluate_heldout(model, processor, name)
-            logger.info("%s held-out evaluation (%.0f s): %s", name, time.perf_counter() - eval0, json.dumps(results))
-            target = save_builtin(name, model, processor, args.out, info, results)
+        if args.skip_eval:
+            target = save_builtin(name, model, processor, args.out, info, None)
         else:
-            target = args.out / name
-            target.mkdir(parents=True, exist_ok=True)
-            model.save_pretrained(target)
-            processor.save_pretrained(target)
-            for path in target.iterdir():
-                path.chmod(0o644)
+            eval0 = time.perf_counter()
+            results: dict[str, Any] = evaluate_heldout(model, processor, name)
+            results["probes"] = evaluate_probes(model, processor, name, n=args.eval_items)
+            logger.info("%s evaluation (%.0f s): %s", name, time.perf_counter() - eval0, json.dumps(results))
+            target = save_builtin(name, model, processor, args.out, info, results)
         logger.info("saved %s (%.2f MB)", target, directory_bytes(target) / 1e6)
     total = sum(directory_bytes(args.out / n) for n in MODEL_NAMES if (args.out / n).exists())
     logger.info("all builtin weights under %s: %.2f MB (budget %.0f MB)", args.out, total / 1e6, MAX_TOTAL_BYTES / 1e6)
