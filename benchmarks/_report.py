@@ -6,6 +6,8 @@ gives the same file.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any, Optional
 
@@ -310,3 +312,22 @@ def write_rst(report: dict[str, Any], path: Path, figure_dir: str, figures: dict
     """Write :func:`render_rst` to ``path``."""
     path.write_text(render_rst(report, figure_dir, figures), encoding="utf-8")
     return path
+
+
+def sign_test(fixed: int, introduced: int) -> float:
+    """Two-sided exact sign test of ``fixed`` against ``introduced`` changes (1 when nothing changed)."""
+    n, k = fixed + introduced, min(fixed, introduced)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2.0 * sum(math.comb(n, j) for j in range(k + 1)) / 2.0 ** n)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (same order as given)."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted = [1.0] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted

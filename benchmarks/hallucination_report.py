@@ -73,6 +73,7 @@ import numpy as np
 import torch
 
 from ._machine import cpu_model, dist_version
+from ._report import holm, sign_test
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,13 @@ JSON_NAME = "hallucination.json"
 PAGE_NAME = "benchmarks_hallucination.rst"
 
 MODEL_NAMES = ("digits-llava", "tones-qwen2audio")
-METHOD_NAMES = ("greedy", "sample", "vcd", "lime-reference", "lime-fast")
-CONDITIONS = ("clean", "degraded")
+METHOD_NAMES = ("greedy", "sample", "vcd", "lime-reference", "lime-fast", "lime-reference-lr10x",
+                "lime-reference-lr100x")
+#: LIME methods whose learning rate is a multiple of the paper's (``-lr<F>x``): NOT the paper's settings.
+SWEEP_SUFFIX = "-lr"
+CONDITIONS = ("prior", "clean", "degraded")
+#: Probe conditions of the "prior" condition (lime_attr.models.PROBE_CONDITIONS), in report order.
+PROBE_BENCHES = ("conflict", "consistent_yes", "consistent_no", "control")
 SPLITS = ("random", "popular", "adversarial")
 
 #: How each demo model is scored (scorer, parser, positive class) -- see the page for why.
@@ -119,11 +125,16 @@ class Settings:
     ----------
     limit : int or None
         Questions per POPE split (the first ``limit`` of each split; the sets alternate yes / no per
-        item, so an even limit is balanced). ``None`` (default): every question of the split.
+        item, so an even limit is balanced). ``None``: every question of the split.
     n_descriptions : int
-        Items of the description (CHAIR) set per model.
+        Items of the description (CHAIR) set per model (``clean`` / ``degraded``).
+    n_probe : int
+        Items per prior-probe condition (``prior``; :func:`lime_attr.models.prior_probe`, test split).
+    n_probe_descriptions : int
+        Broken-pair description items of the ``prior`` condition (:func:`lime_attr.models.prior_descriptions`).
     conditions : tuple of str
-        Input conditions to run (``clean``, ``degraded``).
+        Input conditions to run (``prior``: the clean prior probes; ``clean`` / ``degraded``: the
+        held-out POPE and description sets, clean or with the default corruption).
     models, methods, splits : tuple of str
         What to run.
     max_new_tokens_pope, max_new_tokens_chair : int
@@ -145,8 +156,10 @@ class Settings:
         The ``--quick`` smoke run.
     """
 
-    limit: Optional[int] = None
-    n_descriptions: int = 100
+    limit: Optional[int] = 60
+    n_descriptions: int = 50
+    n_probe: int = 200
+    n_probe_descriptions: int = 200
     conditions: tuple = CONDITIONS
     models: tuple = MODEL_NAMES
     methods: tuple = METHOD_NAMES
@@ -159,7 +172,7 @@ class Settings:
     vcd_alpha: float = 1.0
     vcd_beta: float = 0.1
     vcd_noise_step: int = 500
-    sweep_limit: int = 80
+    sweep_limit: int = 0
     sweep_grid: tuple = ((1.0, 7), (10.0, 7), (100.0, 7), (1000.0, 7), (100.0, 20))
     threads: int = 1
     quick: bool = False
@@ -167,8 +180,8 @@ class Settings:
     @classmethod
     def quick_run(cls, **overrides: Any) -> "Settings":
         """The ``--quick`` preset: a handful of questions, one sweep point beyond the paper's."""
-        base: dict[str, Any] = dict(limit=2, n_descriptions=1, sweep_limit=2, sweep_grid=((1.0, 7), (100.0, 7)),
-                                    quick=True)
+        base: dict[str, Any] = dict(limit=2, n_descriptions=1, n_probe=2, n_probe_descriptions=1, sweep_limit=2,
+                                    sweep_grid=((1.0, 7), (100.0, 7)), quick=True)
         base.update(overrides)
         return cls(**base)
 
@@ -200,9 +213,18 @@ def _corruption_for(spec: dict, model_name: str, modality: str) -> Any:
 
 
 def load_items(model_name: str, condition: str, settings: Settings, corruption: Any = None) -> dict[str, list]:
-    """``{split: questions[:limit]}`` and ``{"chair": description items}`` for one model and condition."""
-    from lime_attr.models import description_items, pope_questions
+    """``{split: questions[:limit]}`` and ``{"chair": description items}`` for one model and condition.
 
+    The ``prior`` condition: ``{probe condition: prior_probe(...)}`` (test split) and ``{"chair": broken-pair
+    descriptions}``.
+    """
+    from lime_attr.models import description_items, pope_questions, prior_descriptions, prior_probe
+
+    if condition == "prior":
+        probes: dict[str, list] = {c: prior_probe(model_name, c, n=settings.n_probe) for c in PROBE_BENCHES}
+        if settings.n_probe_descriptions > 0:
+            probes["chair"] = prior_descriptions(model_name, n=settings.n_probe_descriptions)
+        return probes
     kw = {} if condition == "clean" else {"corruption": corruption}
     out: dict[str, list] = {}
     for split in settings.splits:
@@ -228,21 +250,40 @@ def decoding_config(method: str, settings: Settings, max_new_tokens: int):
         return DecodingConfig("vcd", max_new_tokens, seed=settings.seed, vcd_alpha=settings.vcd_alpha,
                               vcd_beta=settings.vcd_beta, vcd_noise_step=settings.vcd_noise_step)
     if method.startswith("lime-"):
-        return DecodingConfig("lime", max_new_tokens, lime_mode=method.split("-", 1)[1])
+        return DecodingConfig("lime", max_new_tokens, lime_mode=lime_mode_of(method))
     raise ValueError(f"unknown method {method!r}; choose from {METHOD_NAMES}")
+
+
+def lime_mode_of(method: str) -> str:
+    """``"reference"`` / ``"fast"`` of a LIME method name (``lime-<mode>`` or ``lime-<mode>-lr<F>x``)."""
+    return method.split("-")[1]
+
+
+def lr_factor_of(method: str) -> float:
+    """The learning-rate multiple of the paper's preset in a method name (1 without a ``-lr<F>x`` suffix)."""
+    if SWEEP_SUFFIX not in method:
+        return 1.0
+    tail = method.rsplit(SWEEP_SUFFIX, 1)[1]
+    if not tail.endswith("x"):
+        raise ValueError(f"method {method!r}: the learning-rate suffix must read '-lr<factor>x', e.g. '-lr10x'")
+    return float(tail[:-1])
 
 
 def lime_config(model: Any, method: str, **overrides: Any):
     """``LimeConfig.for_model(model, mode=...)`` with relevance recording (public API only).
 
     Fast mode also measures the relevance under the perturbation the token was emitted from
-    (``final_relevance=True``), so that its "after" numbers describe what it emitted.
+    (``final_relevance=True``), so that its "after" numbers describe what it emitted. A ``-lr<F>x``
+    suffix multiplies the preset's learning rate by ``F`` (not the paper's settings).
     """
     from lime_attr.mitigation import LimeConfig
 
-    mode = method.split("-", 1)[1]
+    mode = lime_mode_of(method)
     if mode == "fast":
         overrides = {"final_relevance": True, **overrides}
+    factor = lr_factor_of(method)
+    if factor != 1.0 and "lr" not in overrides:
+        overrides = {"lr": LimeConfig.for_model(model).lr * factor, **overrides}
     return LimeConfig.for_model(model, mode=mode, record_relevance=True, **overrides)
 
 
@@ -450,6 +491,15 @@ def changes_against(reference: Sequence[str], answers: Sequence[str], ref_ok: Se
     return out
 
 
+def add_sign_tests(changes: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Add ``sign_p`` and the Holm-adjusted ``holm_p`` (family: every set x method of one model and
+    condition, ``holm_family``) to each entry of ``changes`` in place."""
+    cells = [(bench, m) for bench, per in changes.items() for m in per]
+    raw = [sign_test(changes[b][m]["fixed"], changes[b][m]["introduced"]) for b, m in cells]
+    for (b, m), p, q in zip(cells, raw, holm(raw)):
+        changes[b][m].update(sign_p=p, holm_p=q, holm_family=len(cells))
+
+
 def parsed_answers(model_name: str, answers: Sequence[str]) -> list:
     """The yes / no (or None) the model's parser reads from each answer."""
     from lime_attr.evaluation import get_parser
@@ -482,7 +532,7 @@ def evaluate_condition(model: Any, processor: Any, model_name: str, items: dict[
     timing = {m: {"n_items": 0, "n_tokens": 0, "cpu_seconds": 0.0, "wall_seconds": 0.0} for m in methods}
     rel: dict[str, dict[str, list]] = {m: {"reliance_before": [], "grounding_before": [], "reliance_after": [],
                                            "grounding_after": [], "focus_before": [], "focus_after": [],
-                                           "optimised": [], "skipped": [], "changed": [], "check": []}
+                                           "optimised": [], "skipped": [], "changed": [], "check": [], "kl_last": []}
                                        for m in methods}
     pope: dict[str, dict[str, Any]] = {}
     chair: dict[str, Any] = {}
@@ -507,7 +557,7 @@ def evaluate_condition(model: Any, processor: Any, model_name: str, items: dict[
                 tm["wall_seconds"] += a.wall
                 if not is_pope or not a.tokens:
                     continue
-                key = (condition, item.item_id, item.object)
+                key = (condition, bench, item.item_id, item.object)
                 r = rel[method]
                 if a.record is not None:
                     rec = a.record
@@ -530,6 +580,8 @@ def evaluate_condition(model: Any, processor: Any, model_name: str, items: dict[
                         r["optimised"].append(False)
                     if rec.skipped:
                         r["skipped"].append(rec.skipped)
+                    if rec.kl:
+                        r["kl_last"].append(float(rec.kl[-1][0]))
                 else:
                     before = probe(key, enc, item, int(a.tokens[0]))
                 r["reliance_before"].append(before["reliance"])
@@ -549,6 +601,10 @@ def evaluate_condition(model: Any, processor: Any, model_name: str, items: dict[
                 entry = _result_dict(score_descriptions(model_name, bench_items, texts, cfg))
                 entry.update(answers=texts, ground_truth=[list(it.objects) for it in bench_items],
                              n=len(bench_items))
+                if all(getattr(it, "partner", None) for it in bench_items):
+                    named = [mentioned & {it.partner} for mentioned, it in
+                             zip(mentioned_objects(model_name, bench_items, texts), bench_items)]
+                    entry["partner_hallucination"] = float(np.mean([bool(x) for x in named]))
                 chair[method] = entry
             logger.info("[%s %s %s] %-14s %s (%.1f s)", model_name, condition, bench, method,
                         _headline(entry), time.perf_counter() - t0)
@@ -567,6 +623,7 @@ def evaluate_condition(model: Any, processor: Any, model_name: str, items: dict[
             changes[bench] = {m: changes_against(answers["greedy"], answers[m], ok["greedy"], ok[m],
                                                  keys["greedy"], keys[m])
                               for m in answers if m != "greedy"}
+    add_sign_tests(changes)
 
     for m, tm in timing.items():
         tm["cpu_s_per_token"] = tm["cpu_seconds"] / max(tm["n_tokens"], 1)
@@ -595,6 +652,7 @@ def evaluate_condition(model: Any, processor: Any, model_name: str, items: dict[
                 skipped_reasons=sorted(set(r["skipped"])),
                 first_token_changed=int(sum(r["changed"])),
                 share_before_check=max(r["check"]) if r["check"] else None,
+                kl_last=_mean(r["kl_last"]),
             )
         relevance[m] = entry
     return {"status": "ok", "n_pope_per_split": {s: len(items[s]) for s in items if s != "chair"},
@@ -785,6 +843,8 @@ METHOD_DESCRIPTIONS = {
     "vcd": "greedy decoding of VCD's contrasted logits (lime_attr VCDLogitsProcessor via generation.generate)",
     "lime-reference": "lime_generate with LimeConfig.for_model(model, mode='reference'), greedy",
     "lime-fast": "lime_generate with LimeConfig.for_model(model, mode='fast', final_relevance=True), greedy (fast-mode defaults: confidence gate, compressed updates)",
+    "lime-reference-lr10x": "as LIME reference with 10x the paper's learning rate (NOT the paper's settings; a sweep point)",
+    "lime-reference-lr100x": "as LIME reference with 100x the paper's learning rate (NOT the paper's settings; a sweep point)",
 }
 
 
@@ -899,6 +959,31 @@ def render(json_path: Path | str, page: Optional[Path | str] = None) -> dict[str
     return report
 
 
+def merge(json_paths: Sequence[Path | str], out_dir: Path | str, page: Optional[Path | str] = None) -> dict[str, Any]:
+    """Combine reports of the same settings run for different models (e.g. one process per model).
+
+    The settings must agree except for ``models``; runtimes add up, the machine entry is the first's
+    (each part's is kept under ``parts``). Writes the json, the figures and the page like :func:`run_report`.
+    """
+    parts = [json.loads(Path(p).read_text(encoding="utf-8")) for p in json_paths]
+    if not parts:
+        raise ValueError("merge needs at least one hallucination.json")
+    strip = [{k: v for k, v in p["settings"].items() if k != "models"} for p in parts]
+    if any(s != strip[0] for s in strip[1:]):
+        raise ValueError("the reports to merge were run with different settings (other than models)")
+    report = dict(parts[0])
+    report["models"] = {name: entry for p in parts for name, entry in p["models"].items()}
+    report["settings"] = dict(parts[0]["settings"], models=list(report["models"]))
+    report["runtime"] = {k: round(sum(p["runtime"][k] for p in parts), 1) for k in ("wall_seconds", "cpu_seconds")}
+    report["parts"] = [{"models": list(p["models"]), "generated": p["generated"], "machine": p["machine"],
+                        "runtime": p["runtime"]} for p in parts]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / JSON_NAME).write_text(dumps(report) + "\n", encoding="utf-8")
+    render(out_dir / JSON_NAME, page)
+    return report
+
+
 def dumps(obj: Any, level: int = 0) -> str:
     """JSON with one-space indentation, lists of scalars (answers, labels) kept on one line."""
     pad, inner = " " * level, " " * (level + 1)
@@ -937,7 +1022,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--descriptions", type=int, default=None, help="description (CHAIR) items per model")
     parser.add_argument("--sweep-limit", type=int, default=None,
                         help="adversarial questions in the investigation sweep (0 disables it)")
-    parser.add_argument("--conditions", default=",".join(CONDITIONS), help="comma-separated: clean,degraded")
+    parser.add_argument("--conditions", default=",".join(CONDITIONS), help="comma-separated: prior,clean,degraded")
+    parser.add_argument("--probe-items", type=int, default=None, help="items per prior-probe condition")
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output folder (default {DEFAULT_OUT.relative_to(REPO_ROOT)}, or "
@@ -945,6 +1031,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--render", type=Path, default=None, metavar="JSON",
                         help="only redraw the figures and the page from an existing hallucination.json")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="combine reports run for different models into --out (json, figures, page)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -953,6 +1041,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.render is not None:
         return render(args.render)
+    if args.merge is not None:
+        return merge(args.merge, args.out or DEFAULT_OUT)
     conditions = tuple(c.strip() for c in args.conditions.split(",") if c.strip())
     overrides: dict[str, Any] = {"threads": args.threads, "conditions": conditions, "models": tuple(args.models)}
     if args.limit is not None:
@@ -961,6 +1051,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         overrides["n_descriptions"] = args.descriptions
     if args.sweep_limit is not None:
         overrides["sweep_limit"] = args.sweep_limit
+    if args.probe_items is not None:
+        overrides["n_probe"] = overrides["n_probe_descriptions"] = args.probe_items
     settings = Settings.quick_run(**overrides) if args.quick else Settings(**overrides)
     out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
     return run_report(settings, out)

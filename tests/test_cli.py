@@ -154,14 +154,17 @@ def test_device_map_auto_loads_a_checkpoint_folder_through_accelerate(tmp_path, 
 
 def test_demo_quick_writes_its_outputs_and_measures_lime_shares(tmp_path):
     """The README's main job (quick variant): every output file, and LIME's shares measured for every question
-    (reference mode optimises each answer token), on prior-breaking questions about degraded images."""
+    (reference mode optimises each answer token), on prior-breaking (conflict) questions about clean images."""
     import math
 
     from lime_attr.models import task_prior
 
     assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
-    for name in ("heatmap.png", "tokens.html", "lime_vs_greedy.json", "mini_pope.json", "mini_pope.csv"):
+    for name in ("heatmap.png", "tokens.html", "lime_vs_greedy.json", "mini_pope.json", "mini_pope.csv",
+                 "heatmap_before.png", "heatmap_after.png", "prior_probes.json"):
         assert (tmp_path / name).stat().st_size > 0
+    probes = json.loads((tmp_path / "prior_probes.json").read_text())
+    assert probes["n"] == 50 and set(probes["accuracy"]) == {"conflict", "consistent_yes", "consistent_no", "control"}
     rows = json.loads((tmp_path / "lime_vs_greedy.json").read_text())
     prior = task_prior("digits-llava")
     assert len(rows) == 3

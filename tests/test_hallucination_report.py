@@ -120,3 +120,61 @@ def test_page_renders_from_json(report: tuple[dict, Path]) -> None:
     acc = rep["models"]["digits-llava"]["conditions"]["clean"]["pope"]["adversarial"]["greedy"]["metrics"]["accuracy"]
     assert f"{acc:.3f}" in page
     assert "What the numbers say" in page and "Investigation" in page
+
+
+@pytest.fixture(scope="module")
+def prior_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("halluc_prior") / "benchmarks"
+    settings = hr.Settings(n_probe=3, n_probe_descriptions=2, conditions=("prior",), models=("tones-qwen2audio",),
+                           methods=("greedy", "lime-reference", "lime-reference-lr100x"), sweep_limit=0)
+    return hr.run_report(settings, out, figures=False)
+
+
+def test_prior_condition_runs_on_the_probe_sets(prior_report: dict) -> None:
+    from lime_attr.models import prior_descriptions, prior_probe
+
+    cond = prior_report["models"]["tones-qwen2audio"]["conditions"]["prior"]
+    assert set(cond["pope"]) == set(hr.PROBE_BENCHES)
+    for bench in hr.PROBE_BENCHES:
+        assert cond["labels"][bench] == [it.label for it in prior_probe("tones-qwen2audio", bench, n=3)]
+        for method in ("lime-reference", "lime-reference-lr100x"):
+            c = cond["changes"][bench][method]
+            assert c["sign_p"] == hr.sign_test(c["fixed"], c["introduced"])
+            assert c["sign_p"] <= c["holm_p"] <= 1.0 and c["holm_family"] == 2 * (len(hr.PROBE_BENCHES) + 1)
+    assert cond["relevance"]["lime-reference"]["kl_last"] >= 0.0
+    items = prior_descriptions("tones-qwen2audio", n=2)
+    for method, entry in cond["chair"].items():
+        named = [it.partner in a.split() for it, a in zip(items, entry["answers"])]
+        assert entry["partner_hallucination"] == sum(named) / len(named)
+    lr = prior_report["models"]["tones-qwen2audio"]["lime_config"]
+    assert math.isclose(lr["lime-reference-lr100x"]["lr"], 100 * lr["lime-reference"]["lr"])
+    page = render_rst(prior_report, "benchmarks", {})
+    assert "Prior-driven hallucination on clean inputs" in page and "not the paper's settings" in page
+    acc = cond["pope"]["conflict"]["greedy"]["metrics"]["accuracy"]
+    assert f"conflict accuracy {acc:.3f}" in page
+
+
+def test_sign_test_and_holm_against_written_out_values() -> None:
+    assert hr.sign_test(0, 0) == 1.0
+    assert math.isclose(hr.sign_test(8, 0), 2 / 2**8)
+    assert math.isclose(hr.sign_test(1, 9), 2 * (1 + 10) / 2**10)
+    assert hr.sign_test(5, 5) == 1.0
+    assert hr.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert hr.holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+    with pytest.raises(ValueError, match="-lr<factor>x"):
+        hr.lr_factor_of("lime-reference-lr10")
+
+
+def test_merge_combines_per_model_runs(report: tuple[dict, Path], prior_report: dict, tmp_path: Path) -> None:
+    rep, out = report
+    merged = hr.merge([out / hr.JSON_NAME, out / hr.JSON_NAME], tmp_path / "benchmarks")
+    assert merged["models"] == rep["models"] and len(merged["parts"]) == 2
+    assert math.isclose(merged["runtime"]["cpu_seconds"], round(2 * rep["runtime"]["cpu_seconds"], 1), abs_tol=0.11)
+    assert json.loads((tmp_path / "benchmarks" / hr.JSON_NAME).read_text()) == merged
+    page = (tmp_path / hr.PAGE_NAME).read_text()
+    acc = rep["models"]["digits-llava"]["conditions"]["clean"]["pope"]["adversarial"]["greedy"]["metrics"]["accuracy"]
+    assert f"{acc:.3f}" in page and "hallucination_pope.png" in page
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(prior_report))
+    with pytest.raises(ValueError, match="different settings"):
+        hr.merge([out / hr.JSON_NAME, other], tmp_path / "x")

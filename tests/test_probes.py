@@ -257,10 +257,13 @@ def test_checkpoint_selection_rule():
     def ck(conflict, yes, no, control):
         return {"validation": {"conflict": conflict, "consistent_yes": yes, "consistent_no": no, "control": control}}
 
-    assert select_checkpoint([ck(0.5, 0.95, 0.95, 0.95), ck(0.2, 0.93, 0.99, 0.95), ck(0.1, 0.91, 1.0, 1.0)]) == 1
-    assert select_checkpoint([ck(0.2, 0.95, 0.95, 0.95), ck(0.2, 0.96, 0.96, 0.96)]) == 0  # ties: earliest
-    assert select_checkpoint([ck(0.1, 0.80, 0.9, 0.9), ck(0.5, 0.85, 0.9, 0.9), ck(0.5, 0.84, 0.88, 0.9)]) == 1
-    assert select_checkpoint([ck(0.1, 0.85, 0.9, 0.9), ck(0.5, 0.85, 0.9, 0.9)]) == 1  # ties: latest
+    assert select_checkpoint(threshold=0.92, checkpoints=[ck(0.5, 0.95, 0.95, 0.95), ck(0.2, 0.93, 0.99, 0.95), ck(0.1, 0.91, 1.0, 1.0)]) == 1
+    assert select_checkpoint(threshold=0.92, checkpoints=[ck(0.2, 0.95, 0.95, 0.95), ck(0.2, 0.96, 0.96, 0.96)]) == 0  # ties: earliest
+    assert select_checkpoint(threshold=0.92, checkpoints=[ck(0.1, 0.80, 0.9, 0.9), ck(0.5, 0.85, 0.9, 0.9), ck(0.5, 0.84, 0.88, 0.9)]) == 1
+    assert select_checkpoint(threshold=0.92, checkpoints=[ck(0.1, 0.85, 0.9, 0.9), ck(0.5, 0.85, 0.9, 0.9)]) == 1  # ties: latest
+    # the shipped default (0.95) skips a checkpoint that only clears 0.92
+    assert select_checkpoint([ck(0.3, 0.92, 1.0, 0.98), ck(0.46, 1.0, 1.0, 1.0)]) == 1
+    assert select_checkpoint(threshold=0.92, checkpoints=[ck(0.3, 0.92, 1.0, 0.98), ck(0.46, 1.0, 1.0, 1.0)]) == 0
     with pytest.raises(ValueError, match="no checkpoints"):
         select_checkpoint([])
 

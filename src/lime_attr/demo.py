@@ -1,15 +1,19 @@
 """``lime-attr demo``: the README's main job, on the embedded vision model ``digits-llava``.
 
-1. explain an answer: modality shares, top tokens, a heatmap PNG and a token HTML page;
-2. LIME against greedy decoding on adversarial questions: answers and modality shares before / after;
-3. the mini-POPE table (greedy) on the three splits (first 200 questions of each; ``lime-attr eval pope``
-   runs them all), as JSON, CSV and a bar chart.
+1. a prior-driven hallucination on a clean image (a ``conflict`` probe: a 3 without its 8, asked about
+   the 8): greedy's answer, LIME's answer, the image share of the relevance before and after LIME's
+   perturbation, and the relevance heatmaps before and after (PNG);
+2. the greedy answer explained: modality shares, top tokens, a pixel heatmap PNG and a token HTML page;
+3. LIME against greedy decoding on more ``conflict`` questions: answers and image shares before / after;
+4. the prior probes (greedy accuracy per condition) and the mini-POPE table (first 200 questions of each
+   split; ``lime-attr eval pope`` runs them all), as JSON, CSV and a bar chart.
 """
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 __all__ = ["run_demo"]
 
@@ -18,16 +22,58 @@ def _rule(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 70 - len(title)))
 
 
+def _image_token_grid(model: Any, input_ids: Any, relevance: Any) -> Any:
+    """The relevance of the 16 image tokens as the 4 x 4 grid of image cells, upsampled to 32 x 32 pixels."""
+    import numpy as np
+
+    config = model.config
+    token_id = getattr(config, "image_token_id", None)
+    token_id = config.image_token_index if token_id is None else token_id
+    positions = (input_ids[0] == int(token_id)).nonzero().flatten()
+    grid = relevance[0, positions].detach().double().cpu().numpy()
+    side = int(round(len(grid) ** 0.5))
+    return np.kron(grid.reshape(side, side), np.ones((32 // side, 32 // side)))
+
+
+def _hallucination(model: Any, processor: Any, out: Path) -> Any:
+    """Step 1: the first conflict probe greedy gets wrong, with LIME (reference mode, paper settings)."""
+    from .generation import DecodingConfig, generate, prepare_inputs
+    from .mitigation import LimeConfig, lime_generate
+    from .models import prior_probe
+    from .visualize import image_overlay
+
+    items = prior_probe("digits-llava", "conflict", n=40)
+    greedy_cfg = DecodingConfig("greedy", max_new_tokens=1)
+    for item in items:
+        enc = prepare_inputs(model, processor, [item.prompt], images=[item.image])
+        greedy = generate(model, processor, enc, greedy_cfg).texts[0]
+        if greedy.strip() == "yes":
+            break
+    lime = lime_generate(model, processor, enc, LimeConfig.for_model(model, mode="reference", record_relevance=True),
+                         max_new_tokens=1)
+    rec = lime.records[0]
+    print(f"question: {item.question}   (digits present: {' '.join(item.present)}; label: {item.label}; the "
+          f"prior pairs {item.pair[0]} with {item.pair[1]})")
+    print(f"greedy: {greedy!r}   LIME (reference, paper settings): {lime.texts[0].strip()!r}")
+    print(f"image share of |relevance|: before {rec.share_before[0]:.3f}, after {rec.share_after[0]:.3f}")
+    for tag, rel in (("before", rec.relevance_before), ("after", rec.relevance_after)):
+        image_overlay(_image_token_grid(model, enc["input_ids"], rel), image=item.image,
+                      path=out / f"heatmap_{tag}.png", title=f"image-token relevance, {tag} LIME")
+    print(f"wrote {out / 'heatmap_before.png'} and {out / 'heatmap_after.png'}")
+    return item, enc
+
+
 def run_demo(output_dir: Path, quick: bool = False) -> int:
     """Run the demo, writing figures and tables into ``output_dir``; returns 0."""
     import torch
 
-    from . import ModalityAttribution, modality_reliance, top_tokens
+    from . import ModalityAttribution, top_tokens
     from .evaluation import write_csv, write_json
     from .evaluation.harness import run_benchmark
     from .generation import DecodingConfig, generate, prepare_inputs
     from .metrics import breakdown
-    from .models import DEFAULT_CORRUPTION, load_builtin, pope_questions, task_prior
+    from .models import PROBE_CONDITIONS, load_builtin, prior_probe
+    from .models.accuracy import probe_accuracy
     from .visualize import image_overlay, text_html
 
     torch.manual_seed(0)
@@ -38,14 +84,12 @@ def run_demo(output_dir: Path, quick: bool = False) -> int:
     tok = processor.tokenizer
     print(f"model: builtin:digits-llava ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)")
 
-    # 1. explain one answer ------------------------------------------------------------------------------
-    _rule("1. Explaining an answer")
-    questions = pope_questions("digits-llava", "adversarial")
-    q = questions[0]
-    enc = prepare_inputs(model, processor, [q.prompt], images=[q.image])
+    _rule("1. A prior-driven hallucination on a clean image")
+    item, enc = _hallucination(model, processor, out)
+
+    _rule("2. Explaining greedy's answer")
     result = ModalityAttribution(model, processor).attribute(enc)
     answer = tok.convert_ids_to_tokens(int(result.target_ids.reshape(-1)[0]))
-    print(f"question: {q.question}   (digits present: {' '.join(q.present)}; label: {q.label})")
     print(f"model's next token: {answer!r}")
     print(breakdown(result))
     print(top_tokens(result, k=8, tokenizer=tok))
@@ -54,17 +98,10 @@ def run_demo(output_dir: Path, quick: bool = False) -> int:
     text_html(result, tokenizer=tok, path=out / "tokens.html")
     print(f"wrote {heat} and {out / 'tokens.html'}")
 
-    # 2. LIME vs greedy ----------------------------------------------------------------------------------
-    _rule("2. LIME vs greedy decoding on adversarial questions")
-    # where hallucination lives: degraded images (DEFAULT_CORRUPTION) and "no" questions that name the missing
-    # co-occurrence partner of a present digit; reference mode (the published loop) optimises every token, so
-    # the shares before / after are measured for each answer
-    prior = task_prior("digits-llava")
-    degraded = pope_questions("digits-llava", "adversarial", corruption="degraded")
-    picked = [x for x in degraded if x.label == "no" and any(prior.partner_of(o) == x.object for o in x.present)]
-    picked = picked[: (3 if quick else 6)]
-    print(f"degraded images ({DEFAULT_CORRUPTION['digits-llava']}); each question names the missing partner of a "
-          "digit that is present; LIME reference mode at the paper's settings")
+    _rule("3. LIME vs greedy decoding on conflict questions (clean images)")
+    picked = prior_probe("digits-llava", "conflict", n=3 if quick else 6, seed=1)
+    print("each question names the missing co-occurrence partner of a digit that is present (label: no); "
+          "LIME reference mode at the paper's settings")
     rows = []
     greedy_cfg = DecodingConfig("greedy", max_new_tokens=1)
     lime_cfg = DecodingConfig("lime", max_new_tokens=1, lime_mode="reference")
@@ -73,18 +110,20 @@ def run_demo(output_dir: Path, quick: bool = False) -> int:
         enc = prepare_inputs(model, processor, [x.prompt], images=[x.image])
         g = generate(model, processor, enc, greedy_cfg)
         lm = generate(model, processor, enc, lime_cfg)
-        before = lm.details["share_before"][0][0]
-        after = lm.details["share_after"][0][0]
+        before, after = lm.details["share_before"][0][0], lm.details["share_after"][0][0]
         rows.append({"question": x.question, "object": x.object, "present": x.present, "label": x.label,
-                     "greedy": g.texts[0],
-                     "lime": lm.texts[0], "share_before": before, "share_after": after,
+                     "greedy": g.texts[0], "lime": lm.texts[0], "share_before": before, "share_after": after,
                      "seconds_greedy": g.seconds, "seconds_lime": lm.seconds})
         print(f"{x.question:34s} {x.label:5s} {g.texts[0]:7s} {lm.texts[0]:7s} {before:12.3f} {after:12.3f}")
-    (out / "lime_vs_greedy.json").write_text(json.dumps(rows, indent=2, default=float))
+    (out / "lime_vs_greedy.json").write_text(json.dumps(rows, indent=2, default=float, allow_nan=False))
 
-    # 3. mini-POPE ---------------------------------------------------------------------------------------
+    n_probe = 50 if quick else 200
+    _rule(f"4. Prior probes (greedy, clean images, {n_probe} per condition) and mini-POPE")
+    probes = {c: probe_accuracy(model, processor, prior_probe("digits-llava", c, n=n_probe)) for c in PROBE_CONDITIONS}
+    for c, acc in probes.items():
+        print(f"{c:16s} accuracy {acc:.3f}")
+    (out / "prior_probes.json").write_text(json.dumps({"n": n_probe, "accuracy": probes}, indent=2, allow_nan=False))
     limit = 60 if quick else 200
-    _rule(f"3. Mini-POPE (greedy), held-out scenes, first {limit} questions per split")
     results = run_benchmark("pope", "builtin:digits-llava", DecodingConfig("greedy", max_new_tokens=1),
                             limit=limit, model=model, processor=processor)
     print(f"{'split':12s} {'n':>4s} {'accuracy':>9s} {'precision':>9s} {'recall':>7s} {'f1':>7s} {'yes_ratio':>9s}")
@@ -96,7 +135,8 @@ def run_demo(output_dir: Path, quick: bool = False) -> int:
     write_json(results, out / "mini_pope.json")
     write_csv(results, out / "mini_pope.csv")
     _bar_chart(results, out / "mini_pope.png")
-    print(f"wrote {out / 'mini_pope.json'}, {out / 'mini_pope.csv'}, {out / 'mini_pope.png'}")
+    print(f"wrote {out / 'prior_probes.json'}, {out / 'mini_pope.json'}, {out / 'mini_pope.csv'}, "
+          f"{out / 'mini_pope.png'}")
     print("(all questions: lime-attr eval pope --model builtin:digits-llava --output pope.json)")
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s")
     return 0

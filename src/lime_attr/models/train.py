@@ -39,11 +39,10 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 
-from .accuracy import evaluate_heldout
+from .accuracy import evaluate_heldout, evaluate_probes, probe_accuracy
 from .architectures import build_model
-from .accuracy import probe_accuracy
-from .heldout import object_names, task_prior
-from .priors import HELDOUT_PARTNER_PROB, TRAIN_PARTNER_PROB
+from .heldout import task_prior
+from .priors import HELDOUT_PARTNER_PROB
 from .probes import PROBE_CONDITIONS, prior_probe
 from .rendering import shown_objects, slot_words, text_prompt
 from .processing import (
@@ -68,7 +67,7 @@ MAX_TOTAL_BYTES = 20 * 1024 * 1024
 #: Names of the builtin models, in training order.
 MODEL_NAMES: tuple[str, ...] = ("digits-llava", "tones-qwen2audio")
 #: Minimum validation accuracy on the "model still sees" conditions in the checkpoint-selection rule.
-SELECTION_THRESHOLD: float = 0.92
+SELECTION_THRESHOLD: float = 0.95
 
 
 @dataclass
