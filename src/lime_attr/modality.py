@@ -23,10 +23,15 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["ModalitySpec", "modality_spec", "find_spans", "span_mask", "split_inputs", "PERCEPTUAL"]
+__all__ = ["ModalitySpec", "modality_spec", "find_spans", "span_mask", "split_inputs", "check_perceptual_inputs",
+           "check_finite_inputs",
+           "PERCEPTUAL", "PERCEPTUAL_INPUTS"]
 
 #: span kinds that hold perceptual (non-text) tokens
 PERCEPTUAL = ("image", "video", "audio")
+
+#: the processor output that carries each perceptual kind's features
+PERCEPTUAL_INPUTS = {"image": "pixel_values", "video": "pixel_values_videos", "audio": "input_features"}
 
 
 def split_inputs(inputs: Any, caller: str) -> tuple[dict, Tensor, Tensor]:
@@ -257,3 +262,61 @@ def span_mask(spans: Sequence[Span], length: int, device: Union[str, torch.devic
     for s, e in spans:
         m[s:e] = True
     return m
+
+
+def check_perceptual_inputs(spec: "ModalitySpec", spans: Sequence[dict], inputs: dict, caller: str) -> None:
+    """Refuse inputs whose perceptual tokens have no features behind them, or whose features are unusable.
+
+    A LLaVA prompt without ``pixel_values`` (or a Qwen2-Audio prompt without ``input_features``) runs: the
+    model simply embeds the placeholder tokens. Any share or LIME update computed on it is over
+    placeholders, with no image / audio seen, so it is an error. So are features of a kind the model
+    does not take (another model's processor output), Qwen2-Audio features without their
+    ``feature_attention_mask``, and non-finite features.
+
+    Parameters
+    ----------
+    spec : ModalitySpec
+        The model's spec (:func:`modality_spec`).
+    spans : list of dict
+        :func:`find_spans` of the input ids.
+    inputs : dict
+        The processor's output without ``input_ids`` / ``attention_mask`` (:func:`split_inputs`).
+    caller : str
+        Named in the messages.
+
+    Raises
+    ------
+    ValueError
+        Naming the missing, foreign or non-finite input and the fix.
+    """
+    present = {k for row in spans for k in PERCEPTUAL if row.get(k)}
+    for kind in sorted(present):
+        key = PERCEPTUAL_INPUTS[kind]
+        if inputs.get(key) is None:
+            raise ValueError(f"{caller}: the prompt has {kind} placeholder tokens but the inputs hold no {key!r}, so "
+                             f"no {kind} would be seen (the model would embed the placeholders themselves). Pass the "
+                             f"processor's full output for the {kind} (processor(text=..., {kind}s=...))")
+    for kind, key in PERCEPTUAL_INPUTS.items():
+        if inputs.get(key) is not None and kind not in spec.kinds:
+            raise ValueError(f"{caller}: the inputs hold {key!r} ({kind}) but the model ({spec.family}) takes no "
+                             f"{kind}s ({', '.join(spec.kinds)} only): is this another model's processor output? "
+                             "Use the processor saved with this model")
+    if "audio" in present and spec.family == "qwen2_audio" and inputs.get("feature_attention_mask") is None:
+        raise ValueError(f"{caller}: Qwen2-Audio inputs need 'feature_attention_mask' with 'input_features' (which "
+                         "mel frames are audio, which padding); pass the processor's full output")
+    check_finite_inputs(inputs, caller)
+
+
+def check_finite_inputs(inputs: dict, caller: str) -> None:
+    """Refuse NaN / inf in any floating-point tensor of ``inputs`` (``pixel_values``, ``input_features``...).
+
+    Raises
+    ------
+    ValueError
+        Naming the input and the number of non-finite values.
+    """
+    for key, value in inputs.items():
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{caller}: input {key!r} contains {bad} NaN/inf value(s); relevance and LIME updates "
+                             "of non-finite inputs are undefined. Clean the input (e.g. torch.nan_to_num) first")

@@ -25,7 +25,9 @@ from captum.attr import LayerGradientXActivation
 from torch import nn
 
 from ..composites import Composite
+from ..model_checks import check_autograd_mode
 from ..scope import LRPScope
+from .lrp import normalize_target
 
 __all__ = ["LayerLRP"]
 
@@ -67,6 +69,7 @@ class LayerLRP(LayerGradientXActivation):
                  device_ids: Optional[list] = None, multiply_by_inputs: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError("LayerLRP needs the model (a torch.nn.Module): the rules attach to its modules")
+        _check_layers_in_model(model, layer)
         super().__init__(forward_func if forward_func is not None else model, layer, device_ids, multiply_by_inputs)
         self.model = model
         self.composite = composite
@@ -83,6 +86,22 @@ class LayerLRP(LayerGradientXActivation):
                   attribute_to_layer_input: bool = False, grad_kwargs: Optional[dict] = None) -> Any:
         r"""Relevance of the layer's output (or input) for ``target``: Captum's
         ``LayerGradientXActivation.attribute`` run inside the LRP scope (same arguments, same return)."""
+        check_autograd_mode("LayerLRP.attribute")
+        target = normalize_target(target)
         with self.scope():
             return super().attribute(inputs, target=target, additional_forward_args=additional_forward_args,
                                      attribute_to_layer_input=attribute_to_layer_input, grad_kwargs=grad_kwargs)
+
+
+def _check_layers_in_model(model: nn.Module, layer: Any) -> None:
+    """Every explained layer must be a module of ``model``: the rules attach to ``model``'s modules only."""
+    layers = layer if isinstance(layer, (list, tuple)) else [layer]
+    own = {id(m) for m in model.modules()}
+    for i, m in enumerate(layers):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"LayerLRP's layer must be an nn.Module of the model (or a list of them), got "
+                            f"{type(m).__name__}; e.g. model.get_input_embeddings() or model.model.layers[0]")
+        if id(m) not in own:
+            raise ValueError(f"layer {i} ({type(m).__name__}) is not a module of the model ({type(model).__name__}): "
+                             "its activation would never be recorded. Pass a submodule of this model instance (e.g. "
+                             "model.get_submodule('model.layers.0')), not one of a copy or another model")

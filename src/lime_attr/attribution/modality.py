@@ -34,8 +34,11 @@ from captum.attr import Attribution
 from torch import Tensor, nn
 
 from ..composites import Composite, _matches, get_composite
-from ..modality import PERCEPTUAL, ModalitySpec, find_spans, modality_spec, span_mask, split_inputs
+from ..modality import (PERCEPTUAL, ModalitySpec, check_perceptual_inputs, find_spans, modality_spec, span_mask,
+                        split_inputs)
+from ..model_checks import check_autograd_mode
 from ..scope import LRPScope
+from .lrp import normalize_target
 
 __all__ = ["ModalityAttribution", "ModalityResult", "Heatmap"]
 
@@ -401,6 +404,8 @@ class ModalityAttribution(Attribution):
         """
         if mode not in ("sum", "per_token"):
             raise ValueError(f"mode must be 'sum' or 'per_token', got {mode!r}")
+        check_autograd_mode("ModalityAttribution.attribute")
+        target = normalize_target(target)
         inp, ids, mask = split_inputs(inputs, "ModalityAttribution.attribute")
         batch, length = ids.shape
         vocab = self.vocab_size()
@@ -426,6 +431,7 @@ class ModalityAttribution(Attribution):
                 raise ValueError(f"row {b} of the input has no image/audio tokens ({names}): nothing perceptual to "
                                  "attribute to. Pass the processor's output for a prompt with an image/audio "
                                  "(the processor expands the placeholder), or use LRP for text-only prompts")
+        check_perceptual_inputs(self.spec, spans, inp, "ModalityAttribution.attribute")
         if answers is not None and answers.shape[1] > 1:
             gen = (length, ids.shape[1])
             for s in spans:

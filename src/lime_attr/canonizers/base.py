@@ -380,6 +380,11 @@ def canonizer_for(model: nn.Module) -> Canonizer:
         raise UnsupportedModelError(
             f"no canonizer is registered for model_type {mt!r} ({type(model).__name__}). Supported model types: "
             f"{', '.join(available_canonizers())}. To add one (usually under 60 lines), see the docs page "
-            "'Writing a canonizer' (docs/writing_a_canonizer.rst) and use @lime_attr.canonizers.register_canonizer."
+            "'Writing a canonizer' (docs/writing_a_canonizer.rst) and use @lime_attr.canonizers.register_canonizer. "
+            "Escape hatch: canonizer=None runs without a canonizer (generic module discovery; attention, softmax and "
+            "products are ruled as ops while the model runs, and an op no rule covers is an error). It is valid "
+            "when the model's attention is computed with torch ops (eager or sdpa) and its norms and gated MLPs are "
+            "standard modules; with composite='cp-lrp' it conserves relevance (docs: architectures, 'Unsupported "
+            "architectures')."
         )
     return _CANONIZERS[mt]()

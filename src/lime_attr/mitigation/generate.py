@@ -26,6 +26,7 @@ from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
                           TopKLogitsWarper, TopPLogitsWarper)
 
 from .config import LimeConfig
+from ..model_checks import check_autograd_mode
 from ..modality import split_inputs
 from .optimizer import LimeOptimizer, TokenRecord, _switch_attention, language_decoder
 
@@ -120,6 +121,19 @@ class _Decoder:
         if self.do_sample:
             s = s + self.noise.to(s.device)
         return s.argmax(-1)
+
+
+def _check_multimodal_inputs(model: nn.Module, processor: Any, inp: dict, ids: Tensor, mask: Tensor) -> None:
+    """The shared perceptual-input check (:func:`lime_attr.modality.check_perceptual_inputs`); a model without
+    a modality spec (a text-only LM) gets the finiteness check only."""
+    from ..modality import check_finite_inputs, check_perceptual_inputs, find_spans, modality_spec
+
+    try:
+        spec = modality_spec(model, processor)
+    except ValueError:
+        check_finite_inputs(inp, "lime_generate")
+        return
+    check_perceptual_inputs(spec, find_spans(ids, spec, mask), inp, "lime_generate")
 
 
 def modality_positions(model: nn.Module, processor: Any, input_ids: Tensor, attention_mask: Tensor,
@@ -219,6 +233,7 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
         raise TypeError(f"lime_generate got unexpected keyword argument(s) {unknown}; supported: "
                         f"{', '.join(_GEN_KEYS)}")
     g = generation_kwargs
+    check_autograd_mode("lime_generate")
     if config is None:
         from .config import PRESETS
 
@@ -247,6 +262,7 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
     if bool((mask[:, -1] == 0).any()):
         raise ValueError("batched generation needs left padding (the last position of a row is padding); set "
                          "tokenizer.padding_side = 'left'")
+    _check_multimodal_inputs(model, processor, inp, ids, mask)
     device = ids.device
     B, S = ids.shape
     modality = modality_positions(model, processor, ids, mask, g.get("modality_mask")).to(device)
