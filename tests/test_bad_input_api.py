@@ -338,3 +338,29 @@ def test_time_span_outside_the_clip(audio):
     res = ModalityAttribution(model, proc).attribute(audio_inputs(proc))
     with pytest.raises(ValueError, match=r"time_span \(50.0, 60.0\) contains no frame of the clip"):
         grounding_score(res, time_span=(50, 60))
+
+
+# ------------------------------------------------------------------ decoding parameters
+
+
+@pytest.mark.parametrize("kw,match", [(dict(top_p=2.0), r"top_p must be in \(0, 1\]"), (dict(top_p=0.0), "top_p"),
+                                      (dict(top_k=-1), "top_k must be an int >= 1"), (dict(top_k=0), "top_k")])
+def test_sampling_parameters_out_of_range(kw, match):
+    from lime_attr.generation import DecodingConfig
+
+    with pytest.raises(ValueError, match=match):
+        DecodingConfig("sample", **kw)
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=match):
+        lime_generate(model, None, {"input_ids": torch.tensor([[1, 5, 7]])}, LimeConfig(steps=1), max_new_tokens=1,
+                      do_sample=True, modality_mask=(0, 2), **kw)
+
+
+def test_benchmark_arguments_checked_before_loading():
+    from lime_attr.evaluation.harness import check_benchmark_args
+
+    with pytest.raises(ValueError, match="limit must be a positive number"):
+        check_benchmark_args("builtin:digits-llava", limit=0)
+    with pytest.raises(ValueError, match="--questions, --image-dir would be ignored"):
+        check_benchmark_args("builtin:digits-llava", files={"questions": "q.json", "image_dir": "x", "audio_dir": None})
+    check_benchmark_args("some/hub-model", limit=3, files={"questions": "q.json"})

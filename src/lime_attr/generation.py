@@ -60,6 +60,9 @@ class DecodingConfig:
             raise ValueError(f"lime_mode must be 'fast' or 'reference', got {self.lime_mode!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        from .mitigation.generate import check_sampling_params
+
+        check_sampling_params(self.top_k, self.top_p)
 
     @property
     def sampling(self) -> bool:

@@ -30,7 +30,7 @@ from ..model_checks import check_autograd_mode
 from ..modality import split_inputs
 from .optimizer import LimeOptimizer, TokenRecord, _switch_attention, language_decoder
 
-__all__ = ["lime_generate", "LimeOutput", "modality_positions"]
+__all__ = ["lime_generate", "LimeOutput", "modality_positions", "check_sampling_params"]
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,29 @@ class LimeOutput:
         return torch.tensor([r.share_after for r in self.records], dtype=torch.float64).T
 
 
+def check_sampling_params(top_k: Any = None, top_p: Any = None, repetition_penalty: Any = None) -> None:
+    """Refuse sampling parameters outside their range (``top_k >= 1``, ``0 < top_p <= 1``, penalty > 0).
+
+    Raises
+    ------
+    ValueError
+        Naming the parameter, its value and the valid range.
+    """
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 (or None for no top-k filter), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < float(top_p) <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] (or None for no nucleus filter), got {top_p!r}")
+    if repetition_penalty is not None and not (isinstance(repetition_penalty, (int, float))
+                                               and float(repetition_penalty) > 0):
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
+
+
 class _Decoder:
     """Processors + greedy / fixed-noise sampling; ``pick(logits) -> ids`` for the current token."""
 
     def __init__(self, do_sample: bool, temperature: float, top_k: Optional[int], top_p: Optional[float],
                  repetition_penalty: Optional[float], generator: Optional[torch.Generator]) -> None:
+        check_sampling_params(top_k, top_p, repetition_penalty)
         procs = LogitsProcessorList()
         if repetition_penalty is not None and repetition_penalty != 1.0:
             procs.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
