@@ -220,8 +220,8 @@ class Composite:
 
     Parameters
     ----------
-    entries : sequence of (matcher, rule)
-        See the module docstring for matchers. Rules may be names, rule objects or zennit rules.
+    entries : sequence of tuple
+        ``(matcher, rule)`` pairs. See the module docstring for matchers. Rules may be names, rule objects or zennit rules.
     canonizers : sequence, optional
         zennit canonizers (e.g. ``SequentialMergeBatchNorm()``) applied inside the scope and reverted.
     name : str

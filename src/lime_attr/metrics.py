@@ -99,13 +99,13 @@ def grounding_score(result: Any, box: Optional[Sequence[float]] = None, mask: An
     Parameters
     ----------
     result : ModalityResult
-    box : (x0, y0, x1, y1), optional
-        Image region in the coordinates of the processed image (``pixel_values``), ``x`` = column,
-        ``x1`` / ``y1`` exclusive. A pixel / patch / token counts when its centre is inside.
-    mask : array [H, W], optional
-        Boolean image region, at any resolution (resampled nearest-neighbour to the map).
-    time_span : (t0, t1), optional
-        Audio region in seconds: frames (tokens) whose centre lies in ``[t0, t1)``.
+    box : tuple of float, optional
+        ``(x0, y0, x1, y1)``: an image region in the coordinates of the processed image
+        (``pixel_values``), ``x`` = column, ``x1`` / ``y1`` exclusive; it must overlap the image. A pixel / patch / token counts when its centre is inside.
+    mask : numpy.ndarray, optional
+        ``[H, W]``: a boolean image region, at any resolution (resampled nearest-neighbour to the map).
+    time_span : tuple of float, optional
+        ``(t0, t1)``: an audio region in seconds: frames (tokens) whose centre lies in ``[t0, t1)``.
     row, item : int
         Which batch row, and which image / clip of that row (prompt order).
     level : {"pixels", "patches", "tokens"}

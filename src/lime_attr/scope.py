@@ -55,7 +55,7 @@ class LRPScope:
     model : nn.Module
     composite : str or Composite
         Default ``"attnlrp"``.
-    canonizer : "auto", None, or a canonizer object
+    canonizer : "auto", None, str or Canonizer
         ``"auto"`` looks up ``model.config.model_type`` in the canonizer registry for Hugging Face models
         and uses the generic module discovery for plain torch models.
     check_ops : {"first", "always", "never"}

@@ -91,8 +91,8 @@ def image_overlay(heatmap: Any, path: Optional[PathLike] = None, image: Optional
         ``[H, W, C]`` (Captum layout; channels are summed).
     path : str or Path, optional
         Where to write the figure (format from the suffix, e.g. ``.png``).
-    image : array [H, W, C] or [H, W], optional
-        Background (default: the heatmap's input image).
+    image : numpy.ndarray, optional
+        ``[H, W, C]`` or ``[H, W]``: the background (default: the heatmap's input image).
     level : {"pixels", "patches"}
         Pixel relevance, or the patch grid upsampled to the image size.
     """

@@ -45,7 +45,7 @@ class LayerLRP(LayerGradientXActivation):
         the input embeddings, a decoder layer (hidden states), an attention or MLP block...
     composite : str or Composite
         Default ``"attnlrp"``.
-    canonizer : "auto", None, str or canonizer
+    canonizer : "auto", None, str or Canonizer
         As for :class:`~lime_attr.LRPScope`.
     forward_func : callable, optional
         A function of the inputs that calls ``model`` (default: ``model`` itself).

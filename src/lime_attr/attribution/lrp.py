@@ -147,11 +147,11 @@ class LRP(GradientAttribution):
 
     @property
     def multiplies_by_inputs(self) -> bool:  # noqa: D401
-        """True: LRP relevance is input times modified gradient."""
+        """Whether relevance is multiplied by the inputs; always True (LRP relevance is input times modified gradient)."""
         return True
 
     def has_convergence_delta(self) -> bool:
-        """True: the delta is the explained output minus the sum of relevance, per example."""
+        """Always True: the delta is the explained output minus the sum of relevance, per example."""
         return True
 
     def scope(self) -> LRPScope:
@@ -200,8 +200,9 @@ class LRP(GradientAttribution):
 
         Returns
         -------
-        Tensor or tuple of Tensor, and optionally the delta Tensor of shape ``[batch]``; with ``latent``,
-        also ``{module_name: relevance}`` last.
+        Tensor or tuple
+            The relevance, shaped like ``inputs``; with ``return_convergence_delta``, also the delta (a
+            ``[batch]`` tensor); with ``latent``, also the dict ``{module_name: relevance}``, last.
         """
         if not isinstance(inputs, (Tensor, tuple)):
             raise TypeError(f"inputs must be a torch.Tensor or a tuple of tensors (batch on dim 0), got "

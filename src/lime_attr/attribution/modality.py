@@ -62,7 +62,7 @@ class Heatmap:
         ``"image"``, ``"video"`` or ``"audio"``.
     row : int
         Batch row of the prompt this item belongs to.
-    span : (int, int)
+    span : tuple of int
         Its span in the language model's sequence (markers included for Qwen families).
     relevance : Tensor
         Image: ``[H, W]`` pixel relevance (summed over colour channels, and over time for Qwen2-VL's
@@ -79,7 +79,7 @@ class Heatmap:
         flattened ``[patches, C*T*P*P]`` block for Qwen2-VL, ``[mel, frames]`` for audio).
     seconds_per_frame : float or None
         Audio: duration of one mel frame.
-    input : numpy array or None
+    input : numpy.ndarray or None
         What was explained, for plotting: an image as ``[H, W, C]`` floats in [0, 1] (un-normalised with
         the processor's mean / std when known; LLaVA-style ``[C, H, W]`` inputs only), or the audio's
         log-mel features ``[mel, frames]``.
@@ -102,14 +102,14 @@ class Heatmap:
 
     @property
     def times(self) -> Optional[Tensor]:
-        """Audio: start time (s) of each frame of ``relevance``."""
+        """For audio, the start time (s) of each frame of ``relevance`` (None for images)."""
         if self.seconds_per_frame is None:
             return None
         return torch.arange(self.relevance.shape[-1], dtype=torch.float64) * self.seconds_per_frame
 
     @property
     def token_times(self) -> Optional[Tensor]:
-        """Audio: start time (s) of each audio token (frames are shared out evenly over the tokens)."""
+        """For audio, the start time (s) of each audio token (frames shared out evenly over the tokens)."""
         if self.seconds_per_frame is None:
             return None
         n = max(self.token_relevance.shape[-1], 1)
@@ -178,12 +178,12 @@ class ModalityResult:
 
     @property
     def totals(self) -> dict[str, Tensor]:
-        """Signed relevance per kind: ``{kind: Tensor[batch]}`` (``sum_{i in kind} R_i``)."""
+        """The signed relevance per kind, ``{kind: Tensor[batch]}`` (``sum_{i in kind} R_i``)."""
         return {k: self._kind_sum(k, False) for k in self.kinds}
 
     @property
     def totals_abs(self) -> dict[str, Tensor]:
-        """Absolute relevance per kind: ``{kind: Tensor[batch]}`` (``sum_{i in kind} |R_i|``)."""
+        """The absolute relevance per kind, ``{kind: Tensor[batch]}`` (``sum_{i in kind} |R_i|``)."""
         return {k: self._kind_sum(k, True) for k in self.kinds}
 
     @property
@@ -297,7 +297,7 @@ class ModalityAttribution(Attribution):
     vision_composite : str or Composite, optional
         Rules inside the perceptual encoder (vision / audio tower and projector); default ``"cp-lrp"``
         (see the module docstring for why).
-    canonizer : "auto" or a canonizer
+    canonizer : "auto", None, str or Canonizer
         Passed to :class:`~lime_attr.LRPScope`.
 
     Examples
@@ -326,7 +326,7 @@ class ModalityAttribution(Attribution):
 
     @property
     def multiplies_by_inputs(self) -> bool:  # noqa: D401
-        """True: relevance is input times modified gradient."""
+        """Whether relevance is multiplied by the inputs; always True (input times modified gradient)."""
         return True
 
     def scope(self) -> LRPScope:

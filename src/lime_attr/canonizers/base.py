@@ -22,7 +22,7 @@ from ..errors import UnknownNameError, UnsupportedModelError
 from ..rules.builtin import NormSpec
 from ..sites import norm_spec_for
 
-__all__ = ["Canonizer", "HFCanonizer", "register_canonizer", "canonizer_for", "get_canonizer",
+__all__ = ["Canonizer", "HFCanonizer", "GatedMLP", "register_canonizer", "canonizer_for", "get_canonizer",
            "available_canonizers", "attention_function_name", "route_inputs_embeds"]
 
 _CANONIZERS: dict[str, type] = {}
@@ -211,8 +211,10 @@ class GatedMLP:
 class HFCanonizer(Canonizer):
     """Declarative canonizer for Hugging Face families.
 
-    Class attributes (module *class names*, matched exactly; subclass in one small file per family):
+    The class attributes name module *classes* (matched exactly); subclass in one small file per family.
 
+    Attributes
+    ----------
     attention
         Modules that call transformers' attention interface (their kernel gets the attention rule).
     norms

@@ -23,8 +23,8 @@ __all__ = ["run_benchmark", "check_corruption", "check_benchmark_args", "BENCHMA
 #: held-out questions instead
 BENCHMARK_FILES = ("questions", "image_dir", "audio_dir", "annotations", "captions", "synonyms")
 
-#: answer parser of the embedded demo models: they answer a bare lower-case "yes" / "no", which the
-#: ``kuan2024`` rule (case-sensitive, "No" only) would leave unparsed
+#: The answer parser of the embedded demo models. They answer a bare lower-case "yes" / "no", which the
+#: ``kuan2024`` rule (case-sensitive, "No" only) would leave unparsed.
 BUILTIN_PARSER = "strict"
 
 #: synonyms of the digits in the embedded CHAIR benchmark

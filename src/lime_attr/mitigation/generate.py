@@ -228,13 +228,13 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
     ----------
     model : PreTrainedModel
         A causal LM or an image/audio-text model whose language model takes ``inputs_embeds``.
-    processor : processor or tokenizer
+    processor : ProcessorMixin or PreTrainedTokenizerBase
         Used to decode the answer, to find the perceptual spans, and for stop strings.
     inputs : Mapping
         The processor's output (``input_ids``, ``attention_mask``, ``pixel_values``...). Batches must be
         left-padded.
     config : LimeConfig, optional
-        Default: :meth:`LimeConfig.for_model` when a preset exists, else ``LimeConfig()``.
+        Default: :meth:`~lime_attr.mitigation.config.LimeConfig.for_model` when a preset exists, else ``LimeConfig()``.
     **generation_kwargs
         ``max_new_tokens`` (32), ``do_sample`` (False), ``temperature``, ``top_k``, ``top_p``,
         ``repetition_penalty``, ``eos_token_id`` / ``pad_token_id`` (default: the model's generation
