@@ -364,3 +364,45 @@ def test_benchmark_arguments_checked_before_loading():
     with pytest.raises(ValueError, match="--questions, --image-dir would be ignored"):
         check_benchmark_args("builtin:digits-llava", files={"questions": "q.json", "image_dir": "x", "audio_dir": None})
     check_benchmark_args("some/hub-model", limit=3, files={"questions": "q.json"})
+
+
+# ------------------------------------------------------------------ more of the same kinds
+
+
+class TupleOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.linear(x), x
+
+
+def test_model_returning_a_tuple():
+    with pytest.raises(TypeError, match="the model returned a tuple, not a tensor"):
+        LRP(TupleOut()).attribute(torch.ones(1, 4), target=0)
+
+
+def test_canonizer_that_is_not_one():
+    with pytest.raises(TypeError, match="canonizer must be 'auto', None, a registered model_type name or a canonizer"):
+        LRP(mlp(), canonizer=42).attribute(torch.ones(1, 4), target=0)
+
+
+def test_dtype_mismatch_is_named():
+    with pytest.raises(RuntimeError, match="the inputs are float32, the model's parameters float64"):
+        LRP(mlp().double()).attribute(torch.ones(1, 4), target=0)
+
+
+def test_flags_must_be_bools():
+    with pytest.raises(TypeError, match="create_graph must be True or False"):
+        LRP(mlp()).attribute(torch.ones(1, 4), target=0, create_graph="yes")
+
+
+@pytest.mark.parametrize("fn", [grounding_score, top_tokens, breakdown])
+def test_metrics_need_a_modality_result(fn):
+    with pytest.raises(TypeError, match="takes the ModalityResult returned by ModalityAttribution.attribute"):
+        fn(torch.ones(3)) if fn is not grounding_score else fn(None, box=(0, 0, 1, 1))
+    from lime_attr import modality_reliance
+
+    with pytest.raises(TypeError, match="modality_reliance takes the ModalityResult"):
+        modality_reliance(torch.ones(3))

@@ -41,9 +41,17 @@ def modality_reliance(result: Any, signed: bool = False, kinds: Sequence[str] = 
     Tensor
         ``[batch]``.
     """
+    _check_result(result, "modality_reliance")
     shares = result.shares if signed else result.shares_abs
     zero = torch.zeros(len(result), dtype=result.token_relevance.dtype, device=result.token_relevance.device)
     return sum((shares[k] for k in kinds if k in shares), zero)
+
+
+def _check_result(result: Any, caller: str) -> None:
+    """The metrics read a :class:`~lime_attr.ModalityResult`: a clear TypeError for anything else."""
+    if not all(hasattr(result, a) for a in ("token_relevance", "spans", "heatmaps", "shares_abs")):
+        raise TypeError(f"{caller} takes the ModalityResult returned by ModalityAttribution.attribute, got "
+                        f"{type(result).__name__}")
 
 
 def _row_index(result: Any, row: Any) -> int:
@@ -119,6 +127,7 @@ def grounding_score(result: Any, box: Optional[Sequence[float]] = None, mask: An
     float
         In [0, 1] when ``signed`` is False; NaN when the item carries no relevance at all.
     """
+    _check_result(result, "grounding_score")
     if sum(x is not None for x in (box, mask, time_span)) != 1:
         raise ValueError("give exactly one of box, mask or time_span")
     if level not in ("pixels", "patches", "tokens"):
@@ -247,6 +256,7 @@ def top_tokens(result: Any, k: int = 10, tokenizer: Any = None, row: int = 0, ab
     absolute : bool
         Rank by ``|R|`` (default) or by signed ``R`` (most positive first).
     """
+    _check_result(result, "top_tokens")
     row = _row_index(result, row)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive int (how many tokens), got {k!r}")
@@ -293,6 +303,7 @@ class Breakdown:
 
 def breakdown(result: Any, row: int = 0) -> Breakdown:
     """Tokens, signed / absolute totals and shares per span kind for one row, printable."""
+    _check_result(result, "breakdown")
     row = _row_index(result, row)
     tot, tabs, sh, sha = result.totals, result.totals_abs, result.shares, result.shares_abs
     rows = []

@@ -537,6 +537,9 @@ def _resolve_canonizer(model: nn.Module, canonizer: Any) -> Any:
         from .canonizers import get_canonizer
 
         canonizer = get_canonizer(canonizer)
+    if not callable(getattr(canonizer, "apply", None)):
+        raise TypeError(f"canonizer must be 'auto', None, a registered model_type name or a canonizer object (with an "
+                        f"apply(model, scope) method, e.g. a lime_attr.canonizers.HFCanonizer), got {canonizer!r}")
     _check_canonizer_fits(model, canonizer)
     return canonizer
 

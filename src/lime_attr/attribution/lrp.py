@@ -207,6 +207,9 @@ class LRP(GradientAttribution):
         if not isinstance(inputs, (Tensor, tuple)):
             raise TypeError(f"inputs must be a torch.Tensor or a tuple of tensors (batch on dim 0), got "
                             f"{type(inputs).__name__}; convert it with torch.as_tensor(..., dtype=torch.float32)")
+        for flag, value in (("create_graph", create_graph), ("return_convergence_delta", return_convergence_delta)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
         if second_order not in ("autograd", "exact"):
             raise ValueError(f"second_order must be 'autograd' or 'exact', got {second_order!r}")
         check_autograd_mode("LRP.attribute")
@@ -269,7 +272,11 @@ class LRP(GradientAttribution):
                 raise
             shapes = ", ".join(str(tuple(x.shape)) for x in work)
             raise RuntimeError(f"the model's forward failed on input(s) of shape {shapes} (does the input "
-                               f"shape match the model?): {exc}") from exc
+                               f"shape match the model?{_dtype_hint(self.model, work)}): {exc}") from exc
+        if not isinstance(raw, Tensor):
+            raise TypeError(f"the model returned a {type(raw).__name__}, not a tensor: LRP explains one output tensor. "
+                            "Wrap the model in a module whose forward returns the tensor to explain (e.g. "
+                            "`lambda x: model(x)[0]` inside an nn.Module)")
         if target is None and is_hf_model(self.model) and raw.dim() == 2 and raw.shape[1] > 1:
             target = raw.detach().argmax(-1).tolist()  # the greedy token / predicted class, as ModalityAttribution
         validate_target(raw, target)
@@ -296,6 +303,16 @@ class LRP(GradientAttribution):
             raise TypeError(f"unexpected keyword arguments {sorted(model_kwargs)}; for plain torch models pass "
                             "extra model inputs through additional_forward_args")
         return model, additional
+
+
+def _dtype_hint(model: nn.Module, inputs: Sequence[Tensor]) -> str:
+    """A hint naming the dtypes when the inputs' dtype differs from the parameters', else an empty string."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is None or all(x.dtype == param.dtype for x in inputs):
+        return ""
+    got = ", ".join(sorted({str(x.dtype).replace("torch.", "") for x in inputs}))
+    return (f" do the dtypes match? the inputs are {got}, the model's parameters "
+            f"{str(param.dtype).replace('torch.', '')}: cast one to the other")
 
 
 def _check_finite(rel: tuple) -> None:
