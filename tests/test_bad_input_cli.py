@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lime_attr import __version__
-from lime_attr.cli import _generation_figure, main
+from lime_attr.cli import generation_figure, main
 
 pytest.importorskip("lime_attr.models")
 from lime_attr.models import available_builtins, pope_questions  # noqa: E402
@@ -113,14 +113,14 @@ def test_explain_json_is_strict_and_names_signed_and_absolute_shares(media, tmp_
     assert abs(data["shares_abs"]["image"] - data["modality_reliance"]) < 1e-9
 
 
-def test_generation_figure_has_a_legend_entry_for_gated_tokens():
+def testgeneration_figure_has_a_legend_entry_for_gated_tokens():
     import matplotlib.pyplot as plt
 
-    fig = _generation_figure(["a", "b", "c"], [0.3, float("nan"), None], [0.5, float("nan"), None], "t")
+    fig = generation_figure(["a", "b", "c"], [0.3, float("nan"), None], [0.5, float("nan"), None], "t")
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     plt.close(fig)
     assert any(label.startswith("gated") for label in labels), labels
-    fig = _generation_figure(["a"], [0.3], None, "t")
+    fig = generation_figure(["a"], [0.3], None, "t")
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     plt.close(fig)
     assert not any(label.startswith("gated") for label in labels)

@@ -98,8 +98,10 @@ def test_docs_page_runs_as_written(page, tmp_path, monkeypatch):
     matplotlib.use("Agg")
     blocks = python_blocks((DOCS / page).read_text())
     monkeypatch.chdir(tmp_path)
-    module = types.ModuleType(f"docs_{Path(page).stem}")  # a real module: dataclasses and pickling look it up
-    monkeypatch.setitem(sys.modules, module.__name__, module)
+    # a real module, kept in sys.modules: dataclasses look it up, and what a page registers (a custom rule, a
+    # composite) stays picklable for the rest of the session, as it would be for a user's own module
+    module = types.ModuleType(f"docs_{Path(page).stem}")
+    sys.modules[module.__name__] = module
     namespace = module.__dict__
     torch.manual_seed(0)
     threads = torch.get_num_threads()

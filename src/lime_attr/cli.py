@@ -247,7 +247,7 @@ def _token_shares(model: Any, processor: Any, enc: dict, tokens: list) -> list:
     return [float(v) for v in modality_share(rel, mask.double(), 1.0)]
 
 
-def _generation_figure(labels: list, before: list, after: Optional[list], title: str) -> Any:
+def generation_figure(labels: list, before: list, after: Optional[list], title: str) -> Any:
     """Bar chart of the perceptual share per generated token (LIME: before and after).
 
     Tokens LIME's confidence gate left alone are unmeasured (NaN / None): they get a grey hatched bar
@@ -287,10 +287,10 @@ def _generation_figure(labels: list, before: list, after: Optional[list], title:
 
 
 def _plot_generation(path: Path, labels: list, before: list, after: Optional[list], title: str) -> None:
-    """Write :func:`_generation_figure` to ``path``."""
+    """Write :func:`generation_figure` to ``path``."""
     import matplotlib.pyplot as plt
 
-    fig = _generation_figure(labels, before, after, title)
+    fig = generation_figure(labels, before, after, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
