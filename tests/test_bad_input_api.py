@@ -344,7 +344,9 @@ def test_time_span_outside_the_clip(audio):
 
 
 @pytest.mark.parametrize("kw,match", [(dict(top_p=2.0), r"top_p must be in \(0, 1\]"), (dict(top_p=0.0), "top_p"),
-                                      (dict(top_k=-1), "top_k must be an int >= 1"), (dict(top_k=0), "top_k")])
+                                      (dict(top_k=-1), "top_k must be an int >= 1"), (dict(top_k=0), "top_k"),
+                                      (dict(temperature=float("nan")), "temperature must be a finite number > 0"),
+                                      (dict(temperature=0.0), "temperature must be a finite number > 0")])
 def test_sampling_parameters_out_of_range(kw, match):
     from lime_attr.generation import DecodingConfig
 

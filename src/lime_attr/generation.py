@@ -61,11 +61,9 @@ class DecodingConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.lime_mode not in ("fast", "reference"):
             raise ValueError(f"lime_mode must be 'fast' or 'reference', got {self.lime_mode!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
         from .mitigation.generate import check_sampling_params
 
-        check_sampling_params(self.top_k, self.top_p)
+        check_sampling_params(self.top_k, self.top_p, temperature=self.temperature)
 
     @property
     def sampling(self) -> bool:

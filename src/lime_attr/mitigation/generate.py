@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
@@ -83,21 +84,24 @@ class LimeOutput:
         return torch.tensor([r.share_after for r in self.records], dtype=torch.float64).T
 
 
-def check_sampling_params(top_k: Any = None, top_p: Any = None, repetition_penalty: Any = None) -> None:
-    """Refuse sampling parameters outside their range (``top_k >= 1``, ``0 < top_p <= 1``, penalty > 0).
+def check_sampling_params(top_k: Any = None, top_p: Any = None, repetition_penalty: Any = None,
+                          temperature: Any = None) -> None:
+    """Refuse sampling parameters outside their range (``top_k >= 1``, ``0 < top_p <= 1``, penalty and
+    temperature finite and > 0).
 
     Raises
     ------
     ValueError
         Naming the parameter, its value and the valid range.
     """
+    for name, value in (("temperature", temperature), ("repetition_penalty", repetition_penalty)):
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be an int >= 1 (or None for no top-k filter), got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < float(top_p) <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] (or None for no nucleus filter), got {top_p!r}")
-    if repetition_penalty is not None and not (isinstance(repetition_penalty, (int, float))
-                                               and float(repetition_penalty) > 0):
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
 
 
 class _Decoder:
@@ -105,7 +109,7 @@ class _Decoder:
 
     def __init__(self, do_sample: bool, temperature: float, top_k: Optional[int], top_p: Optional[float],
                  repetition_penalty: Optional[float], generator: Optional[torch.Generator]) -> None:
-        check_sampling_params(top_k, top_p, repetition_penalty)
+        check_sampling_params(top_k, top_p, repetition_penalty, temperature if do_sample else None)
         procs = LogitsProcessorList()
         if repetition_penalty is not None and repetition_penalty != 1.0:
             procs.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
@@ -273,7 +277,7 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
     stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
     if stop_strings and tok is None:
         raise ValueError("stop_strings need a processor / tokenizer to decode the answer")
-    decoder = _Decoder(bool(g.get("do_sample", False)), g.get("temperature", 1.0) or 1.0, g.get("top_k"),
+    decoder = _Decoder(bool(g.get("do_sample", False)), 1.0 if g.get("temperature") is None else g["temperature"], g.get("top_k"),
                        g.get("top_p"), g.get("repetition_penalty"), g.get("generator"))
 
     inp, ids, mask = split_inputs({"input_ids": inputs} if isinstance(inputs, Tensor) else inputs, "lime_generate")
