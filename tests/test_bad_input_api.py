@@ -408,3 +408,37 @@ def test_metrics_need_a_modality_result(fn):
 
     with pytest.raises(TypeError, match="modality_reliance takes the ModalityResult"):
         modality_reliance(torch.ones(3))
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (lambda e: dict(e, pixel_values=e["pixel_values"][0]), ValueError, r"pixel_values has shape \(3, "),
+    (lambda e: dict(e, pixel_values=e["pixel_values"].repeat(2, 1, 1, 1)), ValueError,
+     r"pixel_values holds 2 image\(s\) but the prompt\(s\) have 1 image placeholder run"),
+    (lambda e: dict(e, pixel_values=torch.randn(1, 3, 16, 16)), ValueError, "the vision tower takes"),
+    (lambda e: dict(e, pixel_values=(e["pixel_values"] * 50).to(torch.uint8)), TypeError,
+     "'pixel_values' has dtype torch.uint8"),
+    (lambda e: dict(e, input_ids=e["input_ids"].float()), TypeError, "input_ids must be an integer tensor"),
+], ids=["3-D", "count", "size", "uint8", "float ids"])
+def test_malformed_multimodal_inputs(llava, change, exc, match):
+    model, proc = llava
+    enc = change(llava_inputs(proc))
+    with pytest.raises(exc, match=match):
+        ModalityAttribution(model, proc).attribute(enc)
+    with pytest.raises(exc, match=match):
+        lime_generate(model, proc, enc, LimeConfig(steps=1), max_new_tokens=1)
+
+
+def test_model_forward_errors_name_the_call(llava):
+    model, proc = llava
+    enc = llava_inputs(proc)
+    with pytest.raises(ValueError, match="the model's forward failed on input"):
+        LRP(model).attribute(enc["pixel_values"], target=3, input_name="pixel_values")  # no input_ids / embeds
+
+
+def test_lime_generate_argument_types(llava):
+    model, proc = llava
+    enc = llava_inputs(proc)
+    with pytest.raises(TypeError, match="config must be a LimeConfig"):
+        lime_generate(model, proc, enc, {"steps": 1}, max_new_tokens=1)
+    with pytest.raises(TypeError, match="max_new_tokens must be an int"):
+        lime_generate(model, proc, enc, LimeConfig(steps=1), max_new_tokens="3")

@@ -50,6 +50,9 @@ def split_inputs(inputs: Any, caller: str) -> tuple[dict, Tensor, Tensor]:
     if "input_ids" not in rest:
         raise ValueError(f"{caller}: inputs need 'input_ids' (the processor's output, with placeholders expanded)")
     ids = rest.pop("input_ids")
+    if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise TypeError(f"{caller}: input_ids must be an integer tensor of token ids, got "
+                        f"{ids.dtype if isinstance(ids, Tensor) else type(ids).__name__}")
     ids = ids if ids.dim() == 2 else ids[None]
     mask = rest.pop("attention_mask", None)
     mask = torch.ones_like(ids) if mask is None else (mask if mask.dim() == 2 else mask[None])
@@ -264,7 +267,8 @@ def span_mask(spans: Sequence[Span], length: int, device: Union[str, torch.devic
     return m
 
 
-def check_perceptual_inputs(spec: "ModalitySpec", spans: Sequence[dict], inputs: dict, caller: str) -> None:
+def check_perceptual_inputs(spec: "ModalitySpec", spans: Sequence[dict], inputs: dict, caller: str,
+                            config: Any = None) -> None:
     """Refuse inputs whose perceptual tokens have no features behind them, or whose features are unusable.
 
     A LLaVA prompt without ``pixel_values`` (or a Qwen2-Audio prompt without ``input_features``) runs: the
@@ -283,11 +287,16 @@ def check_perceptual_inputs(spec: "ModalitySpec", spans: Sequence[dict], inputs:
         The processor's output without ``input_ids`` / ``attention_mask`` (:func:`split_inputs`).
     caller : str
         Named in the messages.
+    config : PretrainedConfig, optional
+        The model's config: with it, LLaVA-style ``[images, C, H, W]`` pixel values are checked against the
+        number of image spans and the vision tower's ``image_size``.
 
     Raises
     ------
     ValueError
-        Naming the missing, foreign or non-finite input and the fix.
+        Naming the missing, foreign, mis-shaped or non-finite input and the fix.
+    TypeError
+        For perceptual features that are not floating point.
     """
     present = {k for row in spans for k in PERCEPTUAL if row.get(k)}
     for kind in sorted(present):
@@ -301,10 +310,35 @@ def check_perceptual_inputs(spec: "ModalitySpec", spans: Sequence[dict], inputs:
             raise ValueError(f"{caller}: the inputs hold {key!r} ({kind}) but the model ({spec.family}) takes no "
                              f"{kind}s ({', '.join(spec.kinds)} only): is this another model's processor output? "
                              "Use the processor saved with this model")
+    for key in PERCEPTUAL_INPUTS.values():
+        value = inputs.get(key)
+        if isinstance(value, Tensor) and not value.is_floating_point():
+            raise TypeError(f"{caller}: {key!r} has dtype {value.dtype}; it must be the processor's floating-point "
+                            "(normalised) output, e.g. processor(images=..., text=..., return_tensors='pt')")
+    _check_image_layout(spec, spans, inputs, caller, config)
     if "audio" in present and spec.family == "qwen2_audio" and inputs.get("feature_attention_mask") is None:
         raise ValueError(f"{caller}: Qwen2-Audio inputs need 'feature_attention_mask' with 'input_features' (which "
                          "mel frames are audio, which padding); pass the processor's full output")
     check_finite_inputs(inputs, caller)
+
+
+def _check_image_layout(spec: "ModalitySpec", spans: Sequence[dict], inputs: dict, caller: str, config: Any) -> None:
+    """LLaVA-style ``[images, C, H, W]`` pixels: one image per image span, at the vision tower's size."""
+    pixels = inputs.get("pixel_values")
+    if not isinstance(pixels, Tensor) or spec.markers or spec.tokens_per_item.get("image") is None:
+        return  # Qwen families (flattened patches) and any-resolution tiling are checked by the model
+    if pixels.dim() != 4:
+        raise ValueError(f"{caller}: pixel_values has shape {tuple(pixels.shape)}; this model takes "
+                         "[images, channels, height, width] (a batch dimension first, even for one image)")
+    n_spans = sum(len(row.get("image", [])) for row in spans)
+    if pixels.shape[0] != n_spans:
+        raise ValueError(f"{caller}: pixel_values holds {pixels.shape[0]} image(s) but the prompt(s) have {n_spans} "
+                         "image placeholder run(s): give one image per placeholder (the processor expands each "
+                         "<image> of the text into the image's tokens)")
+    size = getattr(getattr(config, "vision_config", None), "image_size", None)
+    if isinstance(size, int) and tuple(pixels.shape[-2:]) != (size, size):
+        raise ValueError(f"{caller}: pixel_values are {tuple(pixels.shape[-2:])} pixels but the vision tower takes "
+                         f"{size} x {size}: pass images through this model's processor")
 
 
 def check_finite_inputs(inputs: dict, caller: str) -> None:

@@ -18,9 +18,9 @@ import warnings
 import torch
 from torch import nn
 
-from .errors import ModelStateError
+from .errors import LimeAttrError, ModelStateError
 
-__all__ = ["check_autograd_mode", "check_model_state"]
+__all__ = ["check_autograd_mode", "check_model_state", "forward_error"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,26 @@ def check_model_state(model: nn.Module, caller: str = "the LRP scope") -> None:
         warnings.warn(f"{caller}: dropout is active in {drop[:3]} ({len(drop)} module(s); the model is in training "
                       "mode), so the relevance is random and two calls differ. Call model.eval() for a "
                       "deterministic attribution", UserWarning, stacklevel=3)
+
+
+def forward_error(exc: Exception, context: str) -> Exception:
+    """The error to raise when the model's own forward fails on the given inputs.
+
+    lime_attr's errors pass unchanged; a ``ValueError`` / ``TypeError`` / ``RuntimeError`` from torch or
+    transformers is re-raised as the same built-in type with ``context`` (what was passed, what to check)
+    in front of the original message, so that it names the problem at the call the user made.
+
+    Parameters
+    ----------
+    exc : Exception
+        What the forward raised.
+    context : str
+        E.g. ``"ModalityAttribution.attribute: the model's forward failed on these inputs"``.
+    """
+    if isinstance(exc, LimeAttrError) or not isinstance(exc, (ValueError, TypeError, RuntimeError)):
+        return exc
+    kind = next(t for t in (ValueError, TypeError, RuntimeError) if isinstance(exc, t))
+    return kind(f"{context}: {exc}")
 
 
 def _tensors(model: nn.Module):

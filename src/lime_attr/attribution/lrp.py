@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..composites import Composite
 from ..errors import LimeAttrError
-from ..model_checks import check_autograd_mode
+from ..model_checks import check_autograd_mode, forward_error
 from ..scope import LRPScope
 from .latent import LatentRecorder
 from ._forward import HFForward, hf_input_name, is_hf_model
@@ -267,12 +267,12 @@ class LRP(GradientAttribution):
         """Run the model on ``work`` (inside the scope) and select the explained scalar per example: ``[batch]``."""
         try:
             raw = forward_func(*work, *(_format_additional_forward_args(additional) or ()))
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError, TypeError) as exc:
             if isinstance(exc, LimeAttrError):
                 raise
             shapes = ", ".join(str(tuple(x.shape)) for x in work)
-            raise RuntimeError(f"the model's forward failed on input(s) of shape {shapes} (does the input "
-                               f"shape match the model?{_dtype_hint(self.model, work)}): {exc}") from exc
+            raise forward_error(exc, f"the model's forward failed on input(s) of shape {shapes} (does the input "
+                                     f"shape match the model?{_dtype_hint(self.model, work)})") from exc
         if not isinstance(raw, Tensor):
             raise TypeError(f"the model returned a {type(raw).__name__}, not a tensor: LRP explains one output tensor. "
                             "Wrap the model in a module whose forward returns the tensor to explain (e.g. "

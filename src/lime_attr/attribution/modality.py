@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ..composites import Composite, _matches, get_composite
 from ..modality import (PERCEPTUAL, ModalitySpec, check_perceptual_inputs, find_spans, modality_spec, span_mask,
                         split_inputs)
-from ..model_checks import check_autograd_mode
+from ..model_checks import check_autograd_mode, forward_error
 from ..scope import LRPScope
 from .lrp import normalize_target
 
@@ -431,7 +431,7 @@ class ModalityAttribution(Attribution):
                 raise ValueError(f"row {b} of the input has no image/audio tokens ({names}): nothing perceptual to "
                                  "attribute to. Pass the processor's output for a prompt with an image/audio "
                                  "(the processor expands the placeholder), or use LRP for text-only prompts")
-        check_perceptual_inputs(self.spec, spans, inp, "ModalityAttribution.attribute")
+        check_perceptual_inputs(self.spec, spans, inp, "ModalityAttribution.attribute", self.model.config)
         if answers is not None and answers.shape[1] > 1:
             gen = (length, ids.shape[1])
             for s in spans:
@@ -466,6 +466,9 @@ class ModalityAttribution(Attribution):
         try:
             with torch.enable_grad(), scope:
                 out = self.model(input_ids=ids, attention_mask=mask, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the context (lime_attr's own errors unchanged)
+            raise forward_error(exc, "ModalityAttribution.attribute: the model's forward failed on these inputs "
+                                     "(are they this model's processor output?)") from exc
         finally:
             handle.remove()
         logits = out.logits if hasattr(out, "logits") else out[0]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
@@ -27,7 +28,7 @@ from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
                           TopKLogitsWarper, TopPLogitsWarper)
 
 from .config import LimeConfig
-from ..model_checks import check_autograd_mode
+from ..model_checks import check_autograd_mode, forward_error
 from ..modality import split_inputs
 from .optimizer import LimeOptimizer, TokenRecord, _switch_attention, language_decoder
 
@@ -155,7 +156,7 @@ def _check_multimodal_inputs(model: nn.Module, processor: Any, inp: dict, ids: T
     except ValueError:
         check_finite_inputs(inp, "lime_generate")
         return
-    check_perceptual_inputs(spec, find_spans(ids, spec, mask), inp, "lime_generate")
+    check_perceptual_inputs(spec, find_spans(ids, spec, mask), inp, "lime_generate", getattr(model, "config", None))
 
 
 def modality_positions(model: nn.Module, processor: Any, input_ids: Tensor, attention_mask: Tensor,
@@ -256,6 +257,9 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
                         f"{', '.join(_GEN_KEYS)}")
     g = generation_kwargs
     check_autograd_mode("lime_generate")
+    if config is not None and not isinstance(config, LimeConfig):
+        raise TypeError(f"config must be a LimeConfig (or None for the model's preset), got {type(config).__name__}; "
+                        "e.g. LimeConfig(steps=7, lr=3e-4)")
     if config is None:
         from .config import PRESETS
 
@@ -263,7 +267,10 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
         config = LimeConfig.for_model(mt) if mt in PRESETS else LimeConfig()
     config.validate()
     gen_cfg = getattr(model, "generation_config", None)
-    max_new = int(g.get("max_new_tokens", 32))
+    max_new = g.get("max_new_tokens", 32)
+    if isinstance(max_new, bool) or not isinstance(max_new, numbers.Integral):
+        raise TypeError(f"max_new_tokens must be an int, got {max_new!r}")
+    max_new = int(max_new)
     if max_new < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new}")
     eos = set(_ids_list(g.get("eos_token_id", getattr(gen_cfg, "eos_token_id", None))))
@@ -339,6 +346,9 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
             if not mrope:
                 prompt_kwargs["position_ids"] = pos2d
             out = model(input_ids=ids, attention_mask=mask, use_cache=fast_cache, **keep1, **prompt_kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the context (lime_attr's own errors unchanged)
+            raise forward_error(exc, "lime_generate: the model's forward failed on these inputs (are they this "
+                                     "model's processor output?)") from exc
         finally:
             handle.remove()
         embeds = captured.get("embeds")
