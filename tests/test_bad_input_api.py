@@ -442,3 +442,14 @@ def test_lime_generate_argument_types(llava):
         lime_generate(model, proc, enc, {"steps": 1}, max_new_tokens=1)
     with pytest.raises(TypeError, match="max_new_tokens must be an int"):
         lime_generate(model, proc, enc, LimeConfig(steps=1), max_new_tokens="3")
+
+
+def test_visualize_bad_input(llava_result):
+    from lime_attr import visualize
+
+    with pytest.raises(TypeError, match="lime_attr.visualize takes the ModalityResult"):
+        visualize.text_html(None)
+    with pytest.raises(IndexError, match="row 5 does not exist"):
+        visualize.text_html(llava_result, row=5)
+    with pytest.raises(ValueError, match="level must be 'pixels' or 'patches'"):
+        visualize.image_overlay(llava_result.heatmaps[0][0], level="nope")

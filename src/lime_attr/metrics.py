@@ -20,7 +20,8 @@ from torch import Tensor
 
 from .modality import PERCEPTUAL
 
-__all__ = ["modality_reliance", "grounding_score", "top_tokens", "breakdown", "TopTokens", "Breakdown"]
+__all__ = ["modality_reliance", "grounding_score", "top_tokens", "breakdown", "TopTokens", "Breakdown", "check_result",
+           "row_index"]
 
 
 def modality_reliance(result: Any, signed: bool = False, kinds: Sequence[str] = PERCEPTUAL) -> Tensor:
@@ -41,21 +42,33 @@ def modality_reliance(result: Any, signed: bool = False, kinds: Sequence[str] = 
     Tensor
         ``[batch]``.
     """
-    _check_result(result, "modality_reliance")
+    check_result(result, "modality_reliance")
     shares = result.shares if signed else result.shares_abs
     zero = torch.zeros(len(result), dtype=result.token_relevance.dtype, device=result.token_relevance.device)
     return sum((shares[k] for k in kinds if k in shares), zero)
 
 
-def _check_result(result: Any, caller: str) -> None:
-    """The metrics read a :class:`~lime_attr.ModalityResult`: a clear TypeError for anything else."""
+def check_result(result: Any, caller: str) -> None:
+    """Refuse anything but a :class:`~lime_attr.ModalityResult` (what the metrics and plots read).
+
+    Raises
+    ------
+    TypeError
+        Naming ``caller`` and what it was given.
+    """
     if not all(hasattr(result, a) for a in ("token_relevance", "spans", "heatmaps", "shares_abs")):
         raise TypeError(f"{caller} takes the ModalityResult returned by ModalityAttribution.attribute, got "
                         f"{type(result).__name__}")
 
 
-def _row_index(result: Any, row: Any) -> int:
-    """``row`` as an index into the result's batch; a clear IndexError when the row does not exist."""
+def row_index(result: Any, row: Any) -> int:
+    """``row`` as an index into the result's batch (negative counts from the end).
+
+    Raises
+    ------
+    IndexError
+        When the row does not exist, naming the number of rows.
+    """
     n_rows = int(result.token_relevance.shape[0])
     if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not -n_rows <= int(row) < n_rows:
         raise IndexError(f"row {row!r} does not exist: the result has {n_rows} row(s) (0..{n_rows - 1})")
@@ -127,12 +140,12 @@ def grounding_score(result: Any, box: Optional[Sequence[float]] = None, mask: An
     float
         In [0, 1] when ``signed`` is False; NaN when the item carries no relevance at all.
     """
-    _check_result(result, "grounding_score")
+    check_result(result, "grounding_score")
     if sum(x is not None for x in (box, mask, time_span)) != 1:
         raise ValueError("give exactly one of box, mask or time_span")
     if level not in ("pixels", "patches", "tokens"):
         raise ValueError(f"level must be 'pixels', 'patches' or 'tokens', got {level!r}")
-    row = _row_index(result, row)
+    row = row_index(result, row)
     items = result.heatmaps[row]
     if not items:
         raise ValueError(f"row {row} has no image/audio heatmap")
@@ -256,8 +269,8 @@ def top_tokens(result: Any, k: int = 10, tokenizer: Any = None, row: int = 0, ab
     absolute : bool
         Rank by ``|R|`` (default) or by signed ``R`` (most positive first).
     """
-    _check_result(result, "top_tokens")
-    row = _row_index(result, row)
+    check_result(result, "top_tokens")
+    row = row_index(result, row)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive int (how many tokens), got {k!r}")
     tok = tokenizer if tokenizer is not None else getattr(result, "tokenizer", None)
@@ -303,8 +316,8 @@ class Breakdown:
 
 def breakdown(result: Any, row: int = 0) -> Breakdown:
     """Tokens, signed / absolute totals and shares per span kind for one row, printable."""
-    _check_result(result, "breakdown")
-    row = _row_index(result, row)
+    check_result(result, "breakdown")
+    row = row_index(result, row)
     tot, tabs, sh, sha = result.totals, result.totals_abs, result.shares, result.shares_abs
     rows = []
     for k in result.kinds:
