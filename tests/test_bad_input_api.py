@@ -453,3 +453,19 @@ def test_visualize_bad_input(llava_result):
         visualize.text_html(llava_result, row=5)
     with pytest.raises(ValueError, match="level must be 'pixels' or 'patches'"):
         visualize.image_overlay(llava_result.heatmaps[0][0], level="nope")
+
+
+def test_parameters_for_a_built_composite():
+    with pytest.raises(TypeError, match=r"get_composite: parameters \['epsilon'\] apply to a registered composite name"):
+        get_composite(get_composite("attnlrp"), epsilon=1.0)
+
+
+def test_layer_lrp_given_embeddings_of_an_hf_model():
+    model = tiny_llama()
+    with pytest.raises(RuntimeError, match="LayerLRP.attribute: the forward failed on these inputs .*input_ids"):
+        LayerLRP(model, model.model.layers[0]).attribute(embeds(model), target=3)
+    with pytest.raises(TypeError, match="returns a ModelOutput, not a tensor; pass forward_func="):
+        LayerLRP(model, model.model.layers[0]).attribute(torch.tensor([[1, 5, 7, 2, 9]]), target=3)
+    rel = LayerLRP(model, model.model.layers[0], forward_func=lambda ids: model(ids).logits[:, -1]).attribute(
+        torch.tensor([[1, 5, 7, 2, 9]]), target=3)
+    assert rel.shape[:2] == (1, 5)

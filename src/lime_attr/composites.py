@@ -345,6 +345,10 @@ def get_composite(name: Union[str, Composite], **params: Any) -> Composite:
     UnknownNameError
         With the list of registered composites.
     """
+    if params and not isinstance(name, str):
+        raise TypeError(f"get_composite: parameters {sorted(params)} apply to a registered composite name (the factory "
+                        f"builds it with them), not to an already built {type(name).__name__}; e.g. "
+                        "get_composite('attnlrp', epsilon=1e-6)")
     if isinstance(name, Composite):
         return name
     if type(name).__module__.startswith("zennit"):

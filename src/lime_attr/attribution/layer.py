@@ -25,8 +25,9 @@ from captum.attr import LayerGradientXActivation
 from torch import nn
 
 from ..composites import Composite
-from ..model_checks import check_autograd_mode
+from ..model_checks import check_autograd_mode, forward_error
 from ..scope import LRPScope
+from ._forward import is_hf_model
 from .lrp import normalize_target
 
 __all__ = ["LayerLRP"]
@@ -48,7 +49,9 @@ class LayerLRP(LayerGradientXActivation):
     canonizer : "auto", None, str or Canonizer
         As for :class:`~lime_attr.LRPScope`.
     forward_func : callable, optional
-        A function of the inputs that calls ``model`` (default: ``model`` itself).
+        A function of the inputs that calls ``model`` (default: ``model`` itself, which is what Captum's
+        ``LLMGradientAttribution`` needs; called directly on a Hugging Face model, pass one that returns a
+        tensor, e.g. ``lambda ids: model(ids).logits[:, -1]``).
     device_ids : list of int, optional
         As in Captum (DataParallel).
     multiply_by_inputs : bool
@@ -88,9 +91,20 @@ class LayerLRP(LayerGradientXActivation):
         ``LayerGradientXActivation.attribute`` run inside the LRP scope (same arguments, same return)."""
         check_autograd_mode("LayerLRP.attribute")
         target = normalize_target(target)
-        with self.scope():
-            return super().attribute(inputs, target=target, additional_forward_args=additional_forward_args,
-                                     attribute_to_layer_input=attribute_to_layer_input, grad_kwargs=grad_kwargs)
+        try:
+            with self.scope():
+                return super().attribute(inputs, target=target, additional_forward_args=additional_forward_args,
+                                         attribute_to_layer_input=attribute_to_layer_input, grad_kwargs=grad_kwargs)
+        except AttributeError as exc:
+            if is_hf_model(self.forward_func):
+                raise TypeError("LayerLRP.attribute: the Hugging Face model returns a ModelOutput, not a tensor; pass "
+                                "forward_func=lambda ids: model(ids).logits[:, -1] (an int target is then a token "
+                                "id), or use LayerLRP through captum's LLMGradientAttribution") from exc
+            raise
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise forward_error(exc, "LayerLRP.attribute: the forward failed on these inputs (LayerLRP passes them to "
+                                     "the model as they are: for a Hugging Face model, its input_ids; the layer's "
+                                     "activation is what gets explained)") from exc
 
 
 def _check_layers_in_model(model: nn.Module, layer: Any) -> None:
