@@ -204,15 +204,7 @@ class LRP(GradientAttribution):
             The relevance, shaped like ``inputs``; with ``return_convergence_delta``, also the delta (a
             ``[batch]`` tensor); with ``latent``, also the dict ``{module_name: relevance}``, last.
         """
-        if not isinstance(inputs, (Tensor, tuple)):
-            raise TypeError(f"inputs must be a torch.Tensor or a tuple of tensors (batch on dim 0), got "
-                            f"{type(inputs).__name__}; convert it with torch.as_tensor(..., dtype=torch.float32)")
-        for flag, value in (("create_graph", create_graph), ("return_convergence_delta", return_convergence_delta)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{flag} must be True or False, got {value!r}")
-        if second_order not in ("autograd", "exact"):
-            raise ValueError(f"second_order must be 'autograd' or 'exact', got {second_order!r}")
-        check_autograd_mode("LRP.attribute")
+        _check_arguments(inputs, create_graph, return_convergence_delta, second_order)
         target = normalize_target(target)
         is_tuple = _is_tuple(inputs)
         inputs_t = _format_tensor_into_tuples(inputs)
@@ -303,6 +295,19 @@ class LRP(GradientAttribution):
             raise TypeError(f"unexpected keyword arguments {sorted(model_kwargs)}; for plain torch models pass "
                             "extra model inputs through additional_forward_args")
         return model, additional
+
+
+def _check_arguments(inputs: Any, create_graph: Any, return_convergence_delta: Any, second_order: Any) -> None:
+    """The checks of :meth:`LRP.attribute`'s arguments that need no forward pass."""
+    if not isinstance(inputs, (Tensor, tuple)):
+        raise TypeError(f"inputs must be a torch.Tensor or a tuple of tensors (batch on dim 0), got "
+                        f"{type(inputs).__name__}; convert it with torch.as_tensor(..., dtype=torch.float32)")
+    for flag, value in (("create_graph", create_graph), ("return_convergence_delta", return_convergence_delta)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False, got {value!r}")
+    if second_order not in ("autograd", "exact"):
+        raise ValueError(f"second_order must be 'autograd' or 'exact', got {second_order!r}")
+    check_autograd_mode("LRP.attribute")
 
 
 def _dtype_hint(model: nn.Module, inputs: Sequence[Tensor]) -> str:

@@ -146,6 +146,26 @@ class _Decoder:
         return s.argmax(-1)
 
 
+def _checked_call(model: nn.Module, config: Optional[LimeConfig], max_new: Any) -> tuple[LimeConfig, int]:
+    """``lime_generate``'s checks before any forward: autograd mode, the config (default: the model's preset)
+    and ``max_new_tokens``."""
+    check_autograd_mode("lime_generate")
+    if config is not None and not isinstance(config, LimeConfig):
+        raise TypeError(f"config must be a LimeConfig (or None for the model's preset), got {type(config).__name__}; "
+                        "e.g. LimeConfig(steps=7, lr=3e-4)")
+    if config is None:
+        from .config import PRESETS
+
+        mt = getattr(getattr(model, "config", None), "model_type", None)
+        config = LimeConfig.for_model(mt) if mt in PRESETS else LimeConfig()
+    config.validate()
+    if isinstance(max_new, bool) or not isinstance(max_new, numbers.Integral):
+        raise TypeError(f"max_new_tokens must be an int, got {max_new!r}")
+    if max_new < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new}")
+    return config, int(max_new)
+
+
 def _check_multimodal_inputs(model: nn.Module, processor: Any, inp: dict, ids: Tensor, mask: Tensor) -> None:
     """The shared perceptual-input check (:func:`lime_attr.modality.check_perceptual_inputs`); a model without
     a modality spec (a text-only LM) gets the finiteness check only."""
@@ -256,23 +276,8 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
         raise TypeError(f"lime_generate got unexpected keyword argument(s) {unknown}; supported: "
                         f"{', '.join(_GEN_KEYS)}")
     g = generation_kwargs
-    check_autograd_mode("lime_generate")
-    if config is not None and not isinstance(config, LimeConfig):
-        raise TypeError(f"config must be a LimeConfig (or None for the model's preset), got {type(config).__name__}; "
-                        "e.g. LimeConfig(steps=7, lr=3e-4)")
-    if config is None:
-        from .config import PRESETS
-
-        mt = getattr(getattr(model, "config", None), "model_type", None)
-        config = LimeConfig.for_model(mt) if mt in PRESETS else LimeConfig()
-    config.validate()
+    config, max_new = _checked_call(model, config, g.get("max_new_tokens", 32))
     gen_cfg = getattr(model, "generation_config", None)
-    max_new = g.get("max_new_tokens", 32)
-    if isinstance(max_new, bool) or not isinstance(max_new, numbers.Integral):
-        raise TypeError(f"max_new_tokens must be an int, got {max_new!r}")
-    max_new = int(max_new)
-    if max_new < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new}")
     eos = set(_ids_list(g.get("eos_token_id", getattr(gen_cfg, "eos_token_id", None))))
     tok = getattr(processor, "tokenizer", processor)
     pad = g.get("pad_token_id", getattr(gen_cfg, "pad_token_id", None))
