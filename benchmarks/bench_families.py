@@ -27,6 +27,8 @@ from typing import Callable
 
 import torch
 
+from lime_attr.evaluation import jsonable
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -154,7 +156,7 @@ def main(argv=None) -> dict:
     report = {"machine": machine_info(torch.device("cpu")), "threads": args.threads, "repeats": args.repeats,
               "method": __doc__, "families": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    Path(args.out).write_text(json.dumps(jsonable(report), indent=2, allow_nan=False))
     return report
 
 

@@ -60,6 +60,8 @@ from typing import Any
 
 import torch
 
+from lime_attr.evaluation import jsonable
+
 DECODERS = ("greedy", "vcd", "lime-reference", "lime-fast", "lime-fast-nogate", "lime-fast-v1", "lime-fast-cached",
             "lime-fast-1")
 TASK_DECODERS = ("greedy", "lime-reference", "lime-fast", "lime-fast-nogate")
@@ -447,7 +449,7 @@ def main(argv: Any = None) -> None:
     if not rows:
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"machine": machine(), "rows": rows, "task_rows": task_rows}, f, indent=1)
+                json.dump(jsonable({"machine": machine(), "rows": rows, "task_rows": task_rows}), f, indent=1, allow_nan=False)
         return
     print(f"\n{'model':6} {'decoder':17} {'tok/s':>8} {'x slower':>9} {'tok/cpu-s':>9} {'x slower':>9} {'extra MB':>9} "
           f"{'mem ratio':>9} {'extra/weights':>13} {'steps':>6} {'changed':>7} {'same as fast':>12} {'share b->a':>12}")
@@ -476,7 +478,7 @@ def main(argv: Any = None) -> None:
           "so extra/weights (peak memory above base over the model's weight bytes) is the figure that scales. same as fast: emitted tokens equal to lime-fast's.")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "rows": rows, "task_rows": task_rows}, f, indent=1)
+            json.dump(jsonable({"machine": machine(), "rows": rows, "task_rows": task_rows}), f, indent=1, allow_nan=False)
 
 
 if __name__ == "__main__":

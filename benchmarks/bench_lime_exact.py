@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from lime_attr.evaluation import jsonable
+
 
 def _mean(xs: list) -> float:
     xs = [x for x in xs if not math.isnan(x)]
@@ -179,7 +181,7 @@ def main(argv: Any = None) -> None:
               f"{agreement['adam_step_efficiency_min']:.3f}, max {agreement['adam_step_efficiency_max']:.3f})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(rows=rows, gradient_agreement=agreement), f, indent=1)
+            json.dump(jsonable(dict(rows=rows, gradient_agreement=agreement)), f, indent=1, allow_nan=False)
 
 
 if __name__ == "__main__":

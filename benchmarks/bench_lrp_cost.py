@@ -67,6 +67,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from lime_attr.evaluation import jsonable
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks" / "lrp_cost.json"
 # glibc: no mmap for large blocks, no trimming, and a generous top pad: freed tensor memory is reused
@@ -486,7 +488,7 @@ def main(argv: list[str] | None = None) -> dict:
           "extra; zennit/ours: CPU-time ratio, wall-time ratio in brackets; at bound: zennit's measured CPU time "
           "over ours at that bound)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    args.out.write_text(json.dumps(jsonable(results), indent=2, allow_nan=False) + "\n")
     print(f"wrote {args.out}")
     return results
 

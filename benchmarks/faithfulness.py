@@ -355,7 +355,7 @@ def run_benchmark(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "faithfulness.json").write_text(json.dumps(_jsonable(report), indent=1, sort_keys=False) + "\n")
+    (out_dir / "faithfulness.json").write_text(json.dumps(_jsonable(report), indent=1, sort_keys=False, allow_nan=False) + "\n")
     if figures:
         names = write_figures(report, out_dir)
         write_rst(report, out_dir.parent / "benchmarks_faithfulness.rst", out_dir.name, names)

@@ -67,13 +67,19 @@ def _media_for(args: argparse.Namespace, processor: Any) -> dict:
     if args.image:
         if not Path(args.image).is_file():
             raise CLIError(f"--image {args.image}: no such file")
-        return {"images": [load_image(args.image)]}
+        try:
+            return {"images": [load_image(args.image)]}
+        except Exception as exc:  # noqa: BLE001 - PIL raises several types for unreadable files
+            raise CLIError(f"--image {args.image}: not an image file that can be read (PNG/JPEG): {exc}") from exc
     if args.audio:
         if not Path(args.audio).is_file():
             raise CLIError(f"--audio {args.audio}: no such file")
         fe = getattr(processor, "feature_extractor", None)
         sr = int(getattr(fe, "sampling_rate", 16000))
-        return {"audios": [load_audio(args.audio, sr)], "sampling_rate": sr}
+        try:
+            return {"audios": [load_audio(args.audio, sr)], "sampling_rate": sr}
+        except Exception as exc:  # noqa: BLE001 - wave raises wave.Error, EOFError, ValueError
+            raise CLIError(f"--audio {args.audio}: not a PCM WAV file that can be read: {exc}") from exc
     raise CLIError("this command needs --image PATH or --audio PATH (a WAV file)")
 
 
@@ -91,18 +97,67 @@ def _prompt_text(spec: str, processor: Any, question: str, media: dict) -> str:
                    "image/audio placeholder token with --raw-prompt")
 
 
+def _check_media_kind(model: Any, processor: Any, media: dict) -> str:
+    """The model must take the kind of media given (``--image`` for image models, ``--audio`` for audio ones)."""
+    from .modality import modality_spec
+
+    kind = "image" if "images" in media else "audio"
+    try:
+        kinds = modality_spec(model, processor).kinds
+    except ValueError as exc:
+        raise CLIError(f"the model is not an image/audio-text model: {exc}") from exc
+    if kind not in kinds:
+        other = "--image" if "image" in kinds else "--audio"
+        raise CLIError(f"--{kind} given, but the model ({model.config.model_type}) takes {', '.join(kinds)} input: "
+                       f"use {other} PATH")
+    return kind
+
+
 def _inputs(model: Any, processor: Any, args: argparse.Namespace) -> dict:
     from .generation import prepare_inputs
 
     media = _media_for(args, processor)
-    prompt = args.prompt if getattr(args, "raw_prompt", False) else _prompt_text(args.model, processor, args.prompt, media)
-    return prepare_inputs(model, processor, [prompt], images=media.get("images"), audios=media.get("audios"),
-                          sampling_rate=media.get("sampling_rate"))
+    kind = _check_media_kind(model, processor, media)
+    if getattr(args, "raw_prompt", False):
+        prompt = args.prompt
+        token = getattr(processor, f"{kind}_token", None) or getattr(getattr(processor, "tokenizer", None),
+                                                                    f"{kind}_token", None)
+        if token and token not in prompt:
+            raise CLIError(f"--raw-prompt: the prompt must contain the model's {kind} placeholder {token!r} where the "
+                           f"{kind} goes (or drop --raw-prompt to use the chat template)")
+    else:
+        prompt = _prompt_text(args.model, processor, args.prompt, media)
+    try:
+        return prepare_inputs(model, processor, [prompt], images=media.get("images"), audios=media.get("audios"),
+                              sampling_rate=media.get("sampling_rate"))
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"the processor rejected the prompt and {kind}: {exc}") from exc
 
 
 def _write_json(path: Path, data: Any) -> None:
+    """Strict JSON (NaN / inf become null: every JSON lime_attr writes parses with a strict parser)."""
+    from .evaluation import jsonable
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=float))
+    path.write_text(json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n")
+
+
+def _output_dir(path: str, flag: str = "--output-dir") -> Path:
+    """Create ``path`` (a folder the command writes into); a clear error when it cannot be written."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".lime_attr_write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CLIError(f"{flag} {path}: cannot write there ({exc.strerror or exc}); choose a writable folder") from exc
+    return out
+
+
+def _check_positive(value: Optional[int], flag: str) -> None:
+    if value is not None and value < 1:
+        raise CLIError(f"{flag} must be a positive integer, got {value}")
 
 
 def _decoding(args: argparse.Namespace, method: Optional[str] = None):
@@ -133,7 +188,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .metrics import breakdown
     from .visualize import audio_plot, image_overlay, text_html
 
+    from .composites import get_composite
+
     _check_media_paths(args)
+    _check_positive(args.top, "--top")
+    try:
+        get_composite(args.composite)
+    except KeyError as exc:
+        raise CLIError(str(exc)) from exc
+    out = _output_dir(args.output_dir)
     model, processor = _load_args(args)
     enc = _inputs(model, processor, args)
     tok = getattr(processor, "tokenizer", processor)
@@ -148,8 +211,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
         result = attribution.attribute(enc, target=target)
     except (ValueError, TypeError) as exc:
         raise CLIError(str(exc)) from exc
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     token = tok.convert_ids_to_tokens(int(result.target_ids.reshape(-1)[0]))
     print(f"explained token: {token!r}")
     print(breakdown(result))
@@ -157,7 +218,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     summary = {"model": args.model, "prompt": args.prompt, "composite": args.composite, "token": token,
                "modality_reliance": float(modality_reliance(result).reshape(-1)[0]),
                "modality_reliance_signed": float(modality_reliance(result, signed=True).reshape(-1)[0]),
-               "shares": {k: float(v.reshape(-1)[0]) for k, v in result.shares_abs.items()},
+               "shares": {k: float(v.reshape(-1)[0]) for k, v in result.shares.items()},
+               "shares_abs": {k: float(v.reshape(-1)[0]) for k, v in result.shares_abs.items()},
                "token_relevance": result.token_relevance[0].tolist()}
     figures = []
     for i, hm in enumerate(result.heatmaps[0] if result.heatmaps else []):
@@ -185,13 +247,24 @@ def _token_shares(model: Any, processor: Any, enc: dict, tokens: list) -> list:
     return [float(v) for v in modality_share(rel, mask.double(), 1.0)]
 
 
-def _plot_generation(path: Path, labels: list, before: list, after: Optional[list], title: str) -> None:
-    """Bar chart of the perceptual share per generated token (LIME: before and after)."""
+def generation_figure(labels: list, before: list, after: Optional[list], title: str) -> Any:
+    """Bar chart of the perceptual share per generated token (LIME: before and after).
+
+    Tokens LIME's confidence gate left alone are unmeasured (NaN / None): they get a grey hatched bar
+    over the full height with its own legend entry, so that no bar is blank without explanation.
+    """
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def values(vals: list) -> list:
+        return [float("nan") if v is None else float(v) for v in vals]
+
+    before = values(before)
+    after = values(after) if after is not None else None
     n = len(labels)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * n + 2), 3.2))
     xs = list(range(n))
@@ -200,12 +273,24 @@ def _plot_generation(path: Path, labels: list, before: list, after: Optional[lis
            label="before LIME" if after is not None else "perceptual share")
     if after is not None:
         ax.bar([x + width / 2 for x in xs], after, width, label="after LIME")
+    gated = [x for x in xs if math.isnan(before[x])]
+    if gated:
+        ax.bar(gated, [1.0] * len(gated), 0.8, color="0.85", hatch="//", edgecolor="0.6", zorder=0,
+               label="gated (confident, not optimised: no share measured)")
     ax.set_xticks(xs, [repr(t)[1:-1] or "''" for t in labels], rotation=45, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("image/audio share of |R|")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def _plot_generation(path: Path, labels: list, before: list, after: Optional[list], title: str) -> None:
+    """Write :func:`generation_figure` to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = generation_figure(labels, before, after, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -256,10 +341,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             before, after = res.details["share_before"][0], res.details["share_after"][0]
         else:
             before, after = _token_shares(model, processor, enc, list(res.tokens[0])), None
-        def _json(vals):  # LIME leaves gated tokens unmeasured (NaN): null in JSON, no bar in the figure
-            return None if vals is None else [None if v != v else float(v) for v in vals]
-
-        record["token_shares"] = {"tokens": labels, "before": _json(before), "after": _json(after)}
+        # LIME leaves gated tokens unmeasured (NaN): null in the (strict) JSON, a hatched "gated" bar in the figure
+        record["token_shares"] = {"tokens": labels, "before": list(before), "after": None if after is None else
+                                  list(after)}
         _write_json(Path(args.output), record)
         figure = Path(args.output).with_suffix(".png")
         _plot_generation(figure, labels, before, after, f"{args.model} - {cfg.method}: {res.texts[0][:60]!r}")
@@ -272,8 +356,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .evaluation.harness import check_corruption
 
+    from .evaluation.harness import check_benchmark_args
+
     decoding = _decoding(args)
     try:
+        check_benchmark_args(args.model, args.limit, vars(args))
         check_corruption(args.corruption, args.model)  # cheap checks before the model loads
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
@@ -313,7 +400,7 @@ def _format_metrics(result: Any) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(Path(args.output_dir), quick=args.quick)
+    return run_demo(_output_dir(args.output_dir), quick=args.quick)
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -347,10 +434,17 @@ def _add_decoding_args(p: argparse.ArgumentParser, method_required: bool = False
     p.add_argument("--seed", type=int, default=0)
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``lime-attr``."""
     parser = argparse.ArgumentParser(prog="lime-attr", description="LRP attribution and LIME decoding for multimodal LLMs: demo, explain, generate, eval.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"lime-attr {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="the embedded demo: explain, heatmaps, LIME vs greedy, mini-POPE table")
@@ -407,6 +501,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(args.func(args) or 0)
     except CLIError as exc:
         print(f"lime-attr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file that cannot be read or written (read-only folder, full disk...)
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"lime-attr {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
 
 

@@ -14,13 +14,14 @@ A rule may also be a zennit rule (``zennit.core.Hook``): it then drives that Lin
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
 from .errors import UnknownNameError
-from .rules import Rule, get_rule
+from .rules import SITES, Rule, get_rule
 from .rules._grad import grad_to_relevance, relevance_to_grad
 from .sites import Site
 
@@ -169,6 +170,34 @@ def _as_rule(rule: Any) -> Rule:
     raise TypeError(f"a composite maps places to rules: expected a Rule, a rule name or a zennit rule, got {rule!r}")
 
 
+#: the site kinds a ``"site:<kind>"`` matcher may name
+SITE_KINDS = (*SITES, "passthrough", "unknown")
+
+
+def check_matcher(matcher: Any) -> None:
+    """Refuse a matcher that can never match: an unknown ``site:`` kind, an empty string, or a non-matcher.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the matcher and the valid forms.
+    """
+    if isinstance(matcher, str):
+        if matcher.startswith("site:") and matcher[5:] not in SITE_KINDS:
+            raise ValueError(f"unknown site kind in matcher {matcher!r}; valid: "
+                             f"{', '.join('site:' + k for k in SITE_KINDS)}")
+        if matcher in ("", "op:"):
+            raise ValueError(f"empty matcher {matcher!r}: give a module name pattern, 'site:<kind>', 'op:<name>' "
+                             "or 'first_layer'")
+        return
+    if isinstance(matcher, type) or (isinstance(matcher, tuple) and matcher
+                                     and all(isinstance(t, type) for t in matcher)):
+        return
+    if not callable(matcher):
+        raise TypeError(f"unknown matcher {matcher!r}: use a module type (or tuple of types), 'site:<kind>', "
+                        "'first_layer', 'op:<name>', a module name pattern, or a callable (site) -> bool")
+
+
 def _matches(matcher: Matcher, site: Site) -> bool:
     if isinstance(matcher, type) or (isinstance(matcher, tuple) and all(isinstance(t, type) for t in matcher)):
         return site.module is not None and isinstance(site.module, matcher) and not site.op
@@ -191,8 +220,8 @@ class Composite:
 
     Parameters
     ----------
-    entries : sequence of (matcher, rule)
-        See the module docstring for matchers. Rules may be names, rule objects or zennit rules.
+    entries : sequence of tuple
+        ``(matcher, rule)`` pairs. See the module docstring for matchers. Rules may be names, rule objects or zennit rules.
     canonizers : sequence, optional
         zennit canonizers (e.g. ``SequentialMergeBatchNorm()``) applied inside the scope and reverted.
     name : str
@@ -211,6 +240,15 @@ class Composite:
     _rules: list = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.entries, (str, bytes)) or not isinstance(self.entries, Iterable):
+            raise TypeError(f"Composite takes a list of (matcher, rule) pairs, got {self.entries!r}; e.g. "
+                            "Composite([('site:layer', 'epsilon'), ('site:activation', 'identity')])")
+        self.entries = list(self.entries)
+        for i, entry in enumerate(self.entries):
+            if not isinstance(entry, tuple) or len(entry) != 2:
+                raise TypeError(f"composite entry {i} is {entry!r}, not a (matcher, rule) pair; write e.g. "
+                                f"('site:layer', {entry!r}) to apply a rule to every site of a kind")
+            check_matcher(entry[0])
         self._rules = [(m, _as_rule(r)) for m, r in self.entries]
 
     def rule_for(self, site: Site) -> Optional[Rule]:
@@ -282,7 +320,15 @@ _COMPOSITES: dict[str, Callable[..., Composite]] = {}
 def register_composite(name: str, *, overwrite: bool = False) -> Callable:
     """Decorator registering a composite factory ``(**params) -> Composite`` under ``name``."""
 
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_composite takes the composite's name (a non-empty str), got {name!r}; use it as "
+                        "@register_composite('my-composite') above a function returning a Composite")
+
     def decorator(factory: Callable[..., Composite]) -> Callable[..., Composite]:
+        if not callable(factory) or isinstance(factory, Composite):
+            raise TypeError(f"register_composite({name!r}) decorates a factory function (**params) -> Composite, "
+                            f"got {factory!r}; write `@register_composite({name!r})` above `def f(): return "
+                            "Composite([...])`")
         if name in _COMPOSITES and not overwrite:
             raise ValueError(f"a composite named {name!r} is already registered; pass overwrite=True")
         _COMPOSITES[name] = factory
@@ -299,6 +345,10 @@ def get_composite(name: Union[str, Composite], **params: Any) -> Composite:
     UnknownNameError
         With the list of registered composites.
     """
+    if params and not isinstance(name, str):
+        raise TypeError(f"get_composite: parameters {sorted(params)} apply to a registered composite name (the factory "
+                        f"builds it with them), not to an already built {type(name).__name__}; e.g. "
+                        "get_composite('attnlrp', epsilon=1e-6)")
     if isinstance(name, Composite):
         return name
     if type(name).__module__.startswith("zennit"):
@@ -310,9 +360,30 @@ def get_composite(name: Union[str, Composite], **params: Any) -> Composite:
             f"unknown composite {name!r}; available composites: {', '.join(available_composites())}. "
             "Build one with lime_attr.Composite([...]) or register it with @register_composite(name)."
         ) from None
+    _check_params(name, factory, params)
     comp = factory(**params)
+    if not isinstance(comp, Composite):
+        raise TypeError(f"the factory registered as composite {name!r} returned {type(comp).__name__}, not a "
+                        "Composite")
     comp.name = name
     return comp
+
+
+def _check_params(name: str, factory: Callable, params: dict) -> None:
+    """Unknown keyword parameters of a composite factory: a clear TypeError listing the accepted ones."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return
+    kinds = {p.kind for p in sig.parameters.values()}
+    if inspect.Parameter.VAR_KEYWORD in kinds:
+        return
+    accepted = [p.name for p in sig.parameters.values()
+                if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise TypeError(f"composite {name!r} takes parameters {accepted}, got unknown {unknown}; e.g. "
+                        f"get_composite({name!r}" + (f", {accepted[0]}=...)" if accepted else ")"))
 
 
 def available_composites() -> list[str]:

@@ -13,6 +13,7 @@ __all__ = [
     "UncoveredOpError",
     "UnsupportedModelError",
     "RuleSiteError",
+    "ModelStateError",
 ]
 
 
@@ -52,4 +53,13 @@ class UncoveredOpError(LimeAttrError, RuntimeError):
 
 
 class UnsupportedModelError(LimeAttrError, ValueError):
-    """A model (``config.model_type``) for which no canonizer is registered."""
+    """A model (``config.model_type``) for which no canonizer is registered, or a canonizer written for
+    another ``model_type``."""
+
+
+class ModelStateError(LimeAttrError, RuntimeError):
+    """The model or torch's autograd state does not allow an attribution that leaves the model unchanged.
+
+    Raised for a model on the meta device, for calls under ``torch.inference_mode()`` and for modules
+    whose training-mode forward changes the model (BatchNorm updating its running statistics).
+    """

@@ -27,12 +27,15 @@ class DecodingConfig:
     ----------
     method : {"greedy", "sample", "vcd", "lime"}
     max_new_tokens : int
-    temperature, top_k, top_p : sampling parameters (``method="sample"``, or VCD / LIME with ``do_sample``)
+    temperature, top_k, top_p : float, int or None, float or None
+        Sampling parameters (``method="sample"``, or VCD / LIME with ``do_sample``); ``top_k >= 1`` and
+        ``0 < top_p <= 1`` when given.
     do_sample : bool
         Sample instead of greedy for ``vcd`` and ``lime`` (``sample`` always samples).
     seed : int
         Seed of the sampling generator.
-    vcd_alpha, vcd_beta, vcd_noise_step : VCD parameters (Leng et al., 2024 defaults: 1, 0.1, 500)
+    vcd_alpha, vcd_beta, vcd_noise_step : float, float, int
+        VCD parameters (defaults of Leng et al., 2024: 1, 0.1, 500).
     lime_mode : {"fast", "reference"}
     lime_overrides : dict
         Further :class:`~lime_attr.mitigation.LimeConfig` fields.
@@ -58,8 +61,9 @@ class DecodingConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.lime_mode not in ("fast", "reference"):
             raise ValueError(f"lime_mode must be 'fast' or 'reference', got {self.lime_mode!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        from .mitigation.generate import check_sampling_params
+
+        check_sampling_params(self.top_k, self.top_p, temperature=self.temperature)
 
     @property
     def sampling(self) -> bool:

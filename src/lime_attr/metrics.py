@@ -20,7 +20,8 @@ from torch import Tensor
 
 from .modality import PERCEPTUAL
 
-__all__ = ["modality_reliance", "grounding_score", "top_tokens", "breakdown", "TopTokens", "Breakdown"]
+__all__ = ["modality_reliance", "grounding_score", "top_tokens", "breakdown", "TopTokens", "Breakdown", "check_result",
+           "row_index"]
 
 
 def modality_reliance(result: Any, signed: bool = False, kinds: Sequence[str] = PERCEPTUAL) -> Tensor:
@@ -41,9 +42,37 @@ def modality_reliance(result: Any, signed: bool = False, kinds: Sequence[str] = 
     Tensor
         ``[batch]``.
     """
+    check_result(result, "modality_reliance")
     shares = result.shares if signed else result.shares_abs
     zero = torch.zeros(len(result), dtype=result.token_relevance.dtype, device=result.token_relevance.device)
     return sum((shares[k] for k in kinds if k in shares), zero)
+
+
+def check_result(result: Any, caller: str) -> None:
+    """Refuse anything but a :class:`~lime_attr.ModalityResult` (what the metrics and plots read).
+
+    Raises
+    ------
+    TypeError
+        Naming ``caller`` and what it was given.
+    """
+    if not all(hasattr(result, a) for a in ("token_relevance", "spans", "heatmaps", "shares_abs")):
+        raise TypeError(f"{caller} takes the ModalityResult returned by ModalityAttribution.attribute, got "
+                        f"{type(result).__name__}")
+
+
+def row_index(result: Any, row: Any) -> int:
+    """``row`` as an index into the result's batch (negative counts from the end).
+
+    Raises
+    ------
+    IndexError
+        When the row does not exist, naming the number of rows.
+    """
+    n_rows = int(result.token_relevance.shape[0])
+    if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not -n_rows <= int(row) < n_rows:
+        raise IndexError(f"row {row!r} does not exist: the result has {n_rows} row(s) (0..{n_rows - 1})")
+    return int(row) % n_rows
 
 
 def _region_share(rel: Tensor, inside: Tensor, signed: bool) -> float:
@@ -91,13 +120,13 @@ def grounding_score(result: Any, box: Optional[Sequence[float]] = None, mask: An
     Parameters
     ----------
     result : ModalityResult
-    box : (x0, y0, x1, y1), optional
-        Image region in the coordinates of the processed image (``pixel_values``), ``x`` = column,
-        ``x1`` / ``y1`` exclusive. A pixel / patch / token counts when its centre is inside.
-    mask : array [H, W], optional
-        Boolean image region, at any resolution (resampled nearest-neighbour to the map).
-    time_span : (t0, t1), optional
-        Audio region in seconds: frames (tokens) whose centre lies in ``[t0, t1)``.
+    box : tuple of float, optional
+        ``(x0, y0, x1, y1)``: an image region in the coordinates of the processed image
+        (``pixel_values``), ``x`` = column, ``x1`` / ``y1`` exclusive; it must overlap the image. A pixel / patch / token counts when its centre is inside.
+    mask : numpy.ndarray, optional
+        ``[H, W]``: a boolean image region, at any resolution (resampled nearest-neighbour to the map).
+    time_span : tuple of float, optional
+        ``(t0, t1)``: an audio region in seconds: frames (tokens) whose centre lies in ``[t0, t1)``.
     row, item : int
         Which batch row, and which image / clip of that row (prompt order).
     level : {"pixels", "patches", "tokens"}
@@ -111,10 +140,12 @@ def grounding_score(result: Any, box: Optional[Sequence[float]] = None, mask: An
     float
         In [0, 1] when ``signed`` is False; NaN when the item carries no relevance at all.
     """
+    check_result(result, "grounding_score")
     if sum(x is not None for x in (box, mask, time_span)) != 1:
         raise ValueError("give exactly one of box, mask or time_span")
     if level not in ("pixels", "patches", "tokens"):
         raise ValueError(f"level must be 'pixels', 'patches' or 'tokens', got {level!r}")
+    row = row_index(result, row)
     items = result.heatmaps[row]
     if not items:
         raise ValueError(f"row {row} has no image/audio heatmap")
@@ -131,7 +162,13 @@ def grounding_score(result: Any, box: Optional[Sequence[float]] = None, mask: An
         else:
             rel, step = hm.relevance, hm.seconds_per_frame
         centres = (torch.arange(rel.shape[-1], dtype=torch.float64) + 0.5) * step
-        return _region_share(rel, (centres >= t0) & (centres < t1), signed)
+        inside = (centres >= t0) & (centres < t1)
+        if not bool(inside.any()):
+            duration = rel.shape[-1] * step
+            unit = "token" if level == "tokens" else "frame"
+            raise ValueError(f"time_span {(t0, t1)} contains no {unit} of the clip (duration {duration:.3f} s, "
+                             f"{rel.shape[-1]} {unit}s): give a span inside [0, {duration:.3f}) with t1 > t0")
+        return _region_share(rel, inside, signed)
     if time_span is not None:
         raise ValueError(f"this item is an {hm.kind}: give a box or a mask")
     height, width = hm.relevance.shape
@@ -144,8 +181,28 @@ def grounding_score(result: Any, box: Optional[Sequence[float]] = None, mask: An
     else:
         rel = _token_grid(hm)
     scale = (height / rel.shape[0], width / rel.shape[1])
-    region = _box_mask(tuple(rel.shape), box, scale) if box is not None else _resize_mask(mask, tuple(rel.shape))
+    if box is not None:
+        _check_box(box, height, width)
+        region = _box_mask(tuple(rel.shape), box, scale)
+    else:
+        region = _resize_mask(mask, tuple(rel.shape))
+    if not bool(region.any()):
+        raise ValueError(f"the {'box' if box is not None else 'mask'} selects no cell of the {tuple(rel.shape)} "
+                         f"{level} map (the share would be 0 by construction): give a larger region, or "
+                         "level='pixels'")
     return _region_share(rel, region, signed)
+
+
+def _check_box(box: Sequence[float], height: int, width: int) -> None:
+    """A box must be four numbers and overlap the processed image ``[0, width) x [0, height)``."""
+    try:
+        x0, y0, x1, y1 = [float(v) for v in box]
+    except (TypeError, ValueError):
+        raise ValueError(f"box must be (x0, y0, x1, y1), four numbers, got {box!r}") from None
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        raise ValueError(f"box {tuple(box)} lies outside the image ({width} x {height} pixels, x = column in "
+                         f"[0, {width}), y = row in [0, {height})): give it in the processed image's coordinates "
+                         "(pixel_values)")
 
 
 def _token_grid(hm: Any) -> Tensor:
@@ -212,6 +269,10 @@ def top_tokens(result: Any, k: int = 10, tokenizer: Any = None, row: int = 0, ab
     absolute : bool
         Rank by ``|R|`` (default) or by signed ``R`` (most positive first).
     """
+    check_result(result, "top_tokens")
+    row = row_index(result, row)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive int (how many tokens), got {k!r}")
     tok = tokenizer if tokenizer is not None else getattr(result, "tokenizer", None)
     tok = getattr(tok, "tokenizer", tok)
     rel = result.token_relevance[row].detach().double().cpu()
@@ -255,6 +316,8 @@ class Breakdown:
 
 def breakdown(result: Any, row: int = 0) -> Breakdown:
     """Tokens, signed / absolute totals and shares per span kind for one row, printable."""
+    check_result(result, "breakdown")
+    row = row_index(result, row)
     tot, tabs, sh, sha = result.totals, result.totals_abs, result.shares, result.shares_abs
     rows = []
     for k in result.kinds:

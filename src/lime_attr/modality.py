@@ -23,10 +23,15 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["ModalitySpec", "modality_spec", "find_spans", "span_mask", "split_inputs", "PERCEPTUAL"]
+__all__ = ["ModalitySpec", "modality_spec", "find_spans", "span_mask", "split_inputs", "check_perceptual_inputs",
+           "check_finite_inputs",
+           "PERCEPTUAL", "PERCEPTUAL_INPUTS"]
 
 #: span kinds that hold perceptual (non-text) tokens
 PERCEPTUAL = ("image", "video", "audio")
+
+#: the processor output that carries each perceptual kind's features
+PERCEPTUAL_INPUTS = {"image": "pixel_values", "video": "pixel_values_videos", "audio": "input_features"}
 
 
 def split_inputs(inputs: Any, caller: str) -> tuple[dict, Tensor, Tensor]:
@@ -45,6 +50,9 @@ def split_inputs(inputs: Any, caller: str) -> tuple[dict, Tensor, Tensor]:
     if "input_ids" not in rest:
         raise ValueError(f"{caller}: inputs need 'input_ids' (the processor's output, with placeholders expanded)")
     ids = rest.pop("input_ids")
+    if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise TypeError(f"{caller}: input_ids must be an integer tensor of token ids, got "
+                        f"{ids.dtype if isinstance(ids, Tensor) else type(ids).__name__}")
     ids = ids if ids.dim() == 2 else ids[None]
     mask = rest.pop("attention_mask", None)
     mask = torch.ones_like(ids) if mask is None else (mask if mask.dim() == 2 else mask[None])
@@ -257,3 +265,92 @@ def span_mask(spans: Sequence[Span], length: int, device: Union[str, torch.devic
     for s, e in spans:
         m[s:e] = True
     return m
+
+
+def check_perceptual_inputs(spec: "ModalitySpec", spans: Sequence[dict], inputs: dict, caller: str,
+                            config: Any = None) -> None:
+    """Refuse inputs whose perceptual tokens have no features behind them, or whose features are unusable.
+
+    A LLaVA prompt without ``pixel_values`` (or a Qwen2-Audio prompt without ``input_features``) runs: the
+    model simply embeds the placeholder tokens. Any share or LIME update computed on it is over
+    placeholders, with no image / audio seen, so it is an error. So are features of a kind the model
+    does not take (another model's processor output), Qwen2-Audio features without their
+    ``feature_attention_mask``, and non-finite features.
+
+    Parameters
+    ----------
+    spec : ModalitySpec
+        The model's spec (:func:`modality_spec`).
+    spans : list of dict
+        :func:`find_spans` of the input ids.
+    inputs : dict
+        The processor's output without ``input_ids`` / ``attention_mask`` (:func:`split_inputs`).
+    caller : str
+        Named in the messages.
+    config : PretrainedConfig, optional
+        The model's config: with it, LLaVA-style ``[images, C, H, W]`` pixel values are checked against the
+        number of image spans and the vision tower's ``image_size``.
+
+    Raises
+    ------
+    ValueError
+        Naming the missing, foreign, mis-shaped or non-finite input and the fix.
+    TypeError
+        For perceptual features that are not floating point.
+    """
+    present = {k for row in spans for k in PERCEPTUAL if row.get(k)}
+    for kind in sorted(present):
+        key = PERCEPTUAL_INPUTS[kind]
+        if inputs.get(key) is None:
+            raise ValueError(f"{caller}: the prompt has {kind} placeholder tokens but the inputs hold no {key!r}, so "
+                             f"no {kind} would be seen (the model would embed the placeholders themselves). Pass the "
+                             f"processor's full output for the {kind} (processor(text=..., {kind}s=...))")
+    for kind, key in PERCEPTUAL_INPUTS.items():
+        if inputs.get(key) is not None and kind not in spec.kinds:
+            raise ValueError(f"{caller}: the inputs hold {key!r} ({kind}) but the model ({spec.family}) takes no "
+                             f"{kind}s ({', '.join(spec.kinds)} only): is this another model's processor output? "
+                             "Use the processor saved with this model")
+    for key in PERCEPTUAL_INPUTS.values():
+        value = inputs.get(key)
+        if isinstance(value, Tensor) and not value.is_floating_point():
+            raise TypeError(f"{caller}: {key!r} has dtype {value.dtype}; it must be the processor's floating-point "
+                            "(normalised) output, e.g. processor(images=..., text=..., return_tensors='pt')")
+    _check_image_layout(spec, spans, inputs, caller, config)
+    if "audio" in present and spec.family == "qwen2_audio" and inputs.get("feature_attention_mask") is None:
+        raise ValueError(f"{caller}: Qwen2-Audio inputs need 'feature_attention_mask' with 'input_features' (which "
+                         "mel frames are audio, which padding); pass the processor's full output")
+    check_finite_inputs(inputs, caller)
+
+
+def _check_image_layout(spec: "ModalitySpec", spans: Sequence[dict], inputs: dict, caller: str, config: Any) -> None:
+    """LLaVA-style ``[images, C, H, W]`` pixels: one image per image span, at the vision tower's size."""
+    pixels = inputs.get("pixel_values")
+    if not isinstance(pixels, Tensor) or spec.markers or spec.tokens_per_item.get("image") is None:
+        return  # Qwen families (flattened patches) and any-resolution tiling are checked by the model
+    if pixels.dim() != 4:
+        raise ValueError(f"{caller}: pixel_values has shape {tuple(pixels.shape)}; this model takes "
+                         "[images, channels, height, width] (a batch dimension first, even for one image)")
+    n_spans = sum(len(row.get("image", [])) for row in spans)
+    if pixels.shape[0] != n_spans:
+        raise ValueError(f"{caller}: pixel_values holds {pixels.shape[0]} image(s) but the prompt(s) have {n_spans} "
+                         "image placeholder run(s): give one image per placeholder (the processor expands each "
+                         "<image> of the text into the image's tokens)")
+    size = getattr(getattr(config, "vision_config", None), "image_size", None)
+    if isinstance(size, int) and tuple(pixels.shape[-2:]) != (size, size):
+        raise ValueError(f"{caller}: pixel_values are {tuple(pixels.shape[-2:])} pixels but the vision tower takes "
+                         f"{size} x {size}: pass images through this model's processor")
+
+
+def check_finite_inputs(inputs: dict, caller: str) -> None:
+    """Refuse NaN / inf in any floating-point tensor of ``inputs`` (``pixel_values``, ``input_features``...).
+
+    Raises
+    ------
+    ValueError
+        Naming the input and the number of non-finite values.
+    """
+    for key, value in inputs.items():
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{caller}: input {key!r} contains {bad} NaN/inf value(s); relevance and LIME updates "
+                             "of non-finite inputs are undefined. Clean the input (e.g. torch.nan_to_num) first")

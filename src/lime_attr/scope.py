@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from .composites import Composite, ZennitRule, _ZennitLookup, apply_zennit_canonizers, get_composite
-from .errors import UncoveredModuleError
+from .errors import RuleSiteError, UncoveredModuleError, UnsupportedModelError
+from .model_checks import check_model_state
 from .ops import RuleMode
 from .rules import Rule
 from .rules import _tangent
@@ -54,7 +55,7 @@ class LRPScope:
     model : nn.Module
     composite : str or Composite
         Default ``"attnlrp"``.
-    canonizer : "auto", None, or a canonizer object
+    canonizer : "auto", None, str or Canonizer
         ``"auto"`` looks up ``model.config.model_type`` in the canonizer registry for Hugging Face models
         and uses the generic module discovery for plain torch models.
     check_ops : {"first", "always", "never"}
@@ -152,6 +153,7 @@ class LRPScope:
     def __enter__(self) -> nn.Module:
         if self._active:
             raise RuntimeError("this scope is already active; create a new LRPScope to nest")
+        check_model_state(self.model)
         try:
             self._install()
         except BaseException:
@@ -189,6 +191,7 @@ class LRPScope:
         if self.canonizer is not None:
             overrides = self.canonizer.apply(model, self) or {}
         self.sites = discover_sites(model, overrides)
+        self._check_first_layer()
         problems: list[str] = []
         products: list = []
         module_rules: list = []
@@ -245,6 +248,18 @@ class LRPScope:
                 "silent plain gradient."
             )
         self._wrap_root_forward()
+
+    def _check_first_layer(self) -> None:
+        """A ``"first_layer"`` entry on a model without a first layer would match nothing: refuse it."""
+        if any(s.first_layer for s in self.sites):
+            return
+        entries = [r for m, r in self.composite.entries if isinstance(m, str) and m == "first_layer"]
+        if entries:
+            raise RuleSiteError(
+                f"composite {self.composite.name!r} maps 'first_layer' to {entries[0]!r}, but "
+                f"{type(self.model).__name__} has no first layer: a token model is explained at its input "
+                "embeddings, which no weight-bearing layer consumes directly, so the rule would match nothing. "
+                "Use a composite without a 'first_layer' entry (e.g. 'attnlrp' or 'epsilon-plus')")
 
     # ------------------------------------------------------------------ hooks
     def _claim_epsilon(self, relu: nn.Module, args: tuple, out: Any) -> Any:
@@ -521,8 +536,26 @@ def _resolve_canonizer(model: nn.Module, canonizer: Any) -> Any:
     if isinstance(canonizer, str):
         from .canonizers import get_canonizer
 
-        return get_canonizer(canonizer)
+        canonizer = get_canonizer(canonizer)
+    if not callable(getattr(canonizer, "apply", None)):
+        raise TypeError(f"canonizer must be 'auto', None, a registered model_type name or a canonizer object (with an "
+                        f"apply(model, scope) method, e.g. a lime_attr.canonizers.HFCanonizer), got {canonizer!r}")
+    _check_canonizer_fits(model, canonizer)
     return canonizer
+
+
+def _check_canonizer_fits(model: nn.Module, canonizer: Any) -> None:
+    """A canonizer registered for other ``model_type`` values would adapt the wrong modules: refuse it."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    declared = tuple(getattr(canonizer, "model_types", ()) or ())
+    if model_type is None or not declared or model_type in declared:
+        return
+    raise UnsupportedModelError(
+        f"canonizer {type(canonizer).__name__} is written for model_type {', '.join(map(repr, declared))}, but the "
+        f"model is {model_type!r} ({type(model).__name__}): its rules would be placed on the wrong modules. Use "
+        "canonizer='auto' (the registered one), canonizer=None (no canonizer: see UnsupportedModelError's "
+        "docs for when that is valid), or, if that canonizer really fits this architecture, register a subclass "
+        f"for it: @register_canonizer({model_type!r}) class Mine({type(canonizer).__name__}): ...")
 
 
 @contextlib.contextmanager

@@ -29,6 +29,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .metrics import check_result, row_index
+
 __all__ = ["image_arrays", "image_overlay", "audio_arrays", "audio_plot", "text_html", "text_ansi",
            "visualization_record", "token_strings"]
 
@@ -91,11 +93,13 @@ def image_overlay(heatmap: Any, path: Optional[PathLike] = None, image: Optional
         ``[H, W, C]`` (Captum layout; channels are summed).
     path : str or Path, optional
         Where to write the figure (format from the suffix, e.g. ``.png``).
-    image : array [H, W, C] or [H, W], optional
-        Background (default: the heatmap's input image).
+    image : numpy.ndarray, optional
+        ``[H, W, C]`` or ``[H, W]``: the background (default: the heatmap's input image).
     level : {"pixels", "patches"}
         Pixel relevance, or the patch grid upsampled to the image size.
     """
+    if level not in ("pixels", "patches"):
+        raise ValueError(f"level must be 'pixels' or 'patches', got {level!r}")
     if hasattr(heatmap, "relevance"):
         rel = _np(heatmap.patches if level == "patches" and heatmap.patches is not None else heatmap.relevance)
         image = image if image is not None else heatmap.input
@@ -199,6 +203,8 @@ def audio_plot(heatmap: Any, path: Optional[PathLike] = None, waveform: Optional
 
 def token_strings(result: Any, row: int = 0, tokenizer: Any = None) -> list[str]:
     """Token strings of one row (padding included), from ``tokenizer`` or the result's tokenizer."""
+    check_result(result, "lime_attr.visualize")
+    row = row_index(result, row)
     tok = tokenizer if tokenizer is not None else getattr(result, "tokenizer", None)
     tok = getattr(tok, "tokenizer", tok)
     ids = result.input_ids[row].tolist()

@@ -64,8 +64,21 @@ class HFForward:
         kwargs.setdefault("use_cache", False) if "use_cache" in _params(self.model) else None
         out = model_output_tensor(self.model(**{self.input_name: x}, **kwargs))
         if out.dim() == 3 and not self.keep_positions:
+            _check_last_position_real(kwargs.get("attention_mask"))
             out = out[:, -1, :]
         return out
+
+
+def _check_last_position_real(mask: Any) -> None:
+    """An int target is explained at the last position: refuse rows whose last position is padding."""
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        return
+    rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
+    if rows:
+        raise ValueError(f"the attention_mask is right-padded (the last position of row(s) {rows} is padding), but "
+                         "an int target is explained at the last position, so the pad token would be explained. "
+                         "Left-pad the batch (tokenizer.padding_side = 'left'), or explain each row's last real "
+                         "position with target=[(position, token_id), ...]")
 
 
 def _params(model: nn.Module) -> set:

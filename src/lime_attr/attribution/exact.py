@@ -232,7 +232,7 @@ def relevance_vjp(lrp: Any, inputs: Tensor | tuple[Tensor, ...], v: Tensor | tup
 
     Returns
     -------
-    tuple of (Tensor or None)
+    tuple
         The gradient w.r.t. each input, then each tensor of ``wrt`` (None where it does not matter).
 
     Examples

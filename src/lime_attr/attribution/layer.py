@@ -25,7 +25,10 @@ from captum.attr import LayerGradientXActivation
 from torch import nn
 
 from ..composites import Composite
+from ..model_checks import check_autograd_mode, forward_error
 from ..scope import LRPScope
+from ._forward import is_hf_model
+from .lrp import normalize_target
 
 __all__ = ["LayerLRP"]
 
@@ -43,10 +46,12 @@ class LayerLRP(LayerGradientXActivation):
         the input embeddings, a decoder layer (hidden states), an attention or MLP block...
     composite : str or Composite
         Default ``"attnlrp"``.
-    canonizer : "auto", None, str or canonizer
+    canonizer : "auto", None, str or Canonizer
         As for :class:`~lime_attr.LRPScope`.
     forward_func : callable, optional
-        A function of the inputs that calls ``model`` (default: ``model`` itself).
+        A function of the inputs that calls ``model`` (default: ``model`` itself, which is what Captum's
+        ``LLMGradientAttribution`` needs; called directly on a Hugging Face model, pass one that returns a
+        tensor, e.g. ``lambda ids: model(ids).logits[:, -1]``).
     device_ids : list of int, optional
         As in Captum (DataParallel).
     multiply_by_inputs : bool
@@ -67,6 +72,7 @@ class LayerLRP(LayerGradientXActivation):
                  device_ids: Optional[list] = None, multiply_by_inputs: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError("LayerLRP needs the model (a torch.nn.Module): the rules attach to its modules")
+        _check_layers_in_model(model, layer)
         super().__init__(forward_func if forward_func is not None else model, layer, device_ids, multiply_by_inputs)
         self.model = model
         self.composite = composite
@@ -83,6 +89,33 @@ class LayerLRP(LayerGradientXActivation):
                   attribute_to_layer_input: bool = False, grad_kwargs: Optional[dict] = None) -> Any:
         r"""Relevance of the layer's output (or input) for ``target``: Captum's
         ``LayerGradientXActivation.attribute`` run inside the LRP scope (same arguments, same return)."""
-        with self.scope():
-            return super().attribute(inputs, target=target, additional_forward_args=additional_forward_args,
-                                     attribute_to_layer_input=attribute_to_layer_input, grad_kwargs=grad_kwargs)
+        check_autograd_mode("LayerLRP.attribute")
+        target = normalize_target(target)
+        try:
+            with self.scope():
+                return super().attribute(inputs, target=target, additional_forward_args=additional_forward_args,
+                                         attribute_to_layer_input=attribute_to_layer_input, grad_kwargs=grad_kwargs)
+        except AttributeError as exc:
+            if is_hf_model(self.forward_func):
+                raise TypeError("LayerLRP.attribute: the Hugging Face model returns a ModelOutput, not a tensor; pass "
+                                "forward_func=lambda ids: model(ids).logits[:, -1] (an int target is then a token "
+                                "id), or use LayerLRP through captum's LLMGradientAttribution") from exc
+            raise
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise forward_error(exc, "LayerLRP.attribute: the forward failed on these inputs (LayerLRP passes them to "
+                                     "the model as they are: for a Hugging Face model, its input_ids; the layer's "
+                                     "activation is what gets explained)") from exc
+
+
+def _check_layers_in_model(model: nn.Module, layer: Any) -> None:
+    """Every explained layer must be a module of ``model``: the rules attach to ``model``'s modules only."""
+    layers = layer if isinstance(layer, (list, tuple)) else [layer]
+    own = {id(m) for m in model.modules()}
+    for i, m in enumerate(layers):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"LayerLRP's layer must be an nn.Module of the model (or a list of them), got "
+                            f"{type(m).__name__}; e.g. model.get_input_embeddings() or model.model.layers[0]")
+        if id(m) not in own:
+            raise ValueError(f"layer {i} ({type(m).__name__}) is not a module of the model ({type(model).__name__}): "
+                             "its activation would never be recorded. Pass a submodule of this model instance (e.g. "
+                             "model.get_submodule('model.layers.0')), not one of a copy or another model")

@@ -13,11 +13,12 @@ from torch import Tensor, nn
 
 from ..composites import Composite
 from ..errors import LimeAttrError
+from ..model_checks import check_autograd_mode, forward_error
 from ..scope import LRPScope
 from .latent import LatentRecorder
 from ._forward import HFForward, hf_input_name, is_hf_model
 
-__all__ = ["LRP", "validate_inputs", "validate_target"]
+__all__ = ["LRP", "validate_inputs", "validate_target", "normalize_target"]
 
 
 def validate_inputs(inputs: tuple) -> None:
@@ -33,10 +34,32 @@ def validate_inputs(inputs: tuple) -> None:
             raise ValueError(f"input {i} is a scalar; inputs need a batch dimension (dim 0)")
         if x.numel() == 0:
             raise ValueError(f"input {i} is empty (shape {tuple(x.shape)})")
+        if x.is_inference():
+            raise ValueError(f"input {i} was created under torch.inference_mode(), so autograd cannot track it; "
+                             "create it outside inference mode (or pass x.clone() made outside it)")
         if not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
             raise ValueError(f"input {i} contains {bad} NaN/inf value(s); relevance of non-finite inputs is "
                              "undefined. Clean the input (e.g. torch.nan_to_num) before attributing")
+
+
+def normalize_target(target: Any) -> Any:
+    """Captum target with numpy integers turned into ``int`` (and numpy arrays into tensors).
+
+    ``np.int64(3)`` (what indexing a numpy array gives) is accepted wherever an ``int`` is, at any depth
+    of a list or tuple target.
+    """
+    import numpy as np
+
+    if isinstance(target, np.ndarray):
+        if not np.issubdtype(target.dtype, np.integer):
+            raise TypeError(f"a numpy target must hold integer indices, got dtype {target.dtype}")
+        return torch.as_tensor(target)
+    if isinstance(target, np.integer):
+        return int(target)
+    if isinstance(target, (list, tuple)):
+        return type(target)(normalize_target(t) for t in target)
+    return target
 
 
 def validate_target(output: Tensor, target: Any) -> None:
@@ -124,11 +147,11 @@ class LRP(GradientAttribution):
 
     @property
     def multiplies_by_inputs(self) -> bool:  # noqa: D401
-        """True: LRP relevance is input times modified gradient."""
+        """Whether relevance is multiplied by the inputs; always True (LRP relevance is input times modified gradient)."""
         return True
 
     def has_convergence_delta(self) -> bool:
-        """True: the delta is the explained output minus the sum of relevance, per example."""
+        """Always True: the delta is the explained output minus the sum of relevance, per example."""
         return True
 
     def scope(self) -> LRPScope:
@@ -149,8 +172,12 @@ class LRP(GradientAttribution):
             Batch on dim 0; the output has the same structure. For Hugging Face models: the
             ``inputs_embeds`` (token models) or ``pixel_values`` / ``input_features``.
         target : int, tuple, list, Tensor or None
-            Captum's formats. For a Hugging Face token model an int is a token id explained at the last
-            position; a tuple ``(position, token_id)`` selects another position.
+            Captum's formats (numpy integers are accepted as ints). For a Hugging Face token model an int
+            is a token id explained at the last position (a right-padded ``attention_mask`` is refused: the
+            last position would be padding); a tuple ``(position, token_id)`` selects another position.
+            ``None``: for a Hugging Face model, the model's top output per row -- the greedy next token of a
+            causal LM (as in :meth:`ModalityAttribution.attribute`), the predicted class of a classifier;
+            for a plain torch model, the output itself, which must then be one scalar per example.
         additional_forward_args : Any
             Passed after ``inputs`` to the model (for Hugging Face models: a dict of keyword arguments).
         return_convergence_delta : bool
@@ -173,14 +200,12 @@ class LRP(GradientAttribution):
 
         Returns
         -------
-        Tensor or tuple of Tensor, and optionally the delta Tensor of shape ``[batch]``; with ``latent``,
-        also ``{module_name: relevance}`` last.
+        Tensor or tuple
+            The relevance, shaped like ``inputs``; with ``return_convergence_delta``, also the delta (a
+            ``[batch]`` tensor); with ``latent``, also the dict ``{module_name: relevance}``, last.
         """
-        if not isinstance(inputs, (Tensor, tuple)):
-            raise TypeError(f"inputs must be a torch.Tensor or a tuple of tensors (batch on dim 0), got "
-                            f"{type(inputs).__name__}; convert it with torch.as_tensor(..., dtype=torch.float32)")
-        if second_order not in ("autograd", "exact"):
-            raise ValueError(f"second_order must be 'autograd' or 'exact', got {second_order!r}")
+        _check_arguments(inputs, create_graph, return_convergence_delta, second_order)
+        target = normalize_target(target)
         is_tuple = _is_tuple(inputs)
         inputs_t = _format_tensor_into_tuples(inputs)
         validate_inputs(inputs_t)
@@ -234,12 +259,18 @@ class LRP(GradientAttribution):
         """Run the model on ``work`` (inside the scope) and select the explained scalar per example: ``[batch]``."""
         try:
             raw = forward_func(*work, *(_format_additional_forward_args(additional) or ()))
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError, TypeError) as exc:
             if isinstance(exc, LimeAttrError):
                 raise
             shapes = ", ".join(str(tuple(x.shape)) for x in work)
-            raise RuntimeError(f"the model's forward failed on input(s) of shape {shapes} (does the input "
-                               f"shape match the model?): {exc}") from exc
+            raise forward_error(exc, f"the model's forward failed on input(s) of shape {shapes} (does the input "
+                                     f"shape match the model?{_dtype_hint(self.model, work)})") from exc
+        if not isinstance(raw, Tensor):
+            raise TypeError(f"the model returned a {type(raw).__name__}, not a tensor: LRP explains one output tensor. "
+                            "Wrap the model in a module whose forward returns the tensor to explain (e.g. "
+                            "`lambda x: model(x)[0]` inside an nn.Module)")
+        if target is None and is_hf_model(self.model) and raw.dim() == 2 and raw.shape[1] > 1:
+            target = raw.detach().argmax(-1).tolist()  # the greedy token / predicted class, as ModalityAttribution
         validate_target(raw, target)
         out = _run_forward(lambda *a: raw, tuple(work), target, None) if target is not None else raw
         out = out.reshape(out.shape[0], -1)
@@ -264,6 +295,29 @@ class LRP(GradientAttribution):
             raise TypeError(f"unexpected keyword arguments {sorted(model_kwargs)}; for plain torch models pass "
                             "extra model inputs through additional_forward_args")
         return model, additional
+
+
+def _check_arguments(inputs: Any, create_graph: Any, return_convergence_delta: Any, second_order: Any) -> None:
+    """The checks of :meth:`LRP.attribute`'s arguments that need no forward pass."""
+    if not isinstance(inputs, (Tensor, tuple)):
+        raise TypeError(f"inputs must be a torch.Tensor or a tuple of tensors (batch on dim 0), got "
+                        f"{type(inputs).__name__}; convert it with torch.as_tensor(..., dtype=torch.float32)")
+    for flag, value in (("create_graph", create_graph), ("return_convergence_delta", return_convergence_delta)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False, got {value!r}")
+    if second_order not in ("autograd", "exact"):
+        raise ValueError(f"second_order must be 'autograd' or 'exact', got {second_order!r}")
+    check_autograd_mode("LRP.attribute")
+
+
+def _dtype_hint(model: nn.Module, inputs: Sequence[Tensor]) -> str:
+    """A hint naming the dtypes when the inputs' dtype differs from the parameters', else an empty string."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is None or all(x.dtype == param.dtype for x in inputs):
+        return ""
+    got = ", ".join(sorted({str(x.dtype).replace("torch.", "") for x in inputs}))
+    return (f" do the dtypes match? the inputs are {got}, the model's parameters "
+            f"{str(param.dtype).replace('torch.', '')}: cast one to the other")
 
 
 def _check_finite(rel: tuple) -> None:

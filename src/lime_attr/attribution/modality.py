@@ -34,8 +34,11 @@ from captum.attr import Attribution
 from torch import Tensor, nn
 
 from ..composites import Composite, _matches, get_composite
-from ..modality import PERCEPTUAL, ModalitySpec, find_spans, modality_spec, span_mask, split_inputs
+from ..modality import (PERCEPTUAL, ModalitySpec, check_perceptual_inputs, find_spans, modality_spec, span_mask,
+                        split_inputs)
+from ..model_checks import check_autograd_mode, forward_error
 from ..scope import LRPScope
+from .lrp import normalize_target
 
 __all__ = ["ModalityAttribution", "ModalityResult", "Heatmap"]
 
@@ -59,7 +62,7 @@ class Heatmap:
         ``"image"``, ``"video"`` or ``"audio"``.
     row : int
         Batch row of the prompt this item belongs to.
-    span : (int, int)
+    span : tuple of int
         Its span in the language model's sequence (markers included for Qwen families).
     relevance : Tensor
         Image: ``[H, W]`` pixel relevance (summed over colour channels, and over time for Qwen2-VL's
@@ -76,7 +79,7 @@ class Heatmap:
         flattened ``[patches, C*T*P*P]`` block for Qwen2-VL, ``[mel, frames]`` for audio).
     seconds_per_frame : float or None
         Audio: duration of one mel frame.
-    input : numpy array or None
+    input : numpy.ndarray or None
         What was explained, for plotting: an image as ``[H, W, C]`` floats in [0, 1] (un-normalised with
         the processor's mean / std when known; LLaVA-style ``[C, H, W]`` inputs only), or the audio's
         log-mel features ``[mel, frames]``.
@@ -99,14 +102,14 @@ class Heatmap:
 
     @property
     def times(self) -> Optional[Tensor]:
-        """Audio: start time (s) of each frame of ``relevance``."""
+        """For audio, the start time (s) of each frame of ``relevance`` (None for images)."""
         if self.seconds_per_frame is None:
             return None
         return torch.arange(self.relevance.shape[-1], dtype=torch.float64) * self.seconds_per_frame
 
     @property
     def token_times(self) -> Optional[Tensor]:
-        """Audio: start time (s) of each audio token (frames are shared out evenly over the tokens)."""
+        """For audio, the start time (s) of each audio token (frames shared out evenly over the tokens)."""
         if self.seconds_per_frame is None:
             return None
         n = max(self.token_relevance.shape[-1], 1)
@@ -175,12 +178,12 @@ class ModalityResult:
 
     @property
     def totals(self) -> dict[str, Tensor]:
-        """Signed relevance per kind: ``{kind: Tensor[batch]}`` (``sum_{i in kind} R_i``)."""
+        """The signed relevance per kind, ``{kind: Tensor[batch]}`` (``sum_{i in kind} R_i``)."""
         return {k: self._kind_sum(k, False) for k in self.kinds}
 
     @property
     def totals_abs(self) -> dict[str, Tensor]:
-        """Absolute relevance per kind: ``{kind: Tensor[batch]}`` (``sum_{i in kind} |R_i|``)."""
+        """The absolute relevance per kind, ``{kind: Tensor[batch]}`` (``sum_{i in kind} |R_i|``)."""
         return {k: self._kind_sum(k, True) for k in self.kinds}
 
     @property
@@ -294,7 +297,7 @@ class ModalityAttribution(Attribution):
     vision_composite : str or Composite, optional
         Rules inside the perceptual encoder (vision / audio tower and projector); default ``"cp-lrp"``
         (see the module docstring for why).
-    canonizer : "auto" or a canonizer
+    canonizer : "auto", None, str or Canonizer
         Passed to :class:`~lime_attr.LRPScope`.
 
     Examples
@@ -323,7 +326,7 @@ class ModalityAttribution(Attribution):
 
     @property
     def multiplies_by_inputs(self) -> bool:  # noqa: D401
-        """True: relevance is input times modified gradient."""
+        """Whether relevance is multiplied by the inputs; always True (input times modified gradient)."""
         return True
 
     def scope(self) -> LRPScope:
@@ -401,6 +404,8 @@ class ModalityAttribution(Attribution):
         """
         if mode not in ("sum", "per_token"):
             raise ValueError(f"mode must be 'sum' or 'per_token', got {mode!r}")
+        check_autograd_mode("ModalityAttribution.attribute")
+        target = normalize_target(target)
         inp, ids, mask = split_inputs(inputs, "ModalityAttribution.attribute")
         batch, length = ids.shape
         vocab = self.vocab_size()
@@ -426,6 +431,7 @@ class ModalityAttribution(Attribution):
                 raise ValueError(f"row {b} of the input has no image/audio tokens ({names}): nothing perceptual to "
                                  "attribute to. Pass the processor's output for a prompt with an image/audio "
                                  "(the processor expands the placeholder), or use LRP for text-only prompts")
+        check_perceptual_inputs(self.spec, spans, inp, "ModalityAttribution.attribute", self.model.config)
         if answers is not None and answers.shape[1] > 1:
             gen = (length, ids.shape[1])
             for s in spans:
@@ -460,6 +466,9 @@ class ModalityAttribution(Attribution):
         try:
             with torch.enable_grad(), scope:
                 out = self.model(input_ids=ids, attention_mask=mask, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the context (lime_attr's own errors unchanged)
+            raise forward_error(exc, "ModalityAttribution.attribute: the model's forward failed on these inputs "
+                                     "(are they this model's processor output?)") from exc
         finally:
             handle.remove()
         logits = out.logits if hasattr(out, "logits") else out[0]

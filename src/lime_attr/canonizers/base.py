@@ -22,7 +22,7 @@ from ..errors import UnknownNameError, UnsupportedModelError
 from ..rules.builtin import NormSpec
 from ..sites import norm_spec_for
 
-__all__ = ["Canonizer", "HFCanonizer", "register_canonizer", "canonizer_for", "get_canonizer",
+__all__ = ["Canonizer", "HFCanonizer", "GatedMLP", "register_canonizer", "canonizer_for", "get_canonizer",
            "available_canonizers", "attention_function_name", "route_inputs_embeds"]
 
 _CANONIZERS: dict[str, type] = {}
@@ -211,8 +211,10 @@ class GatedMLP:
 class HFCanonizer(Canonizer):
     """Declarative canonizer for Hugging Face families.
 
-    Class attributes (module *class names*, matched exactly; subclass in one small file per family):
+    The class attributes name module *classes* (matched exactly); subclass in one small file per family.
 
+    Attributes
+    ----------
     attention
         Modules that call transformers' attention interface (their kernel gets the attention rule).
     norms
@@ -380,6 +382,11 @@ def canonizer_for(model: nn.Module) -> Canonizer:
         raise UnsupportedModelError(
             f"no canonizer is registered for model_type {mt!r} ({type(model).__name__}). Supported model types: "
             f"{', '.join(available_canonizers())}. To add one (usually under 60 lines), see the docs page "
-            "'Writing a canonizer' (docs/writing_a_canonizer.rst) and use @lime_attr.canonizers.register_canonizer."
+            "'Writing a canonizer' (docs/writing_a_canonizer.rst) and use @lime_attr.canonizers.register_canonizer. "
+            "Escape hatch: canonizer=None runs without a canonizer (generic module discovery; attention, softmax and "
+            "products are ruled as ops while the model runs, and an op no rule covers is an error). It is valid "
+            "when the model's attention is computed with torch ops (eager or sdpa) and its norms and gated MLPs are "
+            "standard modules; with composite='cp-lrp' it conserves relevance (docs: architectures, 'Unsupported "
+            "architectures')."
         )
     return _CANONIZERS[mt]()

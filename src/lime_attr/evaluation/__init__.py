@@ -12,7 +12,7 @@
 Every result records the full configuration passed by the caller and, for yes/no benchmarks, the
 answer parser, because published numbers differ by several points with either.
 """
-from lime_attr.evaluation._common import EvaluationDataError
+from lime_attr.evaluation._common import EvaluationDataError, jsonable
 from lime_attr.evaluation.audio_qa import (
     AUDIO_QA_SAMPLINGS,
     AudioQAItem,
@@ -73,6 +73,8 @@ from lime_attr.evaluation.sharding import (
 __all__ = [
     # errors
     "EvaluationDataError",
+    # strict JSON
+    "jsonable",
     # parsing
     "AnswerParser",
     "available_parsers",

@@ -206,9 +206,10 @@ def load_audio_qa_responses(path: PathLike) -> tuple[list[dict[str, Any]], list[
 
     Returns
     -------
-    items, answers
-        ``items``: ``{"entry_id", "audio_index", "label"}`` dicts (label normalised to yes/no);
-        ``answers``: the ``response`` column. Pass both to :func:`score_audio_qa`.
+    items : list of dict
+        ``{"entry_id", "audio_index", "label"}`` dicts (label normalised to yes/no).
+    answers : list of str
+        The ``response`` column. Pass both to :func:`score_audio_qa`.
     """
     p = require_file(path, "audio QA response file")
     rows = read_csv_records(p, "audio QA response file")

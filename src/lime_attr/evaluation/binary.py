@@ -65,11 +65,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: How a scorer counts an unparsed answer (see the ``unparsed`` argument of the scorers).
 UnparsedPolicy = Literal["wrong", "exclude", "error", "yes", "no"]
 _POLICIES = ("wrong", "exclude", "error", "yes", "no")
 BINARY_METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 ANSWER_KEYS = ("text", "answer", "response")
 
+#: Answers: a list aligned with the questions, a ``{question_id: answer}`` mapping, or an answer file.
 Answers = Union[Sequence[str], Mapping[Any, str], PathLike]
 
 _LABEL_STRINGS = {"yes": YES, "no": NO}
@@ -125,7 +127,7 @@ class ConfusionCounts:
 
     @property
     def n(self) -> int:
-        """Items counted: TP + FP + TN + FN + unparsed kept."""
+        """The number of items counted (TP + FP + TN + FN + unparsed kept)."""
         return self.TP + self.FP + self.TN + self.FN + self.unparsed_pos + self.unparsed_neg
 
     @property
@@ -250,8 +252,10 @@ def binary_metrics(
 
     Returns
     -------
-    metrics, notes
-        ``{"accuracy", "precision", "recall", "f1", "yes_ratio"}`` and remarks on undefined ratios.
+    metrics : dict
+        ``{"accuracy", "precision", "recall", "f1", "yes_ratio"}``.
+    notes : list of str
+        Remarks on undefined ratios.
 
     Raises
     ------

@@ -114,9 +114,10 @@ def coco_phrase_rules() -> tuple[dict[str, Optional[str]], list[tuple[str, str]]
 
     Returns
     -------
-    phrase_rules, drop_if_present
-        ``{"baby dog": "dog", ..., "passenger jet": "jet", "bow tie": "tie", "toilet seat": "toilet"}``
-        and ``[("seat", "toilet")]`` (drop "seat" when "toilet" is mentioned).
+    phrase_rules : dict
+        ``{"baby dog": "dog", ..., "passenger jet": "jet", "bow tie": "tie", "toilet seat": "toilet"}``.
+    drop_if_present : list of tuple
+        ``[("seat", "toilet")]`` (drop "seat" when "toilet" is mentioned).
     """
     rules: dict[str, Optional[str]] = {}
     for animal in COCO_ANIMAL_WORDS:
@@ -389,8 +390,10 @@ def load_generated_captions(
 
     Returns
     -------
-    image_ids, captions
-        Aligned lists, in file order.
+    image_ids : list
+        The image ids, in file order.
+    captions : list of str
+        The captions, aligned with ``image_ids``.
     """
     p = require_file(path, "generated caption file")
     text = p.read_text(encoding="utf-8")

@@ -16,10 +16,15 @@ from .chair import CocoChair, score_chair
 from .pope import load_pope_questions, score_pope
 from .runner import run_eval
 
-__all__ = ["run_benchmark", "check_corruption", "DIGIT_WORDS", "BUILTIN_PARSER"]
+__all__ = ["run_benchmark", "check_corruption", "check_benchmark_args", "BENCHMARK_FILES", "DIGIT_WORDS",
+           "BUILTIN_PARSER"]
 
-#: answer parser of the embedded demo models: they answer a bare lower-case "yes" / "no", which the
-#: ``kuan2024`` rule (case-sensitive, "No" only) would leave unparsed
+#: the benchmark-file arguments of :func:`run_benchmark` (``files``); the builtin models use their embedded
+#: held-out questions instead
+BENCHMARK_FILES = ("questions", "image_dir", "audio_dir", "annotations", "captions", "synonyms")
+
+#: The answer parser of the embedded demo models. They answer a bare lower-case "yes" / "no", which the
+#: ``kuan2024`` rule (case-sensitive, "No" only) would leave unparsed.
 BUILTIN_PARSER = "strict"
 
 #: synonyms of the digits in the embedded CHAIR benchmark
@@ -71,6 +76,26 @@ def _answer_fn(model: Any, processor: Any, decoding: Any, builtin: Optional[str]
         return generate(model, processor, enc, decoding).texts[0]
 
     return answer
+
+
+def check_benchmark_args(model_spec: str, limit: Optional[int] = None,
+                         files: Optional[Mapping[str, Any]] = None) -> None:
+    """Cheap checks of :func:`run_benchmark`'s arguments, before any model is loaded.
+
+    Raises
+    ------
+    ValueError
+        A ``limit`` below 1, or benchmark files given for a builtin model (which would ignore them).
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive number of questions per split (or None for all), got {limit!r}")
+    if model_spec.startswith("builtin:"):
+        given = [k for k in BENCHMARK_FILES if (files or {}).get(k) is not None]
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ValueError(f"{model_spec} uses its embedded held-out questions, so {flags} would be ignored: drop "
+                             f"{'it' if len(given) == 1 else 'them'}, or evaluate a checkpoint folder / hub id on "
+                             "your benchmark files")
 
 
 def check_corruption(corruption: Any, model_spec: str) -> Any:
@@ -143,6 +168,7 @@ def run_benchmark(benchmark: str, model_spec: str, decoding: Any, split: str = "
         non-builtin model.
     """
     files = dict(files or {})
+    check_benchmark_args(model_spec, limit, files)
     builtin = model_spec.split(":", 1)[1] if model_spec.startswith("builtin:") else None
     if parser is not None:
         from .parsing import get_parser

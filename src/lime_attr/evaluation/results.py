@@ -199,6 +199,7 @@ def result_from_dict(data: Mapping[str, Any]) -> EvalResult:
     )
 
 
+#: One result, a ``{name: result}`` mapping, or an iterable of results.
 ResultOrResults = Union[EvalResult, Mapping[str, EvalResult], Iterable[EvalResult]]
 
 

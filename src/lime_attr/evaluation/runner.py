@@ -44,6 +44,7 @@ __all__ = ["run_eval", "Scorer"]
 
 logger = logging.getLogger(__name__)
 
+#: A scorer ``(items, answers, config=...) -> EvalResult`` (e.g. ``score_pope``).
 Scorer = Callable[..., EvalResult]
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
@@ -26,10 +28,11 @@ from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
                           TopKLogitsWarper, TopPLogitsWarper)
 
 from .config import LimeConfig
+from ..model_checks import check_autograd_mode, forward_error
 from ..modality import split_inputs
 from .optimizer import LimeOptimizer, TokenRecord, _switch_attention, language_decoder
 
-__all__ = ["lime_generate", "LimeOutput", "modality_positions"]
+__all__ = ["lime_generate", "LimeOutput", "modality_positions", "check_sampling_params"]
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +85,32 @@ class LimeOutput:
         return torch.tensor([r.share_after for r in self.records], dtype=torch.float64).T
 
 
+def check_sampling_params(top_k: Any = None, top_p: Any = None, repetition_penalty: Any = None,
+                          temperature: Any = None) -> None:
+    """Refuse sampling parameters outside their range (``top_k >= 1``, ``0 < top_p <= 1``, penalty and
+    temperature finite and > 0).
+
+    Raises
+    ------
+    ValueError
+        Naming the parameter, its value and the valid range.
+    """
+    for name, value in (("temperature", temperature), ("repetition_penalty", repetition_penalty)):
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 (or None for no top-k filter), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < float(top_p) <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] (or None for no nucleus filter), got {top_p!r}")
+
+
 class _Decoder:
     """Processors + greedy / fixed-noise sampling; ``pick(logits) -> ids`` for the current token."""
 
     def __init__(self, do_sample: bool, temperature: float, top_k: Optional[int], top_p: Optional[float],
                  repetition_penalty: Optional[float], generator: Optional[torch.Generator]) -> None:
+        check_sampling_params(top_k, top_p, repetition_penalty, temperature if do_sample else None)
         procs = LogitsProcessorList()
         if repetition_penalty is not None and repetition_penalty != 1.0:
             procs.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
@@ -120,6 +144,39 @@ class _Decoder:
         if self.do_sample:
             s = s + self.noise.to(s.device)
         return s.argmax(-1)
+
+
+def _checked_call(model: nn.Module, config: Optional[LimeConfig], max_new: Any) -> tuple[LimeConfig, int]:
+    """``lime_generate``'s checks before any forward: autograd mode, the config (default: the model's preset)
+    and ``max_new_tokens``."""
+    check_autograd_mode("lime_generate")
+    if config is not None and not isinstance(config, LimeConfig):
+        raise TypeError(f"config must be a LimeConfig (or None for the model's preset), got {type(config).__name__}; "
+                        "e.g. LimeConfig(steps=7, lr=3e-4)")
+    if config is None:
+        from .config import PRESETS
+
+        mt = getattr(getattr(model, "config", None), "model_type", None)
+        config = LimeConfig.for_model(mt) if mt in PRESETS else LimeConfig()
+    config.validate()
+    if isinstance(max_new, bool) or not isinstance(max_new, numbers.Integral):
+        raise TypeError(f"max_new_tokens must be an int, got {max_new!r}")
+    if max_new < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new}")
+    return config, int(max_new)
+
+
+def _check_multimodal_inputs(model: nn.Module, processor: Any, inp: dict, ids: Tensor, mask: Tensor) -> None:
+    """The shared perceptual-input check (:func:`lime_attr.modality.check_perceptual_inputs`); a model without
+    a modality spec (a text-only LM) gets the finiteness check only."""
+    from ..modality import check_finite_inputs, check_perceptual_inputs, find_spans, modality_spec
+
+    try:
+        spec = modality_spec(model, processor)
+    except ValueError:
+        check_finite_inputs(inp, "lime_generate")
+        return
+    check_perceptual_inputs(spec, find_spans(ids, spec, mask), inp, "lime_generate", getattr(model, "config", None))
 
 
 def modality_positions(model: nn.Module, processor: Any, input_ids: Tensor, attention_mask: Tensor,
@@ -196,13 +253,13 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
     ----------
     model : PreTrainedModel
         A causal LM or an image/audio-text model whose language model takes ``inputs_embeds``.
-    processor : processor or tokenizer
+    processor : ProcessorMixin or PreTrainedTokenizerBase
         Used to decode the answer, to find the perceptual spans, and for stop strings.
     inputs : Mapping
         The processor's output (``input_ids``, ``attention_mask``, ``pixel_values``...). Batches must be
         left-padded.
     config : LimeConfig, optional
-        Default: :meth:`LimeConfig.for_model` when a preset exists, else ``LimeConfig()``.
+        Default: :meth:`~lime_attr.mitigation.config.LimeConfig.for_model` when a preset exists, else ``LimeConfig()``.
     **generation_kwargs
         ``max_new_tokens`` (32), ``do_sample`` (False), ``temperature``, ``top_k``, ``top_p``,
         ``repetition_penalty``, ``eos_token_id`` / ``pad_token_id`` (default: the model's generation
@@ -219,16 +276,8 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
         raise TypeError(f"lime_generate got unexpected keyword argument(s) {unknown}; supported: "
                         f"{', '.join(_GEN_KEYS)}")
     g = generation_kwargs
-    if config is None:
-        from .config import PRESETS
-
-        mt = getattr(getattr(model, "config", None), "model_type", None)
-        config = LimeConfig.for_model(mt) if mt in PRESETS else LimeConfig()
-    config.validate()
+    config, max_new = _checked_call(model, config, g.get("max_new_tokens", 32))
     gen_cfg = getattr(model, "generation_config", None)
-    max_new = int(g.get("max_new_tokens", 32))
-    if max_new < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new}")
     eos = set(_ids_list(g.get("eos_token_id", getattr(gen_cfg, "eos_token_id", None))))
     tok = getattr(processor, "tokenizer", processor)
     pad = g.get("pad_token_id", getattr(gen_cfg, "pad_token_id", None))
@@ -240,13 +289,14 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
     stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
     if stop_strings and tok is None:
         raise ValueError("stop_strings need a processor / tokenizer to decode the answer")
-    decoder = _Decoder(bool(g.get("do_sample", False)), g.get("temperature", 1.0) or 1.0, g.get("top_k"),
+    decoder = _Decoder(bool(g.get("do_sample", False)), 1.0 if g.get("temperature") is None else g["temperature"], g.get("top_k"),
                        g.get("top_p"), g.get("repetition_penalty"), g.get("generator"))
 
     inp, ids, mask = split_inputs({"input_ids": inputs} if isinstance(inputs, Tensor) else inputs, "lime_generate")
     if bool((mask[:, -1] == 0).any()):
         raise ValueError("batched generation needs left padding (the last position of a row is padding); set "
                          "tokenizer.padding_side = 'left'")
+    _check_multimodal_inputs(model, processor, inp, ids, mask)
     device = ids.device
     B, S = ids.shape
     modality = modality_positions(model, processor, ids, mask, g.get("modality_mask")).to(device)
@@ -301,6 +351,9 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
             if not mrope:
                 prompt_kwargs["position_ids"] = pos2d
             out = model(input_ids=ids, attention_mask=mask, use_cache=fast_cache, **keep1, **prompt_kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the context (lime_attr's own errors unchanged)
+            raise forward_error(exc, "lime_generate: the model's forward failed on these inputs (are they this "
+                                     "model's processor output?)") from exc
         finally:
             handle.remove()
         embeds = captured.get("embeds")

@@ -31,7 +31,7 @@ from .registry import Rule, register_rule
 
 __all__ = [
     "Epsilon", "Gamma", "ZPlus", "AlphaBeta", "Flat", "WSquare", "ZBox", "Identity", "Pass",
-    "Uniform", "Softmax", "Bilinear", "Norm", "CPAttention", "Gradient",
+    "Uniform", "Softmax", "Bilinear", "Norm", "CPAttention", "Gradient", "NormSpec", "FirstLayerRule",
 ]
 
 
@@ -385,8 +385,8 @@ class AlphaBeta(Rule):
         return replace_grad(y, z_a * m_a - z_b * m_b)
 
 
-class _FirstLayerRule(Rule):
-    """First-layer rules whose input relevance does not carry a factor ``x``.
+class FirstLayerRule(Rule):
+    """Base of the first-layer rules (flat, w^2, z^B), whose input relevance does not carry a factor ``x``.
 
     Their relevance is carried by auxiliary tensors (ones, or the box bounds) registered with the active
     scope; the attribution adds ``carrier * d/d carrier`` to the relevance of the model input that the
@@ -404,7 +404,7 @@ class _FirstLayerRule(Rule):
 
 @register_rule("flat")
 @dataclass(frozen=True)
-class Flat(_FirstLayerRule):
+class Flat(FirstLayerRule):
     """LRP-flat (Lapuschkin et al., 2019): all weights and inputs set to 1, bias dropped.
 
     ``R_i = sum_j 1 / (sum_i' 1) * R_j`` over the receptive field. First layer only.
@@ -425,7 +425,7 @@ class Flat(_FirstLayerRule):
 
 @register_rule("wsquare")
 @dataclass(frozen=True)
-class WSquare(_FirstLayerRule):
+class WSquare(FirstLayerRule):
     """LRP-w^2 (Montavon et al., 2017): weights squared, inputs set to 1 (as zennit, the bias squared too).
 
     ``R_i = sum_j W_ji^2 / (sum_i' W_i'j^2 + b_j^2) * R_j``. First layer only.
@@ -446,7 +446,7 @@ class WSquare(_FirstLayerRule):
 
 @register_rule("zbox")
 @dataclass(frozen=True)
-class ZBox(_FirstLayerRule):
+class ZBox(FirstLayerRule):
     """LRP-z^B (Montavon et al., 2017) for inputs bounded by a box ``[low, high]``, as zennit's ``ZBox``.
 
     ``z_j = sum_i x_i W_ji - l_i W_ji^+ - h_i W_ji^- (+ b_j - b_j^+ - b_j^-)``,

@@ -31,6 +31,7 @@ from ..errors import RuleSiteError, UnknownNameError
 
 __all__ = ["Rule", "register_rule", "get_rule", "available_rules", "SITES"]
 
+#: The site kinds a rule can declare support for (see :meth:`Rule.sites`).
 SITES = ("layer", "affine", "activation", "product", "matmul", "softmax", "attention", "norm")
 
 _RULES: dict[str, type["Rule"]] = {}
@@ -102,7 +103,7 @@ class Rule:
         raise self._unsupported("norm")
 
 
-def register_rule(name: str, *, overwrite: bool = False) -> Callable[[R], R]:
+def register_rule(name: str, *, overwrite: bool = False) -> Callable[[type], type]:
     """Class decorator registering a rule under ``name``.
 
     Parameters
