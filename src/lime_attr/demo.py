@@ -68,7 +68,7 @@ def run_demo(output_dir: Path, quick: bool = False) -> int:
     import torch
 
     from . import ModalityAttribution, top_tokens
-    from .evaluation import write_csv, write_json
+    from .evaluation import jsonable, write_csv, write_json
     from .evaluation.harness import run_benchmark
     from .generation import DecodingConfig, generate, prepare_inputs
     from .metrics import breakdown
@@ -115,7 +115,7 @@ def run_demo(output_dir: Path, quick: bool = False) -> int:
                      "greedy": g.texts[0], "lime": lm.texts[0], "share_before": before, "share_after": after,
                      "seconds_greedy": g.seconds, "seconds_lime": lm.seconds})
         print(f"{x.question:34s} {x.label:5s} {g.texts[0]:7s} {lm.texts[0]:7s} {before:12.3f} {after:12.3f}")
-    (out / "lime_vs_greedy.json").write_text(json.dumps(rows, indent=2, default=float, allow_nan=False))
+    (out / "lime_vs_greedy.json").write_text(json.dumps(jsonable(rows), indent=2, allow_nan=False))
 
     n_probe = 50 if quick else 200
     _rule(f"4. Prior probes (greedy, clean images, {n_probe} per condition) and mini-POPE")

@@ -97,7 +97,7 @@ class Corruption:
 
     Parameters
     ----------
-    steps : tuple of (str, float)
+    steps : tuple of tuple
         ``(kind, value)`` pairs applied left to right; kinds from :data:`IMAGE_CORRUPTIONS` or
         :data:`AUDIO_CORRUPTIONS` (one modality per chain).
     seed : int

@@ -45,8 +45,8 @@ class CooccurrencePrior:
         Object names, in canonical order (descriptions list objects in this order).
     weights : tuple of float
         Unnormalised drawing weight of each object (``popular`` objects have larger weights).
-    pairs : tuple of (str, str)
-        Symmetric pairs of objects that (almost) always co-occur.
+    pairs : tuple of tuple of str
+        Symmetric pairs ``(a, b)`` of objects that (almost) always co-occur.
     min_objects, max_objects : int
         Range of the number of objects per scene.
     """
@@ -146,9 +146,9 @@ class CooccurrencePrior:
 
         Returns
         -------
-        frequency : numpy.ndarray, shape (num_objects,)
+        frequency : numpy.ndarray
             Fraction of scenes that contain each object.
-        cooccurrence : numpy.ndarray, shape (num_objects, num_objects)
+        cooccurrence : numpy.ndarray
             ``cooccurrence[i, j]`` = fraction of scenes containing ``i`` that also contain ``j``
             (``P(j | i)``); the diagonal is zero.
         """

@@ -48,7 +48,7 @@ GRID: int = CANVAS_SIZE // CELL_SIZE
 #: Object names of the vision task, in canonical (description) order.
 DIGIT_NAMES: tuple[str, ...] = tuple(str(d) for d in range(10))
 
-#: Prior of the digit scenes: pairs (3, 8) and (1, 7); digits 0, 2 and 5 three times as frequent.
+#: The prior of the digit scenes, with the pairs (3, 8) and (1, 7) and the digits 0, 2 and 5 three times as frequent.
 DIGIT_PRIOR = CooccurrencePrior(
     names=DIGIT_NAMES,
     weights=(3.0, 1.0, 3.0, 1.0, 1.0, 3.0, 1.0, 1.0, 1.0, 1.0),

@@ -60,7 +60,7 @@ SLOT_SECONDS: float = 0.5
 #: Object (event class) names of the audio task, in canonical (description) order.
 SOUND_NAMES: tuple[str, ...] = ("tone", "chirp", "click", "noise", "hum", "buzz")
 
-#: Prior of the sound clips: pairs (chirp, click) and (hum, buzz); tone and noise three times as frequent.
+#: The prior of the sound clips, with the pairs (chirp, click) and (hum, buzz) and tone and noise three times as frequent.
 SOUND_PRIOR = CooccurrencePrior(
     names=SOUND_NAMES,
     weights=(3.0, 1.0, 1.0, 3.0, 1.0, 1.0),

@@ -56,7 +56,19 @@ from .processing import (
 from .scenes import make_scene
 from .sounds import make_clip
 
-__all__ = ["TrainConfig", "DEFAULT_CONFIGS", "train_model", "save_builtin", "WEIGHTS_DIR", "MAX_TOTAL_BYTES", "main"]
+__all__ = [
+    "TrainConfig",
+    "DEFAULT_CONFIGS",
+    "SELECTION_THRESHOLD",
+    "train_model",
+    "select_checkpoint",
+    "partner_prob_for",
+    "perception_parameters",
+    "save_builtin",
+    "WEIGHTS_DIR",
+    "MAX_TOTAL_BYTES",
+    "main",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -419,7 +431,8 @@ def save_builtin(
     processor.save_pretrained(target)
     if results is not None:
         record = {"model": name, "training": info, "heldout": results, "environment": _environment()}
-        (target / "eval_results.json").write_text(json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        text = json.dumps(record, indent=2, sort_keys=True, allow_nan=False)  # raises on NaN rather than write it
+        (target / "eval_results.json").write_text(text + "\n")
         (target / "README.md").write_text(model_card(name, model, info, results))
     for path in target.iterdir():  # safetensors writes 0600; package data must be world-readable
         path.chmod(0o644)
