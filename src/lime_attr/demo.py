@@ -5,8 +5,8 @@
    perturbation, and the relevance heatmaps before and after (PNG);
 2. the greedy answer explained: modality shares, top tokens, a pixel heatmap PNG and a token HTML page;
 3. LIME against greedy decoding on more ``conflict`` questions: answers and image shares before / after;
-4. the prior probes (greedy accuracy per condition) and the mini-POPE table (first 200 questions of each
-   split; ``lime-attr eval pope`` runs them all), as JSON, CSV and a bar chart.
+4. the prior probes (greedy accuracy per condition) and the mini-POPE table (first 60 questions of each
+   split, 30 with ``--quick``; ``lime-attr eval pope`` runs them all), as JSON, CSV and a bar chart.
 """
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def run_demo(output_dir: Path, quick: bool = False) -> int:
     for c, acc in probes.items():
         print(f"{c:16s} accuracy {acc:.3f}")
     (out / "prior_probes.json").write_text(json.dumps({"n": n_probe, "accuracy": probes}, indent=2, allow_nan=False))
-    limit = 60 if quick else 200
+    limit = 30 if quick else 60
     results = run_benchmark("pope", "builtin:digits-llava", DecodingConfig("greedy", max_new_tokens=1),
                             limit=limit, model=model, processor=processor)
     print(f"{'split':12s} {'n':>4s} {'accuracy':>9s} {'precision':>9s} {'recall':>7s} {'f1':>7s} {'yes_ratio':>9s}")

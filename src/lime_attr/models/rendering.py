@@ -74,8 +74,7 @@ def slot_words(item: DigitScene | SoundClip, shown: Sequence[str]) -> list[str]:
     Returns
     -------
     list of str
-        :data:`~lime_attr.models.processing.NUM_IMAGE_TOKENS` or
-        :data:`~lime_attr.models.processing.NUM_AUDIO_TOKENS` words.
+        16 words for a scene (``NUM_IMAGE_TOKENS``) or 25 for a clip (``NUM_AUDIO_TOKENS``).
     """
     if isinstance(item, DigitScene):
         words = [BLANK_WORD] * NUM_IMAGE_TOKENS

@@ -144,6 +144,7 @@ class TrainConfig:
     validation_items: int = 100
 
 
+#: The recipe settings of each builtin (both use the :class:`TrainConfig` defaults).
 DEFAULT_CONFIGS: dict[str, TrainConfig] = {
     "digits-llava": TrainConfig(),
     "tones-qwen2audio": TrainConfig(),
