@@ -65,9 +65,9 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -602,9 +602,9 @@ def evaluate_condition(model: Any, processor: Any, model_name: str, items: dict[
                 entry.update(answers=texts, ground_truth=[list(it.objects) for it in bench_items],
                              n=len(bench_items))
                 if all(getattr(it, "partner", None) for it in bench_items):
-                    named = [mentioned & {it.partner} for mentioned, it in
-                             zip(mentioned_objects(model_name, bench_items, texts), bench_items)]
-                    entry["partner_hallucination"] = float(np.mean([bool(x) for x in named]))
+                    from lime_attr.models.accuracy import partner_hallucination_rate
+
+                    entry["partner_hallucination"] = partner_hallucination_rate(bench_items, texts)
                 chair[method] = entry
             logger.info("[%s %s %s] %-14s %s (%.1f s)", model_name, condition, bench, method,
                         _headline(entry), time.perf_counter() - t0)

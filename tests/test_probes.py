@@ -14,7 +14,6 @@ import torch
 
 from lime_attr.models import PROBE_CONDITIONS, prior_descriptions, prior_probe, probe_capacity
 from lime_attr.models.accuracy import evaluate_probes, first_answer_tokens, generate_answers, partner_hallucination_rate
-from lime_attr.models.priors import CooccurrencePrior
 from lime_attr.models.processing import BLANK_WORD, NUM_AUDIO_TOKENS, NUM_IMAGE_TOKENS, build_digits_processor
 from lime_attr.models.rendering import AUDIO_TOKEN_SECONDS, shown_objects, slot_words, text_prompt
 from lime_attr.models.scenes import CELL_SIZE, DIGIT_PRIOR, GRID, make_scene

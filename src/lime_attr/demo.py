@@ -49,6 +49,8 @@ def _hallucination(model: Any, processor: Any, out: Path) -> Any:
         greedy = generate(model, processor, enc, greedy_cfg).texts[0]
         if greedy.strip() == "yes":
             break
+    else:
+        print(f"(greedy answered none of the {len(items)} conflict questions wrongly; showing the last one)")
     lime = lime_generate(model, processor, enc, LimeConfig.for_model(model, mode="reference", record_relevance=True),
                          max_new_tokens=1)
     rec = lime.records[0]

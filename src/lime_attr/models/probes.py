@@ -212,7 +212,7 @@ def _scene_templates(prior: CooccurrencePrior, condition: str) -> list[tuple[tup
     return out
 
 
-def _queries(prior: CooccurrencePrior, condition: str, base: list[str], partners: list[str], objects: list[str]) -> list[str]:
+def _queries(prior: CooccurrencePrior, condition: str, partners: list[str], objects: list[str]) -> list[str]:
     if condition != "control":
         return partners
     return [o for o in prior.names if o not in objects and o not in partners]
@@ -226,7 +226,7 @@ def _all_keys(prior: CooccurrencePrior, condition: str, positions: int):
     for pair, base, partners, extras_by_size in _scene_templates(prior, condition):
         for extras in (e for group in extras_by_size for e in group):
             objects = sorted([*base, *extras], key=prior.names.index)
-            for query in _queries(prior, condition, base, partners, objects):
+            for query in _queries(prior, condition, partners, objects):
                 for cells in itertools.permutations(range(positions), len(objects)):
                     yield (condition, pair, tuple(zip(objects, cells)), query)
 
@@ -236,7 +236,7 @@ def _total_keys(prior: CooccurrencePrior, condition: str, positions: int) -> int
     for _, base, partners, extras_by_size in _scene_templates(prior, condition):
         for extras in (e for group in extras_by_size for e in group):
             objects = [*base, *extras]
-            n_queries = len(_queries(prior, condition, base, partners, objects))
+            n_queries = len(_queries(prior, condition, partners, objects))
             total += n_queries * math.perm(positions, len(objects))
     return total
 
@@ -281,7 +281,7 @@ def _draw_key(prior: CooccurrencePrior, condition: str, positions: int, rng: np.
     group = extras_by_size[int(rng.integers(len(extras_by_size)))]
     extras = group[int(rng.integers(len(group)))]
     objects = sorted([*base, *extras], key=prior.names.index)
-    queries = _queries(prior, condition, base, partners, objects)
+    queries = _queries(prior, condition, partners, objects)
     query = queries[int(rng.integers(len(queries)))]
     cells = [int(c) for c in rng.choice(positions, size=len(objects), replace=False)]
     return (condition, pair, tuple(zip(objects, cells)), query)
