@@ -95,7 +95,7 @@ def _verdict(name: str, data: dict[str, Any], titles: dict[str, str]) -> list[st
     """One bullet per method: where it fixed significantly more than it introduced, and what it cost."""
     lines = []
     greedy = {b: data["pope"][b]["greedy"]["metrics"]["accuracy"] for b in PROBE_BENCHES}
-    for m, _ in data["changes"].get("conflict", {}).items():
+    for m in data["changes"].get("conflict", {}):
         wins = [b for b in (*PROBE_BENCHES, "chair") if (c := data["changes"].get(b, {}).get(m))
                 and c["holm_p"] < ALPHA and c["fixed"] > c["introduced"]]
         losses = [b for b in (*PROBE_BENCHES, "chair") if (c := data["changes"].get(b, {}).get(m))

@@ -22,15 +22,14 @@ def _rule(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 70 - len(title)))
 
 
-def _image_token_grid(model: Any, input_ids: Any, relevance: Any) -> Any:
+def _image_token_grid(model: Any, processor: Any, enc: Any, relevance: Any) -> Any:
     """The relevance of the 16 image tokens as the 4 x 4 grid of image cells, upsampled to 32 x 32 pixels."""
     import numpy as np
 
-    config = model.config
-    token_id = getattr(config, "image_token_id", None)
-    token_id = config.image_token_index if token_id is None else token_id
-    positions = (input_ids[0] == int(token_id)).nonzero().flatten()
-    grid = relevance[0, positions].detach().double().cpu().numpy()
+    from .mitigation import modality_positions
+
+    image = modality_positions(model, processor, enc["input_ids"], enc["attention_mask"])[0]
+    grid = relevance[0, image].detach().double().cpu().numpy()
     side = int(round(len(grid) ** 0.5))
     return np.kron(grid.reshape(side, side), np.ones((32 // side, 32 // side)))
 
@@ -59,7 +58,7 @@ def _hallucination(model: Any, processor: Any, out: Path) -> Any:
     print(f"greedy: {greedy!r}   LIME (reference, paper settings): {lime.texts[0].strip()!r}")
     print(f"image share of |relevance|: before {rec.share_before[0]:.3f}, after {rec.share_after[0]:.3f}")
     for tag, rel in (("before", rec.relevance_before), ("after", rec.relevance_after)):
-        image_overlay(_image_token_grid(model, enc["input_ids"], rel), image=item.image,
+        image_overlay(_image_token_grid(model, processor, enc, rel), image=item.image,
                       path=out / f"heatmap_{tag}.png", title=f"image-token relevance, {tag} LIME")
     print(f"wrote {out / 'heatmap_before.png'} and {out / 'heatmap_after.png'}")
     return item, enc

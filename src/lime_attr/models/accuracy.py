@@ -40,6 +40,16 @@ def _media_kwargs(items: Sequence[PopeQuestion | DescriptionItem]) -> dict[str, 
     return {"audio": [it.audio for it in items], "sampling_rate": items[0].sampling_rate}
 
 
+def _encode(model: PreTrainedModel, processor: ProcessorMixin, items: Sequence[Any]) -> Any:
+    """Processor outputs of a batch of items on the model's device, perceptual features in its dtype."""
+    enc = processor(text=[it.prompt for it in items], return_tensors="pt", padding=True, **_media_kwargs(items))
+    enc = enc.to(model.device)
+    for key in ("pixel_values", "input_features"):
+        if key in enc:
+            enc[key] = enc[key].to(model.dtype)
+    return enc
+
+
 @torch.no_grad()
 def generate_answers(
     model: PreTrainedModel,
@@ -72,13 +82,7 @@ def generate_answers(
     was_training = model.training
     model.eval()
     for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        enc = processor(text=[it.prompt for it in chunk], return_tensors="pt", padding=True, **_media_kwargs(chunk))
-        enc = enc.to(model.device)
-        if "pixel_values" in enc:
-            enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
-        if "input_features" in enc:
-            enc["input_features"] = enc["input_features"].to(model.dtype)
+        enc = _encode(model, processor, items[start : start + batch_size])
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
         new_tokens = out[:, enc["input_ids"].shape[1] :]
         answers.extend(t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True))
@@ -111,13 +115,7 @@ def first_answer_tokens(
     """
     words: list[str] = []
     for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        enc = processor(text=[it.prompt for it in chunk], return_tensors="pt", padding=True, **_media_kwargs(chunk))
-        enc = enc.to(model.device)
-        for key in ("pixel_values", "input_features"):
-            if key in enc:
-                enc[key] = enc[key].to(model.dtype)
-        logits = model(**enc).logits[:, -1]
+        logits = model(**_encode(model, processor, items[start : start + batch_size])).logits[:, -1]
         words.extend(processor.tokenizer.convert_ids_to_tokens(logits.argmax(dim=-1).tolist()))
     return words
 

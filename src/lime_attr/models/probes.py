@@ -201,7 +201,7 @@ def _scene_templates(prior: CooccurrencePrior, condition: str) -> list[tuple[tup
     out = []
     for pair in prior.pairs:
         a, b = pair
-        if condition in ("conflict", "control"):
+        if condition == "conflict":
             for member, partner in ((a, b), (b, a)):
                 extras = _extra_sets(prior, pair, _MAX_OBJECTS - 1, nonempty=False)
                 out.append((pair, [member], [partner], extras))
@@ -212,12 +212,6 @@ def _scene_templates(prior: CooccurrencePrior, condition: str) -> list[tuple[tup
     return out
 
 
-def _queries(prior: CooccurrencePrior, condition: str, partners: list[str], objects: list[str]) -> list[str]:
-    if condition != "control":
-        return partners
-    return [o for o in prior.names if o not in objects and o not in partners]
-
-
 def _split_of(key: Key) -> str:
     return PROBE_SPLITS[zlib.crc32(repr(key).encode()) % 2]
 
@@ -226,7 +220,7 @@ def _all_keys(prior: CooccurrencePrior, condition: str, positions: int):
     for pair, base, partners, extras_by_size in _scene_templates(prior, condition):
         for extras in (e for group in extras_by_size for e in group):
             objects = sorted([*base, *extras], key=prior.names.index)
-            for query in _queries(prior, condition, partners, objects):
+            for query in partners:
                 for cells in itertools.permutations(range(positions), len(objects)):
                     yield (condition, pair, tuple(zip(objects, cells)), query)
 
@@ -235,9 +229,7 @@ def _total_keys(prior: CooccurrencePrior, condition: str, positions: int) -> int
     total = 0
     for _, base, partners, extras_by_size in _scene_templates(prior, condition):
         for extras in (e for group in extras_by_size for e in group):
-            objects = [*base, *extras]
-            n_queries = len(_queries(prior, condition, partners, objects))
-            total += n_queries * math.perm(positions, len(objects))
+            total += len(partners) * math.perm(positions, len(base) + len(extras))
     return total
 
 
@@ -266,13 +258,20 @@ def probe_capacity(model_name: str, condition: str, split: str = "test") -> int:
     return _capacity(name, condition, split)
 
 
-def _capacity(name: str, condition: str, split: str) -> int:
+def _split_keys(name: str, condition: str, split: str) -> list[Key] | None:
+    """Every key of a split, or None when the key space is too large to enumerate."""
     prior, positions = _PRIORS[name], _POSITIONS[name]
+    if _total_keys(prior, condition, positions) > _ENUMERATE_LIMIT:
+        return None
+    return [k for k in _all_keys(prior, condition, positions) if _split_of(k) == split]
+
+
+def _capacity(name: str, condition: str, split: str, keys: list[Key] | None = None) -> int:
     condition = "conflict" if condition == "control" else condition  # control asks about the conflict scenes
-    total = _total_keys(prior, condition, positions)
-    if total > _ENUMERATE_LIMIT:
-        return int(total * _LARGE_SPLIT_FRACTION)
-    return sum(1 for key in _all_keys(prior, condition, positions) if _split_of(key) == split)
+    keys = _split_keys(name, condition, split) if keys is None else keys
+    if keys is None:
+        return int(_total_keys(_PRIORS[name], condition, _POSITIONS[name]) * _LARGE_SPLIT_FRACTION)
+    return len(keys)
 
 
 def _draw_key(prior: CooccurrencePrior, condition: str, positions: int, rng: np.random.Generator) -> Key:
@@ -281,24 +280,23 @@ def _draw_key(prior: CooccurrencePrior, condition: str, positions: int, rng: np.
     group = extras_by_size[int(rng.integers(len(extras_by_size)))]
     extras = group[int(rng.integers(len(group)))]
     objects = sorted([*base, *extras], key=prior.names.index)
-    queries = _queries(prior, condition, partners, objects)
-    query = queries[int(rng.integers(len(queries)))]
+    query = partners[int(rng.integers(len(partners)))]
     cells = [int(c) for c in rng.choice(positions, size=len(objects), replace=False)]
     return (condition, pair, tuple(zip(objects, cells)), query)
 
 
 def _keys(name: str, condition: str, split: str, n: int, rng: np.random.Generator) -> list[Key]:
     prior, positions = _PRIORS[name], _POSITIONS[name]
-    capacity = _capacity(name, condition, split)
+    enumerated = _split_keys(name, condition, split)
+    capacity = _capacity(name, condition, split, enumerated)
     if n > capacity:
         raise ValueError(
             f"n={n} is more than the {capacity} distinct {condition!r} items the {name} probe generator "
             f"can make for the {split!r} split; ask for n <= {capacity}"
         )
-    if _total_keys(prior, condition, positions) <= _ENUMERATE_LIMIT and n > capacity // 4:
-        keys = [k for k in _all_keys(prior, condition, positions) if _split_of(k) == split]
-        order = rng.permutation(len(keys))
-        return [keys[int(i)] for i in order[:n]]
+    if enumerated is not None and n > capacity // 4:
+        order = rng.permutation(len(enumerated))
+        return [enumerated[int(i)] for i in order[:n]]
     seen: set[Key] = set()
     keys = []
     while len(keys) < n:
