@@ -105,6 +105,24 @@ class LRPScope:
         self._pending_epsilon: dict[int, tuple[Tensor, float]] = {}
 
     # ------------------------------------------------------------------ public helpers
+    @property
+    def active(self) -> bool:
+        """Whether the scope is installed on its model (between ``__enter__`` and ``__exit__``)."""
+        return self._active
+
+    def add_attention_transform(self, transform: Callable) -> "TransformHandle":
+        """Run ``transform(module, q, k, v, kwargs) -> (q, k, v)`` on every attention call of this scope.
+
+        Transforms run in the order they were added, on the kernel's inputs, before the attention rule
+        (LIME adds its key/value perturbations here). Returns a handle whose ``remove()`` takes the
+        transform out again (idempotent).
+        """
+        if not callable(transform):
+            raise TypeError(f"an attention transform must be callable as transform(module, q, k, v, kwargs) -> "
+                            f"(q, k, v), got {transform!r}")
+        self.attention_transforms.append(transform)
+        return TransformHandle(self.attention_transforms, transform)
+
     def add_carrier(self, x: Tensor, carrier: Tensor) -> None:
         """Register an auxiliary tensor whose relevance belongs to the module input ``x`` (first-layer rules)."""
         self._carriers.append((x, carrier))
@@ -491,6 +509,24 @@ class LRPScope:
     def _pop_hook(self, module: nn.Module, args: Any, out: Any) -> None:
         if self._module_stack:
             self._module_stack.pop()
+
+
+class TransformHandle:
+    """Removable handle of an attention transform (see :meth:`LRPScope.add_attention_transform`)."""
+
+    def __init__(self, transforms: list, transform: Callable) -> None:
+        self._transforms, self._transform = transforms, transform
+
+    def remove(self) -> None:
+        """Take the transform out (no-op if it is already out)."""
+        if self._transform in self._transforms:
+            self._transforms.remove(self._transform)
+
+    def __enter__(self) -> "TransformHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
 
 
 def _is_noop(rule: Rule, kind: str) -> bool:

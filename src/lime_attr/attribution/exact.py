@@ -81,7 +81,7 @@ class _Runner:
     def tangent_output(self, xs: Sequence[Tensor], tangents: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """``(primal, tangent)`` of the explained output ``[batch]`` for inputs ``xs`` with ``tangents``."""
         scope = self.lrp.scope()
-        ctx = scope if not scope._active else _null()
+        ctx = scope if not scope.active else _null()
         with torch.enable_grad(), ctx, fwAD.dual_level(), tangent_mode():
             duals = [fwAD.make_dual(x, t) for x, t in zip(xs, tangents)]
             try:
@@ -183,7 +183,7 @@ def exact_attribute(lrp: Any, forward_func: Callable, inputs: tuple[Tensor, ...]
     work = tuple(x.detach().requires_grad_(True) for x in inputs)
     scope = lrp.scope()
     recorder = _ExternalRecorder(list(inputs) + list(work))
-    with torch.enable_grad(), (scope if not scope._active else _null()):
+    with torch.enable_grad(), (scope if not scope.active else _null()):
         with recorder:
             out = lrp._explained_output(forward_func, work, additional, target)
         if scope.pop_carriers():

@@ -188,13 +188,13 @@ class LimeOptimizer:
             for p, _ in flags:
                 p.requires_grad_(False)
             with scope:
-                scope.attention_transforms.append(self._transform)
+                transform = scope.add_attention_transform(self._transform)
                 self._in_session = True
                 try:
                     yield self
                 finally:
                     self._in_session = False
-                    scope.attention_transforms.remove(self._transform)
+                    transform.remove()
                     self._deltas.clear()
         finally:
             for p, f in flags:
