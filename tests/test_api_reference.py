@@ -20,7 +20,9 @@ PUBLIC_MODULES = [
     "lime_attr", "lime_attr.attribution", "lime_attr.metrics", "lime_attr.modality", "lime_attr.model_checks",
     "lime_attr.scope", "lime_attr.composites", "lime_attr.rules", "lime_attr.canonizers", "lime_attr.errors",
     "lime_attr.mitigation", "lime_attr.generation", "lime_attr.visualize", "lime_attr.models",
-    "lime_attr.evaluation",
+    "lime_attr.evaluation", "lime_attr.interop", "lime_attr.context", "lime_attr.installer", "lime_attr.specs",
+    "lime_attr.resolution", "lime_attr.forward_state", "lime_attr.module_hooks", "lime_attr.rules.primitives",
+    "lime_attr.rules.fusions",
 ]
 
 _DIRECTIVE = re.compile(r"^\s*\.\. (automodule|autoclass|autofunction|autodata|py:class|py:data|py:function|"

@@ -422,7 +422,7 @@ def _llama_exact_grad(attn: str, p0: torch.Tensor, fd: bool):
         i = layers[id(module)]
         return q, k + state["p"][0, i], v + state["p"][1, i]
 
-    lrp.scope().attention_transforms.append(transform)
+    lrp.scope().add_attention_transform(transform)
 
     def loss(p, exact):
         state["p"] = p

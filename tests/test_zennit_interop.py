@@ -24,7 +24,7 @@ from zennit.composites import (EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlus,
                                LayerMapComposite)
 
 from lime_attr import LRP, Composite, get_composite, get_rule, lrp_scope  # noqa: E402
-from lime_attr.composites import ZennitRule  # noqa: E402
+from lime_attr.interop.zennit import ZennitRule  # noqa: E402
 from lime_attr.scope import LRPScope  # noqa: E402
 
 DT = torch.float64
@@ -109,8 +109,8 @@ def test_pass_matches_zennit_pass(act):
 
 def test_zennit_rule_object_becomes_adapter():
     comp = Composite([(nn.Linear, zr.Epsilon()), ("site:activation", "identity")])
-    assert isinstance(comp._rules[0][1], ZennitRule)
-    assert "Epsilon" in repr(comp._rules[0][1])
+    assert isinstance(comp.rules[0][1], ZennitRule)
+    assert "Epsilon" in repr(comp.rules[0][1])
 
 
 # ------------------------------------------------------------------------------------ whole models
@@ -398,3 +398,72 @@ def test_zennit_canonizer_applied_and_restored_exactly(which):
         assert not m._forward_hooks and not m._forward_pre_hooks
     assert model[1].eps == reference[1].eps
     assert torch.equal(model(x), reference(x))
+
+
+# ------------------------------------------------------------------ one zennit rule shared by many modules
+
+
+def two_conv_cnn() -> nn.Sequential:
+    """Two differently shaped convolutions (and a dense head)."""
+    torch.manual_seed(41)
+    return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 5, padding=2), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).to(DT)
+
+
+def same_linear_mlp() -> nn.Sequential:
+    """Identically shaped Linear layers (a shared hook's stored state would silently mix them)."""
+    torch.manual_seed(42)
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                         nn.Linear(8, 3)).to(DT)
+
+
+@pytest.mark.parametrize("zname", ["Epsilon", "Gamma", "ZPlus", "AlphaBeta"])
+@pytest.mark.parametrize("shapes", ["different-convs", "same-linears"])
+def test_shared_zennit_rule_instance_equals_zennit_composite(zname, shapes):
+    """ONE zennit rule instance as a composite entry that matches several modules: each module gets its own
+    copy of the hook, and the relevance equals zennit's own layer-map composite to 1e-6 (float64)."""
+    make = PAIRS[zname][0]
+    if shapes == "different-convs":
+        model, x, kind = two_conv_cnn(), torch.randn(2, 3, 6, 6, dtype=DT), nn.Conv2d
+    else:
+        model, x, kind = same_linear_mlp(), torch.randn(3, 8, dtype=DT), nn.Linear
+    shared, head = make(), zr.Epsilon(epsilon=1e-6)
+    ours = Composite([(kind, shared), (nn.Linear, head), ("site:activation", "pass")])
+    reference = LayerMapComposite([(kind, make()), (nn.Linear, zr.Epsilon(epsilon=1e-6))])
+    ref = zennit_attribution(model, reference, x, 1)
+    got = LRP(model, ours).attribute(x, target=1)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+# ------------------------------------------------------------------ zennit canonizers wherever a canonizer goes
+
+
+def test_canonizer_argument_takes_zennit_canonizers():
+    """``canonizer=`` with a zennit canonizer, and with a list, equals the Composite(canonizers=...) route."""
+    model = bn_cnn()
+    reference = copy.deepcopy(model)
+    x = torch.rand(2, 3, 8, 8, dtype=DT) * (HIGH - LOW) + LOW
+    base = get_composite("epsilon-gamma", low=LOW, high=HIGH)
+    via_composite = LRP(model, Composite(base.entries, canonizers=[SequentialMergeBatchNorm()])).attribute(x, target=1)
+    ref = zennit_attribution(model, EpsilonGammaBox(low=LOW, high=HIGH, canonizers=[SequentialMergeBatchNorm()]),
+                             x, 1)
+    torch.testing.assert_close(via_composite, ref, rtol=1e-8, atol=1e-10)
+    for canonizer in (SequentialMergeBatchNorm(), [SequentialMergeBatchNorm()], ["auto", SequentialMergeBatchNorm()]):
+        got = LRP(model, base, canonizer=canonizer).attribute(x, target=1)
+        torch.testing.assert_close(got, via_composite, rtol=0, atol=0)
+        for (n, p), (_, q) in zip(model.state_dict().items(), reference.state_dict().items()):
+            assert torch.equal(p, q), n
+    with lrp_scope(model, base, canonizer=SequentialMergeBatchNorm()):
+        assert not torch.equal(model[0].weight, reference[0].weight)  # merged inside the scope
+    assert torch.equal(model[0].weight, reference[0].weight)
+
+
+def test_zennit_canonizer_in_the_composite_slot_is_a_clear_error():
+    model = bn_cnn()
+    with pytest.raises(TypeError, match=r"canonizer=SequentialMergeBatchNorm\(\)"):
+        LRP(model, SequentialMergeBatchNorm()).attribute(torch.randn(1, 3, 8, 8, dtype=DT), target=0)
+    with pytest.raises(TypeError, match="zennit canonizer, not a rule"):
+        Composite([(nn.Conv2d, SequentialMergeBatchNorm())])
+    with pytest.raises(TypeError, match="a zennit canonizer"):
+        LRPScope(model, "epsilon-plus", canonizer=[object()])

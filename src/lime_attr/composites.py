@@ -21,139 +21,15 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 from torch import Tensor, nn
 
 from .errors import UnknownNameError
+from .interop.zennit import (ZennitCompositeRule, ZennitRule, apply_zennit_canonizers, is_zennit_canonizer,
+                             is_zennit_composite, is_zennit_hook)
 from .rules import SITES, Rule, get_rule
-from .rules._grad import grad_to_relevance, relevance_to_grad
 from .sites import Site
 
 __all__ = ["Composite", "register_composite", "get_composite", "available_composites", "ZennitRule",
-           "apply_zennit_canonizers"]
+           "apply_zennit_canonizers", "check_matcher", "matcher_matches", "SITE_KINDS"]
 
 Matcher = Union[type, tuple, str, Callable[[Site], bool]]
-
-
-class ZennitRule(Rule):
-    """Adapter that lets a zennit rule (a ``zennit.core.Hook``) drive one Linear/Conv/activation module.
-
-    zennit hooks pass *relevance* backwards where lime_attr passes gradients; the adapter converts at
-    the module's boundaries, so the zennit rule computes exactly what it computes inside zennit:
-
-    * every tensor output ``y`` (each element of a tuple output): ``R_out = y * g`` before the hook;
-    * every tensor input ``x`` that requires grad -- each positional argument *and* each keyword argument
-      -- after it: ``g_in = R_in / x`` (0 where ``x = 0``).
-
-    Converting every input, not only the first, keeps the adapter exact for both hook protocols zennit
-    has shipped: 0.5.x hooks see only the positional inputs and pass relevance to them alone (a keyword
-    tensor then receives the plain gradient of the relevance, as it does inside zennit), 1.0 hooks
-    receive ``(args, kwargs)`` and re-run the module with all of them. The zennit rule registers its own
-    hooks with its own ``register`` method, so whichever protocol the installed zennit uses is used.
-    """
-
-    def __init__(self, hook: Any) -> None:
-        self.hook = hook
-
-    @classmethod
-    def sites(cls) -> frozenset[str]:
-        return frozenset({"layer", "affine", "activation"})
-
-    def __repr__(self) -> str:
-        return f"ZennitRule({type(self.hook).__name__})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ZennitRule) and other.hook is self.hook
-
-    __hash__ = object.__hash__
-
-    @staticmethod
-    def input_tensors(args: tuple, kwargs: dict) -> list[Tensor]:
-        """The tensors among a module call's positional and keyword arguments."""
-        return [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
-
-    @staticmethod
-    def inputs_to_grad(args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
-        """``(args, kwargs)`` with relevance-to-gradient boundaries on every tensor that requires grad
-        (a forward pre-hook result, ``with_kwargs=True``), or None when no input requires grad."""
-        if not any(t.requires_grad for t in ZennitRule.input_tensors(args, kwargs)):
-            return None
-
-        def conv(a: Any) -> Any:
-            return relevance_to_grad(a) if isinstance(a, Tensor) and a.requires_grad else a
-
-        return tuple(conv(a) for a in args), {k: conv(v) for k, v in kwargs.items()}
-
-    @staticmethod
-    def outputs_to_relevance(out: Any) -> Any:
-        """``out`` with gradient-to-relevance boundaries on every tensor output that has a ``grad_fn``
-        (a tensor, or each tensor of a tuple/list), or None when nothing needs one (a forward-hook result)."""
-        if isinstance(out, Tensor):
-            return grad_to_relevance(out) if out.grad_fn is not None else None
-        if isinstance(out, (tuple, list)) and any(isinstance(o, Tensor) and o.grad_fn is not None for o in out):
-            new = [grad_to_relevance(o) if isinstance(o, Tensor) and o.grad_fn is not None else o for o in out]
-            return type(out)(*new) if hasattr(out, "_fields") else type(out)(new)
-        return None
-
-
-def apply_zennit_canonizers(model: nn.Module, canonizers: Sequence[Any]) -> Callable[[], None]:
-    """Apply zennit canonizers (copies of them) to ``model``; return the function that reverts them exactly.
-
-    zennit's protocol is ``canonizer.apply(root) -> [instance, ...]``, each reverted by
-    ``instance.remove()``. How a canonizer changes a module differs between zennit versions: 0.5.x's
-    ``MergeBatchNorm`` overwrites the parameters' ``.data``; 1.0's stores the merged tensors as plain
-    instance attributes (``object.__setattr__``) that shadow ``_parameters``/``_buffers`` -- non-leaf
-    tensors still attached to the original parameters -- and its ``remove`` leaves those shadows behind,
-    while a 1.0 rule's ``ParamMod`` (``load_state_dict(..., assign=True)``) replaces the shadowed
-    parameter objects (zennit issue #237). So, judged by what happened rather than by version:
-
-    * after ``apply``: every parameter/buffer shadow is moved into ``_parameters``/``_buffers`` (as a
-      detached leaf ``Parameter``), so inside the scope a canonized module looks the same under either
-      version -- a leaf parameter holding the canonized value -- and no autograd graph into the original
-      parameters is shared between forward passes;
-    * on revert: after the canonizers' own ``remove``, every module's ``_parameters`` and ``_buffers``
-      hold exactly the original objects again and no shadow that was not there before remains.
-    """
-    modules = list(model.modules())
-    saved = [(m, dict(m._parameters), dict(m._buffers),
-              {k: m.__dict__[k] for k in (*m._parameters, *m._buffers) if k in m.__dict__}) for m in modules]
-    instances: list = []
-
-    def revert() -> None:
-        try:
-            for instance in reversed(instances):
-                instance.remove()
-        finally:
-            instances.clear()
-            for m, params, buffers, shadows in saved:
-                for k in [k for k in m.__dict__ if (k in m._parameters or k in m._buffers or k in params
-                                                      or k in buffers) and k not in shadows]:
-                    del m.__dict__[k]
-                m.__dict__.update(shadows)
-                m._parameters.clear()
-                m._parameters.update(params)
-                m._buffers.clear()
-                m._buffers.update(buffers)
-
-    try:
-        for canonizer in canonizers:
-            canonizer = canonizer.copy() if hasattr(canonizer, "copy") else canonizer
-            instances.extend(canonizer.apply(model) or ())
-        for m in model.modules():
-            _unshadow(m)
-    except BaseException:
-        revert()
-        raise
-    return revert
-
-
-def _unshadow(module: nn.Module) -> None:
-    """Move instance attributes that shadow a registered parameter or buffer into its registry slot."""
-    for key in [k for k in module.__dict__ if k in module._parameters or k in module._buffers]:
-        value = module.__dict__.pop(key)
-        if key in module._parameters:
-            old = module._parameters[key]
-            if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
-                value = nn.Parameter(value.detach(), requires_grad=old.requires_grad if old is not None else False)
-            module._parameters[key] = value
-        else:
-            module._buffers[key] = value.detach() if isinstance(value, Tensor) else value
 
 
 def _as_rule(rule: Any) -> Rule:
@@ -161,12 +37,11 @@ def _as_rule(rule: Any) -> Rule:
         return rule
     if isinstance(rule, str):
         return get_rule(rule)
-    try:
-        from zennit.core import Hook  # noqa: WPS433
-    except Exception:  # pragma: no cover - zennit missing
-        Hook = ()  # type: ignore
-    if Hook and isinstance(rule, Hook):
+    if is_zennit_hook(rule):
         return ZennitRule(rule)
+    if is_zennit_canonizer(rule):
+        raise TypeError(f"{type(rule).__name__} is a zennit canonizer, not a rule: pass it as "
+                        f"canonizer={type(rule).__name__}() or Composite(entries, canonizers=[...])")
     raise TypeError(f"a composite maps places to rules: expected a Rule, a rule name or a zennit rule, got {rule!r}")
 
 
@@ -198,7 +73,8 @@ def check_matcher(matcher: Any) -> None:
                         "'first_layer', 'op:<name>', a module name pattern, or a callable (site) -> bool")
 
 
-def _matches(matcher: Matcher, site: Site) -> bool:
+def matcher_matches(matcher: Matcher, site: Site) -> bool:
+    """Whether a composite matcher (see the module docstring) matches ``site``."""
     if isinstance(matcher, type) or (isinstance(matcher, tuple) and all(isinstance(t, type) for t in matcher)):
         return site.module is not None and isinstance(site.module, matcher) and not site.op
     if isinstance(matcher, str):
@@ -251,16 +127,22 @@ class Composite:
             check_matcher(entry[0])
         self._rules = [(m, _as_rule(r)) for m, r in self.entries]
 
+    @property
+    def rules(self) -> list[tuple[Matcher, Rule]]:
+        """The entries with every rule resolved to a :class:`~lime_attr.rules.Rule` (names looked up,
+        zennit rules wrapped in :class:`~lime_attr.interop.zennit.ZennitRule`)."""
+        return list(self._rules)
+
     def rule_for(self, site: Site) -> Optional[Rule]:
         """The rule for ``site`` (first entry that matches and supports the site's kind), or None."""
         for matcher, rule in self._rules:
-            if _matches(matcher, site) and rule.supports(site.kind):
+            if matcher_matches(matcher, site) and rule.supports(site.kind):
                 return rule
         return None
 
     def matched_unsupported(self, site: Site) -> list[Rule]:
         """Rules whose matcher matched ``site`` but which cannot apply to its kind (for error messages)."""
-        return [r for m, r in self._rules if _matches(m, site) and not r.supports(site.kind)]
+        return [r for m, r in self._rules if matcher_matches(m, site) and not r.supports(site.kind)]
 
     def prepend(self, *entries: tuple[Matcher, Any]) -> "Composite":
         """A new composite with ``entries`` taking precedence over this one's."""
@@ -270,48 +152,15 @@ class Composite:
     def from_zennit(cls, composite: Any, base: Union[str, "Composite"] = "attnlrp") -> "Composite":
         """Let a zennit composite drive the modules it maps; everything else comes from ``base``.
 
-        Each module zennit's ``module_map`` assigns a rule gets that (copied) zennit rule; transformer
-        parts zennit has no rules for (attention, norms, products) keep ``base``'s rules.
+        Each module zennit's ``module_map`` assigns a rule gets its own copy of that zennit rule;
+        transformer parts zennit has no rules for (attention, norms, products) keep ``base``'s rules.
+        The zennit composite's canonizers are applied inside the scope and reverted.
         """
         base_c = get_composite(base) if isinstance(base, str) else base
-        ctx: dict = {}
-
-        def zennit_matcher_factory():
-            assigned: dict[int, Any] = {}
-
-            def matcher(site: Site) -> bool:
-                if site.module is None or site.op:
-                    return False
-                key = id(site.module)
-                if key not in assigned:
-                    assigned[key] = composite.module_map(ctx, site.name, site.module)
-                return assigned[key] is not None
-
-            return matcher, assigned
-
-        matcher, assigned = zennit_matcher_factory()
-        entry_rule = _ZennitLookup(composite, assigned)
-        comp = Composite([(matcher, entry_rule), *base_c.entries], tuple(getattr(composite, "canonizers", ())),
+        lookup = ZennitCompositeRule(composite, {})
+        return Composite([(lookup.matcher(), lookup), *base_c.entries],
+                         (*tuple(getattr(composite, "canonizers", ()) or ()), *base_c.canonizers),
                          name=f"zennit:{type(composite).__name__}")
-        return comp
-
-
-class _ZennitLookup(Rule):
-    """Resolves to the zennit rule assigned to a module by a zennit composite's ``module_map``."""
-
-    def __init__(self, composite: Any, assigned: dict) -> None:
-        self.composite = composite
-        self.assigned = assigned
-
-    @classmethod
-    def sites(cls) -> frozenset[str]:
-        return frozenset({"layer", "affine", "activation", "softmax", "norm", "passthrough", "unknown"})
-
-    def __repr__(self) -> str:
-        return f"zennit composite {type(self.composite).__name__}"
-
-    def resolve(self, site: Site) -> ZennitRule:
-        return ZennitRule(self.assigned[id(site.module)].copy())
 
 
 _COMPOSITES: dict[str, Callable[..., Composite]] = {}
@@ -351,8 +200,12 @@ def get_composite(name: Union[str, Composite], **params: Any) -> Composite:
                         "get_composite('attnlrp', epsilon=1e-6)")
     if isinstance(name, Composite):
         return name
-    if type(name).__module__.startswith("zennit"):
+    if is_zennit_composite(name):
         return Composite.from_zennit(name)
+    if is_zennit_canonizer(name):
+        raise TypeError(f"{type(name).__name__}() is a zennit canonizer, not a composite: pass it as "
+                        f"canonizer={type(name).__name__}() (a list of canonizers works too), and the composite "
+                        "(a name such as 'epsilon-plus', a lime_attr.Composite or a zennit composite) separately")
     try:
         factory = _COMPOSITES[name]
     except (KeyError, TypeError):
@@ -443,3 +296,6 @@ def _epsilon_plus(epsilon: float = 1e-6) -> Composite:
         ("site:affine", get_rule("epsilon", epsilon=0.0)),
         *_TRANSFORMER,
     ])
+
+
+_matches = matcher_matches  # TODO(merge): remove once attribution/modality.py uses matcher_matches

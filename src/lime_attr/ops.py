@@ -25,7 +25,8 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .errors import UncoveredOpError
-from .rules.builtin import NormSpec
+from .rules.primitives import replace_grad
+from .specs import NormSpec
 
 __all__ = ["RuleMode", "op_name"]
 
@@ -88,16 +89,21 @@ def op_name(func: Callable) -> str:
     return name
 
 
-def _tensors(obj: Any, out: list) -> list:
+def tensors_in(obj: Any, out: Optional[list] = None) -> list:
+    """Every tensor in ``obj`` (nested lists, tuples and dict values), appended to ``out``."""
+    out = [] if out is None else out
     if isinstance(obj, Tensor):
         out.append(obj)
     elif isinstance(obj, (list, tuple)):
         for o in obj:
-            _tensors(o, out)
+            tensors_in(o, out)
     elif isinstance(obj, dict):
         for o in obj.values():
-            _tensors(o, out)
+            tensors_in(o, out)
     return out
+
+
+_tensors = tensors_in  # TODO(merge): remove once attribution/exact.py uses tensors_in
 
 
 class _IdSet:
@@ -142,7 +148,7 @@ class RuleMode(TorchFunctionMode):
             if isinstance(t, Tensor):
                 self.dependent.add(t)
 
-    def _dep(self, t: Any) -> bool:
+    def depends(self, t: Any) -> bool:
         if not isinstance(t, Tensor):
             return False
         if t in self.dependent:
@@ -161,21 +167,21 @@ class RuleMode(TorchFunctionMode):
             # inside a module (or attention kernel) a rule covers: not checked, but what it computes from
             # the input stays input-dependent, so the ops after it are still seen
             out = func(*args, **kwargs)
-            if any(self._dep(t) for t in _tensors(args, []) + _tensors(kwargs, [])):
-                self._mark(out)
+            if any(self.depends(t) for t in tensors_in(args) + tensors_in(kwargs)):
+                self.mark(out)
             return out
         name = op_name(func)
-        ins = _tensors(args, []) + _tensors(kwargs, [])
-        deps = [t for t in ins if self._dep(t)]
+        ins = tensors_in(args) + tensors_in(kwargs)
+        deps = [t for t in ins if self.depends(t)]
         if not deps or name in _LINEAR:
             out = func(*args, **kwargs)
             if deps:
-                self._mark(out)
+                self.mark(out)
             return out
         kind = self._classify(name, func, args, kwargs, deps)
         if kind == "linear":
             out = func(*args, **kwargs)
-            self._mark(out)
+            self.mark(out)
             return out
         if kind is None:
             self.uncovered.append(name)
@@ -194,11 +200,11 @@ class RuleMode(TorchFunctionMode):
             )
         self.ruled_ops.add(f"{kind}:{name}")
         out = self._apply(kind, rule, func, args, kwargs) if self.apply_rules else func(*args, **kwargs)
-        self._mark(out)
+        self.mark(out)
         return out
 
-    def _mark(self, out: Any) -> None:
-        for t in _tensors(out, []):
+    def mark(self, out: Any) -> None:
+        for t in tensors_in(out):
             if t.is_floating_point() or t.is_complex():
                 self.dependent.add(t)
 
@@ -215,24 +221,23 @@ class RuleMode(TorchFunctionMode):
             return "linear" if name in _MAXLIKE else None
         tens = [a for a in args[:2] if isinstance(a, Tensor)]
         if name in _PRODUCT:
-            live = [a for a in args[:2] if self._dep(a)]
+            live = [a for a in args[:2] if self.depends(a)]
             if len(live) >= 2 and self.scope.declared_product_depth > 0:
                 return "linear"  # the canonizer-declared gated product: ruled by the scope's hooks
             return "product" if len(live) >= 2 else "linear"
         if name in _MATMUL:
             if name == "einsum":
-                live = [a for a in _tensors(args[1:], []) if self._dep(a)]
+                live = [a for a in tensors_in(args[1:]) if self.depends(a)]
             else:
-                live = [a for a in args[:2] if self._dep(a)]
+                live = [a for a in args[:2] if self.depends(a)]
             return "matmul" if len(live) >= 2 else "linear"
         if name in _DIVIDE:
             den = args[1] if len(args) > 1 else kwargs.get("other")
-            if not self._dep(den):
+            if not self.depends(den):
                 return "linear"
             # inside a module a canonizer declares normalising (e.g. MoE top-k weights / their sum):
             # a normalisation, ruled like a norm (the normaliser held constant)
-            ids = getattr(self.scope, "normalizing_modules", None)
-            if ids and any(id(m) in ids for _, m in self.scope._module_stack):
+            if self.scope.in_normalizing_module():
                 return "norm"
             return None
         return None
@@ -258,7 +263,7 @@ class RuleMode(TorchFunctionMode):
         if kind == "matmul":
             if op_name(func) == "einsum":
                 ops = list(args[1:]) if not (len(args) == 2 and isinstance(args[1], (list, tuple))) else list(args[1])
-                live = [i for i, t in enumerate(ops) if self._dep(t)]
+                live = [i for i, t in enumerate(ops) if self.depends(t)]
                 a, b = rule.apply_matmul(ops[live[0]], ops[live[1]])
                 ops[live[0]], ops[live[1]] = a, b
                 return func(args[0], *ops, **kwargs)
@@ -271,9 +276,7 @@ class RuleMode(TorchFunctionMode):
             q, k, v = rule.apply_attention(q, k, v)
             return func(q, k, v, *args[3:], **kwargs)
         if kind == "norm" and op_name(func) in _DIVIDE:
-            from .rules.builtin import Norm
-
-            if not isinstance(rule, Norm):
+            if not rule.holds_normalizer_constant():
                 raise TypeError(f"a normalising division needs the 'norm' rule at 'site:norm', got {rule!r}")
             den = args[1] if len(args) > 1 else kwargs.pop("other")
             # the same (possibly in-place) op with the normaliser constant
@@ -300,7 +303,6 @@ class RuleMode(TorchFunctionMode):
             # F.normalize(x, p=2, dim=-1): x / ||x|| with the norm constant
             p = args[1] if len(args) > 1 else kwargs.get("p", 2.0)
             dim = args[2] if len(args) > 2 else kwargs.get("dim", 1)
-            from .rules._grad import replace_grad
             denom = x.detach().norm(p=p, dim=dim, keepdim=True).clamp_min(kwargs.get("eps", 1e-12))
             return replace_grad(y, x / denom)
         raise AssertionError(kind)

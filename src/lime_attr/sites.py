@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from .errors import RuleSiteError
-from .rules.builtin import NormSpec
+from .specs import NormSpec
 
 __all__ = ["Site", "discover_sites", "ACTIVATION_TYPES", "PASSTHROUGH_TYPES", "norm_spec_for", "disable_inplace",
            "inplace_input_error"]

@@ -18,9 +18,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ..context import current_scope
 from ..errors import UnknownNameError, UnsupportedModelError
-from ..rules.builtin import NormSpec
+from ..installer import Installer
 from ..sites import norm_spec_for
+from ..specs import NormSpec, ProductSpec
 
 __all__ = ["Canonizer", "HFCanonizer", "GatedMLP", "register_canonizer", "canonizer_for", "get_canonizer",
            "available_canonizers", "attention_function_name", "route_inputs_embeds"]
@@ -32,13 +34,15 @@ _PREFIX = "lime_attr:"
 class Canonizer:
     """Base of all canonizers: prepare one model instance inside a scope, reversibly.
 
-    Subclasses implement :meth:`apply`, which may register reverts with ``scope._reverts`` and returns
-    site overrides ``{qualified_module_name: (kind, spec)}``.
+    Subclasses implement :meth:`apply`, which registers everything it changes with the ``installer``
+    (:meth:`~lime_attr.installer.Installer.on_exit`, :meth:`~lime_attr.installer.Installer.add_hook`,
+    :meth:`~lime_attr.installer.Installer.declare_normalizing`), so the scope undoes it on exit, and
+    returns site overrides ``{qualified_module_name: (kind, spec)}``.
     """
 
     model_types: tuple[str, ...] = ()
 
-    def apply(self, model: nn.Module, scope: Any) -> dict:
+    def apply(self, model: nn.Module, installer: Installer) -> dict:
         """Prepare ``model`` and return site overrides (default: none)."""
         return {}
 
@@ -68,22 +72,19 @@ def _original_function(original: str, module: nn.Module) -> Callable:
 def _make_bridge(original: str) -> Callable:
     def lime_attr_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: Optional[torch.Tensor], **kwargs: Any):
-        from ..scope import current_scope
-
         fn = _original_function(original, module)
-        scope = current_scope()
-        if scope is None or not torch.is_grad_enabled():
+        state = current_scope()
+        if state is None or not torch.is_grad_enabled():
             return fn(module, query, key, value, attention_mask, **kwargs)
-        for transform in scope.attention_transforms:
-            query, key, value = transform(module, query, key, value, kwargs)
-        rule = scope.attention_rule(module)
+        query, key, value = state.transform_attention(module, query, key, value, kwargs)
+        rule = state.attention_rule(module)
         if rule is not None:
             query, key, value = rule.apply_attention(query, key, value)
-        scope.covered_depth += 1
+        state.enter_covered()
         try:
             return fn(module, query, key, value, attention_mask, **kwargs)
         finally:
-            scope.covered_depth -= 1
+            state.exit_covered()
 
     lime_attr_attention.__name__ = f"lime_attr_attention_{original}"
     return lime_attr_attention
@@ -122,7 +123,7 @@ def _configs_of(model: nn.Module, attr: str = "_attn_implementation_internal") -
     return list(seen.values())
 
 
-def install_attention_bridge(model: nn.Module, scope: Any) -> None:
+def install_attention_bridge(model: nn.Module, installer: Installer) -> None:
     """Select the lime_attr attention wrapper for every config of ``model``; restored on scope exit."""
     for cfg in _configs_of(model):
         current = cfg._attn_implementation_internal
@@ -138,10 +139,10 @@ def install_attention_bridge(model: nn.Module, scope: Any) -> None:
         def revert(cfg=cfg, value=current) -> None:
             cfg._attn_implementation_internal = value
 
-        scope._reverts.append(revert)
+        installer.on_exit(revert)
 
 
-def suspend_gradient_checkpointing(model: nn.Module, scope: Any) -> None:
+def suspend_gradient_checkpointing(model: nn.Module, installer: Installer) -> None:
     """Run checkpointed layers normally inside the scope (restored on exit).
 
     A checkpointed layer recomputes its forward during the backward pass, after the scope's forward has
@@ -151,19 +152,19 @@ def suspend_gradient_checkpointing(model: nn.Module, scope: Any) -> None:
     for m in model.modules():
         if getattr(m, "gradient_checkpointing", False) is True:
             m.gradient_checkpointing = False
-            scope._reverts.append(lambda m=m: setattr(m, "gradient_checkpointing", True))
+            installer.on_exit(lambda m=m: setattr(m, "gradient_checkpointing", True))
 
 
-def _set_config_attr(model: nn.Module, scope: Any, attr: str, value: Any) -> None:
+def _set_config_attr(model: nn.Module, installer: Installer, attr: str, value: Any) -> None:
     for cfg in _configs_of(model, attr):
         old = getattr(cfg, attr)
         if old == value or isinstance(old, dict):
             continue
         setattr(cfg, attr, value)
-        scope._reverts.append(lambda cfg=cfg, old=old: setattr(cfg, attr, old))
+        installer.on_exit(lambda cfg=cfg, old=old: setattr(cfg, attr, old))
 
 
-def route_inputs_embeds(module: nn.Module, scope: Any, when: tuple[str, ...] = ()) -> None:
+def route_inputs_embeds(module: nn.Module, installer: Installer, when: tuple[str, ...] = ()) -> None:
     """Let ``module`` (a model whose forward builds its embeddings from ``input_ids``) take ``inputs_embeds``.
 
     For models that ignore or refuse ``inputs_embeds`` on the path that matters (Qwen2-Audio runs its audio
@@ -189,11 +190,10 @@ def route_inputs_embeds(module: nn.Module, scope: Any, when: tuple[str, ...] = (
             return emb
 
         handle = mod.get_input_embeddings().register_forward_hook(answer)
-        scope._reverts.append(handle.remove)  # in case the forward fails before the lookup
+        installer.add_hook(handle)  # in case the forward fails before the lookup
         return args, kwargs
 
-    h = module.register_forward_pre_hook(pre, with_kwargs=True)
-    scope._reverts.append(h.remove)
+    installer.add_hook(module.register_forward_pre_hook(pre, with_kwargs=True))
 
 
 # ------------------------------------------------------------------------------- declarative base
@@ -256,24 +256,22 @@ class HFCanonizer(Canonizer):
     normalizing_modules: tuple[str, ...] = ()
     route_embeds: dict[str, tuple[str, ...]] = {}
 
-    def apply(self, model: nn.Module, scope: Any) -> dict:
+    def apply(self, model: nn.Module, installer: Installer) -> dict:
         overrides: dict[str, tuple[str, Any]] = {}
         for sub in self.component_canonizers(_root_config(model, self.model_types)):
             overrides.update(sub.site_overrides(model))
         overrides.update(self.site_overrides(model))
         self.check_declared(model, overrides)
-        install_attention_bridge(model, scope)
-        suspend_gradient_checkpointing(model, scope)
+        install_attention_bridge(model, installer)
+        suspend_gradient_checkpointing(model, installer)
         if self.eager_experts:
-            _set_config_attr(model, scope, "_experts_implementation_internal", "eager")
-        if self.normalizing_modules:
-            ids = {id(m) for m in model.modules() if type(m).__name__ in self.normalizing_modules}
-            scope.normalizing_modules = ids  # read by the op mode; cleared on exit
-            scope._reverts.append(lambda: setattr(scope, "normalizing_modules", set()))
+            _set_config_attr(model, installer, "_experts_implementation_internal", "eager")
+        if self.normalizing_modules:  # read by the op mode
+            installer.declare_normalizing(m for m in model.modules() if type(m).__name__ in self.normalizing_modules)
         for module in model.modules():
             when = self.route_embeds.get(type(module).__name__)
             if when is not None:
-                route_inputs_embeds(module, scope, when=when)
+                route_inputs_embeds(module, installer, when=when)
         return overrides
 
     def component_canonizers(self, config: Any) -> list["HFCanonizer"]:
@@ -314,9 +312,9 @@ class HFCanonizer(Canonizer):
                 overrides[name] = ("norm", NormSpec(**base))
             elif cls in self.gated_mlps:
                 g = self.gated_mlps[cls]
-                overrides[name] = ("product", {"consumer": getattr(module, g.consumer),
-                                               "gate": getattr(module, g.act),
-                                               "up": getattr(module, g.up) if g.up else None})
+                overrides[name] = ("product", ProductSpec(consumer=getattr(module, g.consumer),
+                                                          gate=getattr(module, g.act),
+                                                          up=getattr(module, g.up) if g.up else None))
             elif cls in self.activations:
                 overrides[name] = ("activation", None)
             elif cls in self.passthrough:

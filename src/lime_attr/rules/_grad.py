@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..context import mark_dependent
 from . import _tangent
 
 
@@ -274,8 +275,4 @@ def _modified(x: Tensor, value: Tensor, vjp) -> Tensor:
 
 
 def _mark_dependent(out: Tensor, like: Tensor) -> None:
-    from ..scope import current_scope  # local import: scope imports rules
-
-    scope = current_scope()
-    if scope is not None:
-        scope.mark_dependent(out, like)
+    mark_dependent(out, like)

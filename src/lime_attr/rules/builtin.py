@@ -23,7 +23,9 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..context import add_carrier
 from ..errors import RuleParameterError
+from ..specs import NormSpec
 from . import _tangent
 from ._grad import Frozen, _Scale, epsilon_factor, epsilon_grad_hook, is_kept, modified_grad, mul_grad_hook, nonnegative, replace_grad, scale_grad, stabilize, stabilize_
 from ._layer import channel_dim, layer_forward, layer_forward_multi, layer_params, layer_vjp
@@ -104,12 +106,6 @@ def _cat_bias(b: Optional[Tensor], first, second) -> Optional[Tensor]:
     return None if b is None else torch.cat([first(b), second(b)])
 
 
-def _current_carriers() -> Any:
-    from ..scope import current_scope  # local import: scope imports rules
-
-    return current_scope()
-
-
 # --------------------------------------------------------------------------------------------- layers
 
 
@@ -133,6 +129,13 @@ class Epsilon(Rule):
     def __post_init__(self) -> None:
         _check_nonneg("epsilon", self.epsilon, "epsilon")
 
+    def is_plain_jacobian(self, kind: str) -> bool:
+        return self.epsilon == 0 and kind in ("layer", "affine")
+
+    def fusable_epsilon(self) -> Optional[float]:
+        # exact type only: a subclass may change what the layer does
+        return self.epsilon if type(self) is Epsilon and self.epsilon != 0 else None
+
     def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
         # z / (z + eps sign(z)) = |z| / (|z| + eps) (sign(0) = +1 gives 0 either way), applied by a hook on
         # y's gradient and computed from y in the backward pass (no copy of y; a later in-place write into
@@ -151,6 +154,12 @@ class Epsilon(Rule):
 @dataclass(frozen=True)
 class Gradient(Rule):
     """The op's own Jacobian (LRP-0 for linear maps): ``g_in = J^T g``. Marks a place as covered."""
+
+    def is_plain_jacobian(self, kind: str) -> bool:
+        return True
+
+    def is_relu_jacobian(self) -> bool:
+        return True
 
     def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
         return y
@@ -394,11 +403,9 @@ class FirstLayerRule(Rule):
     """
 
     def _carrier(self, like: Tensor, value: Union[float, Tensor], x: Tensor) -> Tensor:
-        scope = _current_carriers()
         c = torch.as_tensor(value, dtype=like.dtype, device=like.device).expand_as(like).clone()
         c.requires_grad_(True)
-        if scope is not None:
-            scope.add_carrier(x, c)
+        add_carrier(x, c)
         return c
 
 
@@ -494,6 +501,10 @@ class Identity(Rule):
     constant, so that ``x * g_in = f(x) * g_out``.
     """
 
+    def is_relu_jacobian(self) -> bool:
+        # f(x) / x = 1[x > 0] on a ReLU; exact types only (a subclass may change the activation rule)
+        return type(self) in (Identity, Pass)
+
     def apply_activation(self, x: Tensor, y: Tensor) -> Tensor:
         if type(y.grad_fn).__name__ in _EXACT_IDENTITY_NODES:
             return y  # ReLU: f(x) / x = 1[x > 0] = f'(x), the rule *is* the plain gradient (no extra work)
@@ -568,6 +579,9 @@ class Uniform(Rule):
             if abs(sum(self.weights) - 1.0) > 1e-9:
                 raise RuleParameterError(f"uniform: weights must sum to 1 (conservation), got {self.weights}")
 
+    def product_weights(self, k: int) -> list[float]:
+        return list(self.weights) if self.weights is not None else [1.0 / k] * k
+
     def apply_product(self, factors: Sequence[Tensor]) -> list[Tensor]:
         live = [i for i, f in enumerate(factors) if isinstance(f, Tensor) and f.requires_grad]
         if self.weights is not None:
@@ -593,6 +607,9 @@ class Softmax(Rule):
 
     def apply_softmax(self, x: Tensor, y: Tensor) -> Tensor:
         return y
+
+    def is_plain_jacobian(self, kind: str) -> bool:
+        return kind == "softmax"
 
 
 @register_rule("bilinear")
@@ -631,6 +648,9 @@ class CPAttention(Rule):
     def apply_attention(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return q.detach(), k.detach(), v
 
+    def product_weights(self, k: int) -> list[float]:
+        return [0.0] + [1.0 / (k - 1)] * (k - 1)
+
     def apply_softmax(self, x: Tensor, y: Tensor) -> Tensor:
         return y.detach()
 
@@ -644,35 +664,6 @@ class CPAttention(Rule):
 # ------------------------------------------------------------------------------------------------ norm
 
 
-@dataclass(frozen=True)
-class NormSpec:
-    """How to recompute a normalisation with its scale held constant.
-
-    Parameters
-    ----------
-    kind : {"layernorm", "rmsnorm"}
-        LayerNorm subtracts the mean (kept linear); RMSNorm does not.
-    weight, bias : Tensor or None
-        The affine parameters (detached) applied after normalising.
-    eps : float
-        The variance epsilon.
-    weight_offset : float
-        Added to the weight (Gemma's RMSNorm multiplies by ``1 + weight``).
-    dims : int
-        Number of trailing dimensions normalised over (1 for transformer norms).
-    upcast : bool
-        Compute in float32 like Hugging Face norms do, then cast back.
-    """
-
-    kind: str
-    weight: Optional[Tensor] = None
-    bias: Optional[Tensor] = None
-    eps: float = 1e-6
-    weight_offset: float = 0.0
-    dims: int = 1
-    upcast: bool = True
-
-
 @register_rule("norm")
 @dataclass(frozen=True)
 class Norm(Rule):
@@ -682,6 +673,9 @@ class Norm(Rule):
     computed and detached (stop-gradient), the mean subtraction stays linear, and the gradient flows as
     through a linear map ``x -> (x - mean) * (w / sigma)``. The forward value is unchanged.
     """
+
+    def holds_normalizer_constant(self) -> bool:
+        return True
 
     def apply_norm(self, spec: NormSpec, x: Tensor, y: Tensor) -> Tensor:
         dims = tuple(range(-spec.dims, 0))

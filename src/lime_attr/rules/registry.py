@@ -23,7 +23,7 @@ modified gradients (see :mod:`lime_attr.rules._grad`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Optional, Sequence, TypeVar
 
 from torch import Tensor
 
@@ -101,6 +101,46 @@ class Rule:
     def apply_norm(self, spec: Any, x: Tensor, y: Tensor) -> Tensor:
         """Modify the gradient of a normalisation ``y = norm(x)`` described by ``spec``."""
         raise self._unsupported("norm")
+
+    # Optional behaviour a rule decides for itself (the scope never checks a rule's class).
+    def resolve(self, site: Any) -> "Rule":
+        """The rule that actually drives ``site`` (default: this rule; a lookup rule returns the one it finds)."""
+        return self
+
+    def is_plain_jacobian(self, kind: str) -> bool:
+        """Whether, at a site of ``kind``, the rule is the op's own Jacobian (then no hook is installed)."""
+        return False
+
+    def product_weights(self, k: int) -> list[float]:
+        """The shares of the ``k`` factors of a canonizer-declared gated product (gate first).
+
+        Raises
+        ------
+        TypeError
+            The default: the rule cannot rule a declared product.
+        """
+        raise TypeError(f"rule {self!r} cannot be applied at a gated-MLP product declared by a canonizer (it has no "
+                        "product_weights; supported: 'uniform' and 'cp_attention')")
+
+    def holds_normalizer_constant(self) -> bool:
+        """Whether the rule, at a norm site, holds the normaliser constant (so it may rule a normalising division)."""
+        return False
+
+    def fusable_epsilon(self) -> Optional[float]:
+        """The epsilon this layer rule lets a following ReLU apply for it (memory fusion), or None."""
+        return None
+
+    def is_relu_jacobian(self) -> bool:
+        """Whether the rule, on a ReLU, is exactly the ReLU's Jacobian (so a layer's epsilon may fuse into it)."""
+        return False
+
+    def install(self, site: Any, installer: Any, state: Any) -> bool:
+        """Install hooks of its own on ``site.module`` (through ``installer``); False: use the standard hooks.
+
+        For adapters that drive a module with another library's hooks (zennit). ``state`` is the scope
+        (the :class:`~lime_attr.context.ForwardState` protocol).
+        """
+        return False
 
 
 def register_rule(name: str, *, overwrite: bool = False) -> Callable[[type], type]:
