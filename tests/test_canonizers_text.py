@@ -598,14 +598,15 @@ def _doc_example() -> str:
 def test_writing_a_canonizer_example_runs():
     code = _doc_example()
     assert code and len(code.strip().splitlines()) < 60
-    before = dict(canon_base._CANONIZERS)
+    before = {mt: type(canon_base.get_canonizer(mt)) for mt in canon_base.available_canonizers()}
     namespace: dict = {}
     try:
         exec(compile(code, "writing_a_canonizer.rst", "exec"), namespace)
         assert namespace["delta"].abs().max() / namespace["logit"].abs() <= RMS_TOL
     finally:
-        canon_base._CANONIZERS.clear()
-        canon_base._CANONIZERS.update(before)
+        for mt in set(canon_base.available_canonizers()) - set(before):
+            canon_base.unregister_canonizer(mt)
+    assert {mt: type(canon_base.get_canonizer(mt)) for mt in canon_base.available_canonizers()} == before
 
 
 @pytest.mark.parametrize("family", ALL)

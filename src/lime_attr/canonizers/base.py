@@ -24,7 +24,8 @@ from ..installer import Installer
 from ..sites import norm_spec_for
 from ..specs import NormSpec, ProductSpec
 
-__all__ = ["Canonizer", "HFCanonizer", "GatedMLP", "register_canonizer", "canonizer_for", "get_canonizer",
+__all__ = ["Canonizer", "HFCanonizer", "GatedMLP", "register_canonizer", "unregister_canonizer", "canonizer_for",
+           "get_canonizer",
            "available_canonizers", "attention_function_name", "route_inputs_embeds"]
 
 _CANONIZERS: dict[str, type] = {}
@@ -357,6 +358,20 @@ def register_canonizer(*model_types: str) -> Callable[[type], type]:
         return cls
 
     return decorator
+
+
+def unregister_canonizer(model_type: str) -> None:
+    """Remove the canonizer registered for ``model_type`` (e.g. one a test or a notebook registered).
+
+    Raises
+    ------
+    UnknownNameError
+        If none is registered for it.
+    """
+    if model_type not in _CANONIZERS:
+        raise UnknownNameError(f"no canonizer is registered for model_type {model_type!r}; registered: "
+                               f"{', '.join(available_canonizers())}")
+    del _CANONIZERS[model_type]
 
 
 def available_canonizers() -> list[str]:

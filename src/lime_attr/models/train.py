@@ -531,18 +531,21 @@ def _probe_rows(probes: dict[str, dict[str, float]]) -> str:
     )
 
 
+def _pope_rows(results: dict[str, dict[str, Any]]) -> str:
+    """The model card's held-out POPE table rows, one per split."""
+    rows = []
+    for split in ("random", "popular", "adversarial"):
+        r = results[f"pope_{split}"]
+        rows.append(f"| {split} | {int(r['n'])} | {r['accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} "
+                    f"| {r['f1']:.3f} | {r['yes_ratio']:.3f} |")
+    return "\n".join(rows)
+
+
 def model_card(name: str, model: PreTrainedModel, info: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
     """Markdown model card: architecture, data, recipe, checkpoints, probe and held-out results."""
     prior = task_prior(name)
     n_params = sum(p.numel() for p in model.parameters())
     env = _environment()
-    rows = []
-    for split in ("random", "popular", "adversarial"):
-        r = results[f"pope_{split}"]
-        rows.append(
-            f"| {split} | {int(r['n'])} | {r['accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} "
-            f"| {r['f1']:.3f} | {r['yes_ratio']:.3f} |"
-        )
     probes, d = results["probes"], results["probes"]["description"]
     modality = "image" if name == "digits-llava" else "audio"
     ask = existence_question(name, prior.names[3])
@@ -612,7 +615,7 @@ balanced yes/no:
 
 | split | N | accuracy | precision | recall | F1 | yes-ratio |
 |---|---|---|---|---|---|---|
-{chr(10).join(rows)}
+{_pope_rows(results)}
 
 The same numbers are in `eval_results.json`.
 """
