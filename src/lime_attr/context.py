@@ -2,7 +2,7 @@
 
 This is the bottom of the library: rules, canonizers' attention bridge and adapters read the running
 scope from here, so none of them imports the scope. A scope pushes itself (:func:`running`) around its
-model's forward and pops itself after; the stack lives in a :class:`contextvars.ContextVar`, so threads
+model's forward and pops itself after; the stack lives in a ``contextvars.ContextVar``, so threads
 and asyncio tasks each see their own, and nested scopes of different models stack correctly.
 
 What a running scope offers its rules is the :class:`ForwardState` protocol below. A custom rule that

@@ -37,10 +37,10 @@ class LRPScope(ScopeState):
     Parameters
     ----------
     model : nn.Module
-    composite : str, Composite or zennit composite
-        Default ``"attnlrp"``.
-    canonizer : "auto", None, str, canonizer object, zennit canonizer, or a list of these
-        ``"auto"`` looks up ``model.config.model_type`` in the canonizer registry for Hugging Face models
+    composite : str or Composite
+        Default ``"attnlrp"``; a zennit composite is accepted too.
+    canonizer : "auto", None, str, Canonizer or list
+        A canonizer object may be lime_attr's or zennit's; a list may mix them. ``"auto"`` looks up ``model.config.model_type`` in the canonizer registry for Hugging Face models
         and uses the generic module discovery for plain torch models. zennit canonizers (e.g.
         ``SequentialMergeBatchNorm()``) are applied first and reverted exactly.
     check_ops : {"first", "always", "never"}

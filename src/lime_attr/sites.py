@@ -49,7 +49,7 @@ class Site:
     module : nn.Module or None
         The module (None for op sites outside any module).
     spec : Any
-        Extra data: a :class:`~lime_attr.rules.NormSpec` for norms, the consumer module for products.
+        Extra data: a :class:`~lime_attr.specs.NormSpec` for norms, the consumer module for products.
     first_layer : bool
         The first weight-bearing layer in module order (for first-layer rules).
     op : str
@@ -74,7 +74,7 @@ def _is_hf_activation(module: nn.Module) -> bool:
 
 
 def norm_spec_for(module: nn.Module) -> Optional[NormSpec]:
-    """A :class:`NormSpec` for torch's LayerNorm / RMSNorm and RMSNorm-like modules, else None."""
+    """A :class:`~lime_attr.specs.NormSpec` for torch's LayerNorm / RMSNorm and RMSNorm-like modules, else None."""
     w = getattr(module, "weight", None)
     w = w.detach() if w is not None else None
     if isinstance(module, nn.LayerNorm):

@@ -11,8 +11,8 @@ is the rule-modified one (see :mod:`lime_attr.rules.registry` for the rule proto
   backwards instead of gradients (zennit's hooks);
 * :func:`stabilize`, :func:`safe_divide` -- denominators with a sign-preserving stabiliser / 0 for 0/0.
 """
-from ._grad import (EpsilonScale, epsilon_grad_hook, grad_to_relevance, modified_grad, mul_grad_hook,
+from ._grad import (epsilon_grad_hook, grad_to_relevance, modified_grad, mul_grad_hook,
                     relevance_to_grad, replace_grad, safe_divide, scale_grad, stabilize)
 
-__all__ = ["replace_grad", "scale_grad", "modified_grad", "epsilon_grad_hook", "mul_grad_hook", "EpsilonScale",
+__all__ = ["replace_grad", "scale_grad", "modified_grad", "epsilon_grad_hook", "mul_grad_hook",
            "grad_to_relevance", "relevance_to_grad", "stabilize", "safe_divide"]

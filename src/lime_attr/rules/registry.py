@@ -18,7 +18,7 @@ site            where                                                           
 ==============  ==============================================================  ================================
 
 Each method returns tensors whose forward values are unchanged and whose gradients are the rule's
-modified gradients (see :mod:`lime_attr.rules._grad`).
+modified gradients (see :mod:`lime_attr.rules.primitives`).
 """
 from __future__ import annotations
 
