@@ -147,3 +147,62 @@ def test_product_spec_is_typed():
     assert spec.gate is None and spec.up is None
     with pytest.raises(Exception):
         spec.gate = nn.ReLU()  # frozen
+
+
+def _gqa_llama(impl: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, attn_implementation=impl)
+    model = LlamaForCausalLM(cfg).to(torch.float64).eval()
+    return model, model.get_input_embeddings()(torch.tensor([[1, 5, 7, 2, 9]])).detach()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_transform_may_return_keys_and_values_per_query_head(impl):
+    """A transform that does the grouped-query repeat itself (one head per query head) leaves logits and
+    relevance unchanged: the kernel is then called without grouping."""
+    model, emb = _gqa_llama(impl)
+    lrp = LRP(model, "attnlrp")
+    plain = lrp.attribute(emb, target=3)
+
+    def per_query_head(module, q, k, v, kwargs):
+        groups = q.shape[1] // k.shape[1]
+        return q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+    for stage in ("before_rule", "after_rule"):
+        with lrp.scope().add_attention_transform(per_query_head, stage=stage):
+            torch.testing.assert_close(lrp.attribute(emb, target=3), plain, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="unknown attention-transform stage"):
+        lrp.scope().add_attention_transform(per_query_head, stage="inside")
+
+    def wrong_heads(module, q, k, v, kwargs):
+        return q, torch.cat([k, k, k], dim=1), v
+
+    with lrp.scope().add_attention_transform(wrong_heads), pytest.raises(ValueError, match="one per query head"):
+        lrp.attribute(emb, target=3)
+
+
+def test_a_perturbation_after_the_rule_gets_the_undivided_gradient():
+    """AttnLRP divides the gradients of q, k by 4 and of v by 2 at the kernel's inputs: a perturbation added
+    before the rule receives 1/4 (keys) and 1/2 (values) of the gradient one added after it receives."""
+    model, emb = _gqa_llama("sdpa")
+    lrp = LRP(model, "attnlrp")
+    grads = {}
+    for stage in ("before_rule", "after_rule"):
+        delta = torch.zeros(2, 1, 2, 5, 8, dtype=torch.float64, requires_grad=True)  # (k/v, batch, kv heads, seq, dim)
+        layer0 = model.model.layers[0].self_attn
+
+        def add(module, q, k, v, kwargs, delta=delta):
+            if module is not layer0:
+                return q, k, v
+            return q, k + delta[0], v + delta[1]
+
+        with lrp.scope().add_attention_transform(add, stage=stage), lrp.scope():
+            logit = model(inputs_embeds=emb.clone().requires_grad_(True)).logits[0, -1, 3]
+            (grads[stage],) = torch.autograd.grad(logit, delta)
+    before, after = grads["before_rule"], grads["after_rule"]
+    assert after.abs().max() > 0
+    torch.testing.assert_close(before[0], after[0] / 4, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(before[1], after[1] / 2, rtol=1e-10, atol=1e-14)

@@ -41,7 +41,7 @@ class ScopeState:
         self._module_stack: list[tuple[str, nn.Module]] = []
         self._carriers: list[tuple[Tensor, Tensor]] = []
         self._attention: dict[int, Rule] = {}
-        self._transforms: list[Callable] = []
+        self._transforms: dict[str, list[Callable]] = {"before_rule": [], "after_rule": []}
         self._op_rule_cache: dict[tuple, Optional[Rule]] = {}
         self._active = False
         self._mode: Optional[RuleMode] = None  # the op mode while it runs
@@ -75,22 +75,39 @@ class ScopeState:
         """The attention rule for an attention module (used by canonizers' attention functions)."""
         return self._attention.get(id(module))
 
-    def add_attention_transform(self, transform: Callable) -> "TransformHandle":
+    def add_attention_transform(self, transform: Callable, *, stage: str = "before_rule") -> "TransformHandle":
         """Run ``transform(module, q, k, v, kwargs) -> (q, k, v)`` on every attention call of this scope.
 
-        Transforms run in the order they were added, on the kernel's inputs, before the attention rule
-        (LIME adds its key/value perturbations here). Returns a handle whose ``remove()`` takes the
-        transform out again (idempotent; also a context manager).
+        Parameters
+        ----------
+        transform : callable
+            Gets the attention kernel's inputs ``[batch, heads, seq, head_dim]`` (after RoPE). It may return
+            keys and values with one head per *query* head (the grouped-query repeat done, e.g. to add a
+            perturbation per query head): the kernel is then called with no grouping.
+        stage : {"before_rule", "after_rule"}
+            ``"before_rule"`` (default): on the inputs of the attention rule, so that the rule's gradient
+            scaling (AttnLRP: q, k by 1/4, v by 1/2) also acts on whatever the transform adds.
+            ``"after_rule"``: between the rule and the kernel, so that what the transform adds receives the
+            kernel's undivided gradient -- where the released LIME code adds its perturbations.
+
+        Returns
+        -------
+        TransformHandle
+            ``remove()`` takes the transform out again (idempotent; also a context manager). Transforms of
+            one stage run in the order they were added.
         """
         if not callable(transform):
             raise TypeError(f"an attention transform must be callable as transform(module, q, k, v, kwargs) -> "
                             f"(q, k, v), got {transform!r}")
-        self._transforms.append(transform)
-        return TransformHandle(self._transforms, transform)
+        if stage not in self._transforms:
+            raise ValueError(f"unknown attention-transform stage {stage!r}; use one of {sorted(self._transforms)}")
+        self._transforms[stage].append(transform)
+        return TransformHandle(self._transforms[stage], transform)
 
-    def transform_attention(self, module: nn.Module, q: Tensor, k: Tensor, v: Tensor, kwargs: dict) -> tuple:
-        """``(q, k, v)`` after every attention transform of this scope."""
-        for transform in self._transforms:
+    def transform_attention(self, module: nn.Module, q: Tensor, k: Tensor, v: Tensor, kwargs: dict,
+                            stage: str = "before_rule") -> tuple:
+        """``(q, k, v)`` after every attention transform of this scope at ``stage``."""
+        for transform in self._transforms[stage]:
             q, k, v = transform(module, q, k, v, kwargs)
         return q, k, v
 

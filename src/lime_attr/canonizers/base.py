@@ -77,18 +77,42 @@ def _make_bridge(original: str) -> Callable:
         state = current_scope()
         if state is None or not torch.is_grad_enabled():
             return fn(module, query, key, value, attention_mask, **kwargs)
+        kv_heads = key.shape[1]
         query, key, value = state.transform_attention(module, query, key, value, kwargs)
         rule = state.attention_rule(module)
         if rule is not None:
             query, key, value = rule.apply_attention(query, key, value)
+        query, key, value = state.transform_attention(module, query, key, value, kwargs, stage="after_rule")
+        kernel_module = module if key.shape[1] == kv_heads else _per_query_head(module, query, key)
         state.enter_covered()
         try:
-            return fn(module, query, key, value, attention_mask, **kwargs)
+            return fn(kernel_module, query, key, value, attention_mask, **kwargs)
         finally:
             state.exit_covered()
 
     lime_attr_attention.__name__ = f"lime_attr_attention_{original}"
     return lime_attr_attention
+
+
+class _UngroupedView:
+    """An attention module as its kernel sees it once keys and values have one head per query head."""
+
+    num_key_value_groups = 1
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+def _per_query_head(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> Any:
+    """The module the kernel gets when a transform returned keys/values per query head (no grouping left)."""
+    if key.shape[1] != query.shape[1]:
+        raise ValueError(f"an attention transform on {type(module).__name__} returned keys with {key.shape[1]} heads for "
+                         f"{query.shape[1]} query heads; return one per key-value head (unchanged) or one per query "
+                         "head (the grouped-query repeat done)")
+    return _UngroupedView(module)
 
 
 def _ensure_registered(original: str) -> str:
