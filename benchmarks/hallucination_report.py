@@ -72,6 +72,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from lime_attr.evaluation import POPE_SPLITS
+
 from ._machine import cpu_model, dist_version
 from ._report import holm, sign_test
 
@@ -92,7 +94,8 @@ SWEEP_SUFFIX = "-lr"
 CONDITIONS = ("prior", "clean", "degraded")
 #: Probe conditions of the "prior" condition (lime_attr.models.PROBE_CONDITIONS), in report order.
 PROBE_BENCHES = ("conflict", "consistent_yes", "consistent_no", "control")
-SPLITS = ("random", "popular", "adversarial")
+#: The POPE splits (the one definition: lime_attr.evaluation.POPE_SPLITS).
+SPLITS = POPE_SPLITS
 
 #: How each demo model is scored (scorer, parser, positive class) -- see the page for why.
 MODEL_SETUP: dict[str, dict[str, Any]] = {

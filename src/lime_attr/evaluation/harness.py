@@ -31,8 +31,6 @@ BUILTIN_PARSER = "strict"
 DIGIT_WORDS = {"0": ["zero"], "1": ["one"], "2": ["two"], "3": ["three"], "4": ["four"], "5": ["five"],
                "6": ["six"], "7": ["seven"], "8": ["eight"], "9": ["nine"]}
 
-_SPLITS = ("random", "popular", "adversarial")
-
 #: the captioning prompt of the CHAIR evaluations in the LLaVA / OPERA / LIME papers
 CHAIR_PROMPT = "Please describe this image in detail."
 
