@@ -6,6 +6,9 @@
 * :mod:`~lime_attr.evaluation.audio_qa` -- Kuan et al. audio QA files and scoring ("no" positive);
 * :mod:`~lime_attr.evaluation.chair` -- CHAIR_S / CHAIR_I / recall / length, COCO and generic;
 * :mod:`~lime_attr.evaluation.results` -- result objects, JSON / CSV writers;
+* :mod:`~lime_attr.evaluation.registry` -- the benchmark registry (:class:`Benchmark`: items loader,
+  scorer, parser) that :func:`~lime_attr.evaluation.harness.run_benchmark` and ``lime-attr eval`` read;
+  :mod:`~lime_attr.evaluation.standard` registers POPE, CHAIR and audio-QA;
 * :mod:`~lime_attr.evaluation.sharding`, :mod:`~lime_attr.evaluation.runner` -- :func:`run_eval`
   in one process or under ``torchrun``.
 
@@ -48,6 +51,7 @@ from lime_attr.evaluation.pope import (
     POPE_DATASETS,
     POPE_SPLITS,
     PopeQuestion,
+    PopeSplit,
     find_pope_file,
     load_pope_questions,
     score_pope,
@@ -60,7 +64,18 @@ from lime_attr.evaluation.results import (
     write_csv,
     write_json,
 )
+from lime_attr.evaluation.registry import (
+    Benchmark,
+    BenchmarkItems,
+    BenchmarkRequest,
+    UnknownBenchmarkError,
+    available_benchmarks,
+    get_benchmark,
+    register_benchmark,
+    unregister_benchmark,
+)
 from lime_attr.evaluation.runner import run_eval
+from lime_attr.evaluation.standard import AUDIO_QA, CHAIR, POPE
 from lime_attr.evaluation.sharding import (
     DistInfo,
     from_pretrained_kwargs,
@@ -91,6 +106,7 @@ __all__ = [
     # POPE
     "POPE_DATASETS",
     "POPE_SPLITS",
+    "PopeSplit",
     "PopeQuestion",
     "find_pope_file",
     "load_pope_questions",
@@ -116,6 +132,18 @@ __all__ = [
     "result_from_dict",
     "write_json",
     "write_csv",
+    # the benchmark registry
+    "Benchmark",
+    "BenchmarkItems",
+    "BenchmarkRequest",
+    "UnknownBenchmarkError",
+    "register_benchmark",
+    "unregister_benchmark",
+    "get_benchmark",
+    "available_benchmarks",
+    "POPE",
+    "CHAIR",
+    "AUDIO_QA",
     # running
     "run_eval",
     "DistInfo",
