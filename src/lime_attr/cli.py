@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 

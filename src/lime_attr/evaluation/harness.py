@@ -32,8 +32,6 @@ def _answer_fn(model: Any, processor: Any, decoding: Any, builtin: Optional[str]
                question_field: str):
     from ..generation import generate, load_audio, load_image, prepare_inputs
 
-    tok = getattr(processor, "tokenizer", processor)
-
     def prompt_of(item: Any, kind: str) -> str:
         if builtin is not None:
             return item.prompt
