@@ -51,7 +51,6 @@ from lime_attr.evaluation.pope import (
     POPE_DATASETS,
     POPE_SPLITS,
     PopeQuestion,
-    PopeSplit,
     find_pope_file,
     load_pope_questions,
     score_pope,
@@ -75,7 +74,7 @@ from lime_attr.evaluation.registry import (
     unregister_benchmark,
 )
 from lime_attr.evaluation.runner import run_eval
-from lime_attr.evaluation.standard import AUDIO_QA, CHAIR, POPE
+from lime_attr.evaluation import standard as standard  # noqa: F401 - registers POPE, CHAIR and audio-QA
 from lime_attr.evaluation.sharding import (
     DistInfo,
     from_pretrained_kwargs,
@@ -106,7 +105,6 @@ __all__ = [
     # POPE
     "POPE_DATASETS",
     "POPE_SPLITS",
-    "PopeSplit",
     "PopeQuestion",
     "find_pope_file",
     "load_pope_questions",
@@ -141,9 +139,6 @@ __all__ = [
     "unregister_benchmark",
     "get_benchmark",
     "available_benchmarks",
-    "POPE",
-    "CHAIR",
-    "AUDIO_QA",
     # running
     "run_eval",
     "DistInfo",

@@ -78,7 +78,7 @@ class DescriptionItem:
     reference : str
         Ground-truth description (objects joined by spaces).
     image, audio, sampling_rate, boxes, spans
-        As in :class:`PopeQuestion`.
+        As in :class:`~lime_attr.evaluation.PopeQuestion`.
     """
 
     item_id: int
@@ -200,7 +200,7 @@ def pope_questions(
 
     Returns
     -------
-    list of PopeQuestion
+    list of lime_attr.evaluation.PopeQuestion
         Exactly half of them labelled ``"yes"``; per item alternating yes / no.
     """
     name = resolve_task(task)
