@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ._prior_page import prior_figure, prior_section
-from ._report import _f, _heading, _table, sign_test
+from ._common import fmt, heading, render_table
+from ._report import sign_test
 
 METHOD_TITLES = {
     "greedy": "greedy",
@@ -174,8 +175,8 @@ def _pope_rows(data: dict[str, Any], methods: list[str]) -> list[list[str]]:
             mt = e["metrics"]
             yes = mt.get("yes_ratio")
             unparsed = e["counts"].get("unparsed", 0)
-            rows.append([split, METHOD_TITLES[m], _f(mt["accuracy"]), _f(mt["precision"]), _f(mt["recall"]),
-                         _f(mt["f1"]), _f(yes), str(unparsed)])
+            rows.append([split, METHOD_TITLES[m], fmt(mt["accuracy"]), fmt(mt["precision"]), fmt(mt["recall"]),
+                         fmt(mt["f1"]), fmt(yes), str(unparsed)])
     return rows
 
 
@@ -282,8 +283,8 @@ def _interpret_investigation(mname: str, inv: dict[str, Any]) -> list[str]:
         f"of {conf['logit_margin_median']:.2f} over the runner-up (minimum {conf['logit_margin_min']:.2f}).",
     ]
     first_change = next((p for p in sweep if p["changes"]["changed"] > 0), None)
-    rel_move = [f"{p['label']}: focus {_f(p['focus_before'], '.3g')} -> {_f(p['focus_after'], '.3g')}, reliance "
-                f"{_f(p['reliance_before'])} -> {_f(p['reliance_after'])}" for p in sweep]
+    rel_move = [f"{p['label']}: focus {fmt(p['focus_before'], '.3g')} -> {fmt(p['focus_after'], '.3g')}, reliance "
+                f"{fmt(p['reliance_before'])} -> {fmt(p['reliance_after'])}" for p in sweep]
     lines.append("* **What the inner loop achieved** (means over the questions; focus = softmax mass on the "
                  "perceptual positions): " + "; ".join(rel_move) + ".")
     if paper.get("softmax_gap_median") is not None:
@@ -293,10 +294,10 @@ def _interpret_investigation(mname: str, inv: dict[str, Any]) -> list[str]:
             f"exceeds the largest perceptual one by {paper['softmax_gap_median']:.1f} tau, so each perceptual "
             f"position weighs at most e^-{paper['softmax_gap_median']:.1f} of the top position; the single most "
             f"relevant position is perceptual in {100 * paper['share_top_relevance_on_modality']:.0f}% of the "
-            f"questions, and the focus before the first step has median {_f(paper.get('focus_before_median'), '.2g')} "
-            f"(mean {_f(paper['focus_before'], '.3g')}). The relevance loss L_rel (mean over the "
-            f"perceptual positions of -log softmax) starts at {_f(paper.get('rel_loss_first_mean'), '.1f')} and "
-            f"fell by {_f(paper['rel_loss_drop_mean'], '.2e')} on average over the inner steps; L_rel averages "
+            f"questions, and the focus before the first step has median {fmt(paper.get('focus_before_median'), '.2g')} "
+            f"(mean {fmt(paper['focus_before'], '.3g')}). The relevance loss L_rel (mean over the "
+            f"perceptual positions of -log softmax) starts at {fmt(paper.get('rel_loss_first_mean'), '.1f')} and "
+            f"fell by {fmt(paper['rel_loss_drop_mean'], '.2e')} on average over the inner steps; L_rel averages "
             f"*log* weights, so it can fall while the focus (a sum of weights) does not rise.")
     if first_change is None:
         lines.append(f"* **Sweep.** No setting of the sweep (up to lr x{max(p['lr_factor'] for p in sweep):g}, "
@@ -351,9 +352,9 @@ def _summary(report: dict[str, Any], methods: list[str]) -> list[str]:
             f"introduced {intro} errors on the adversarial questions; accuracy ranged from "
             f"{worst['metrics']['accuracy']:.3f} ({worst['label']}) to {best['metrics']['accuracy']:.3f} "
             f"({best['label']}) against greedy's {inv['greedy']['metrics']['accuracy']:.3f}. Where the objective is "
-            f"met best ({top['label']}: mean focus {_f(top['focus_before'], '.3g')} -> {_f(top['focus_after'], '.3g')}, "
-            f"median {_f(top.get('focus_after_median'), '.3g')}; reliance {_f(top['reliance_before'])} -> "
-            f"{_f(top['reliance_after'])}; KL to the unperturbed distribution {_f(top['kl_last_mean'], '.2f')} at "
+            f"met best ({top['label']}: mean focus {fmt(top['focus_before'], '.3g')} -> {fmt(top['focus_after'], '.3g')}, "
+            f"median {fmt(top.get('focus_after_median'), '.3g')}; reliance {fmt(top['reliance_before'])} -> "
+            f"{fmt(top['reliance_after'])}; KL to the unperturbed distribution {fmt(top['kl_last_mean'], '.2f')} at "
             f"the last step) the accuracy is {top['metrics']['accuracy']:.3f}: on these models, moving the relevance "
             f"onto the perceptual tokens does not by itself make the answers right.")
     if lines:
@@ -388,7 +389,7 @@ def render_rst(report: dict[str, Any], figure_dir: str, figures: dict[str, str])
         "   ``docs/benchmarks/hallucination.json``; edit ``benchmarks/_hallucination_page.py``, not this file.",
         "",
     ]
-    out += _heading("Hallucination benchmarks on the demo models", "=")
+    out += heading("Hallucination benchmarks on the demo models", "=")
     out += [
         "Greedy decoding, sampling, VCD and LIME (``reference`` and ``fast`` modes, plus a learning-rate sweep that "
         "is not the paper's setting) on the embedded demo models (:doc:`demo_models`): first on the clean prior "
@@ -415,7 +416,7 @@ def render_rst(report: dict[str, Any], figure_dir: str, figures: dict[str, str])
         out += [".. warning::", "", "   This is a ``--quick`` smoke run: a handful of questions, not a measurement.", ""]
 
     # ---------------------------------------------------------------- set-up
-    out += _heading("Set-up", "-")
+    out += heading("Set-up", "-")
     out += [
         f"* **Machine**: {m['cpu']}, {m['cpu_cores_visible']} visible cores, {m['torch_threads']} torch thread(s), "
         f"CPU only; Python {m['python']}, torch {m['versions'].get('torch')}, transformers "
@@ -444,14 +445,14 @@ def render_rst(report: dict[str, Any], figure_dir: str, figures: dict[str, str])
         rows.append([f"``{name}``", info["class"], str(info["parameters"]), info["modality"],
                      f":func:`~lime_attr.evaluation.{info['scorer']}`", f"``{info['parser']}``",
                      f"\"{info['positive_class']}\""])
-    out += _table(["model", "class", "parameters", "input", "scorer", "parser", "positive class"], rows)
+    out += render_table(["model", "class", "parameters", "input", "scorer", "parser", "positive class"], rows)
     rows = []
     for meth, meta in report["methods"].items():
         dec = dict(meta["decoding_pope"])
         dec.pop("max_new_tokens", None)
         samples = meth == "sample" or bool(dec.get("do_sample"))
         rows.append([METHOD_TITLES[meth], meta["description"], "yes" if samples else "no", f"``{json.dumps(dec)}``"])
-    out += _table(["method", "how", "samples", "DecodingConfig.to_dict() (POPE; descriptions differ only in "
+    out += render_table(["method", "how", "samples", "DecodingConfig.to_dict() (POPE; descriptions differ only in "
                    "max_new_tokens; ``do_sample`` applies to vcd / lime, ``sample`` always samples)"], rows)
     for name, e in report["models"].items():
         cfgs = {meth: {k: v for k, v in cfg.items() if k != "record_relevance"} for meth, cfg in e["lime_config"].items()}
@@ -474,7 +475,7 @@ def render_rst(report: dict[str, Any], figure_dir: str, figures: dict[str, str])
     ]
 
     # ---------------------------------------------------------------- metrics
-    out += _heading("What is measured", "-")
+    out += heading("What is measured", "-")
     out += [
         "**POPE** (:doc:`evaluation`): accuracy, precision, recall, F1 and yes-ratio (predicted \"yes\" / N). "
         "For the image model the positive class is \"yes\" (POPE); for the audio model it is **\"no\"**, as in "
@@ -526,14 +527,14 @@ def render_rst(report: dict[str, Any], figure_dir: str, figures: dict[str, str])
     out += prior_section(report, METHOD_TITLES, figures, figure_dir)
 
     # ---------------------------------------------------------------- results
-    out += _heading("Held-out POPE and descriptions (secondary conditions)", "-")
+    out += heading("Held-out POPE and descriptions (secondary conditions)", "-")
     for fig_key, caption in (("pope", "POPE accuracy per split, method, model and condition."),
                              ("relevance", "Modality reliance and grounding of the first answer token; pale bars: "
                                            "LIME after its perturbation.")):
         if fig_key in figures:
             out += [f".. figure:: {figure_dir}/{figures[fig_key]}", "   :width: 100%", "", f"   {caption}", ""]
     for mname, e in report["models"].items():
-        out += _heading(MODEL_TITLES.get(mname, mname), "~")
+        out += heading(MODEL_TITLES.get(mname, mname), "~")
         for cond, data in e["conditions"].items():
             if cond == "prior":
                 continue
@@ -544,28 +545,28 @@ def render_rst(report: dict[str, Any], figure_dir: str, figures: dict[str, str])
             pos = e["info"]["positive_class"]
             out += [f"**{cond}** -- POPE ({', '.join(f'{k} N={v}' for k, v in n.items())}; positive class "
                     f"\"{pos}\", parser ``{e['info']['parser']}``):", ""]
-            out += _table(["split", "method", "accuracy", "precision", "recall", "F1", "yes ratio", "unparsed"],
+            out += render_table(["split", "method", "accuracy", "precision", "recall", "F1", "yes ratio", "unparsed"],
                           _pope_rows(data, methods))
             if data["chair"]:
                 out += [f"**{cond}** -- descriptions (N={data['n_descriptions']}):", ""]
-                out += _table(["method", "CHAIR_S", "CHAIR_I", "recall", "length"],
-                              [[METHOD_TITLES[mm], _f(data["chair"][mm]["metrics"]["chair_s"]),
-                                _f(data["chair"][mm]["metrics"]["chair_i"]), _f(data["chair"][mm]["metrics"]["recall"]),
-                                _f(data["chair"][mm]["metrics"]["length"], ".2f")] for mm in methods])
+                out += render_table(["method", "CHAIR_S", "CHAIR_I", "recall", "length"],
+                              [[METHOD_TITLES[mm], fmt(data["chair"][mm]["metrics"]["chair_s"]),
+                                fmt(data["chair"][mm]["metrics"]["chair_i"]), fmt(data["chair"][mm]["metrics"]["recall"]),
+                                fmt(data["chair"][mm]["metrics"]["length"], ".2f")] for mm in methods])
             rel, tim = data["relevance"], data["timing"]
             rows = []
             for mm in methods:
                 r, t = rel[mm], tim[mm]
-                rows.append([METHOD_TITLES[mm], _f(r.get("reliance_before")), _f(r.get("reliance_after")),
-                             _f(r.get("grounding_before")), _f(r.get("grounding_after")),
+                rows.append([METHOD_TITLES[mm], fmt(r.get("reliance_before")), fmt(r.get("reliance_after")),
+                             fmt(r.get("grounding_before")), fmt(r.get("grounding_after")),
                              f"{t['cpu_s_per_token'] * 1e3:.2f}", f"{t['wall_s_per_token'] * 1e3:.2f}",
-                             _f(t.get("cpu_ratio_to_greedy"), ".1f"), _f(t.get("wall_ratio_to_greedy"), ".1f"),
+                             fmt(t.get("cpu_ratio_to_greedy"), ".1f"), fmt(t.get("wall_ratio_to_greedy"), ".1f"),
                              f"{r['n_optimised']} / {r['n']}" if "n_optimised" in r else "--"])
             n_rel = rel[methods[0]]
             out += [f"**{cond}** -- reliance and grounding (first answer token; reliance over {n_rel['n']} POPE "
                     f"questions, grounding over the {n_rel['n_grounding']} \"yes\" questions) and time per generated "
                     "token:", ""]
-            out += _table(["method", "reliance before", "reliance after", "grounding before", "grounding after",
+            out += render_table(["method", "reliance before", "reliance after", "grounding before", "grounding after",
                            "CPU ms/token", "wall ms/token", "CPU x greedy", "wall x greedy",
                            "first tokens LIME optimised"], rows)
             checks = [rel[mm].get("share_before_check") for mm in methods if rel[mm].get("share_before_check") is not None]
@@ -581,12 +582,12 @@ def render_rst(report: dict[str, Any], figure_dir: str, figures: dict[str, str])
                 out += [f"**{cond}** -- answers changed against greedy (\"changed\": the parsed yes / no, or the set "
                         "of objects a description mentions; \"text changed\": any difference of the generated "
                         "text):", ""]
-                out += _table(["set", "method", "changed", "fixed", "introduced", "other", "text changed"], rows)
+                out += render_table(["set", "method", "changed", "fixed", "introduced", "other", "text changed"], rows)
 
     # ---------------------------------------------------------------- investigation
     invs = {k: v["investigation"] for k, v in report["models"].items() if v.get("investigation")}
     if invs:
-        out += _heading("Investigation: why LIME does (not) change the answers", "-")
+        out += heading("Investigation: why LIME does (not) change the answers", "-")
         first = next(iter(invs.values()))
         out += [
             f"A sweep, clearly *not* the paper's settings: LIME in reference mode on the first {first['n']} "
@@ -608,22 +609,22 @@ def render_rst(report: dict[str, Any], figure_dir: str, figures: dict[str, str])
             rows = []
             for p in inv["sweep"]:
                 c = p["changes"]
-                rows.append([p["label"], f"{p['lr']:.1e}", _f(p["metrics"]["accuracy"]), _f(p["metrics"]["f1"]),
+                rows.append([p["label"], f"{p['lr']:.1e}", fmt(p["metrics"]["accuracy"]), fmt(p["metrics"]["f1"]),
                              f"{c['changed']} / {c['n']}", str(c["fixed"]), str(c["introduced"]),
                              str(c.get("text_changed", "")),
-                             f"{_f(p['reliance_before'])} -> {_f(p['reliance_after'])}",
-                             f"{_f(p['grounding_before'])} -> {_f(p['grounding_after'])}",
-                             f"{_f(p['focus_before'], '.3g')} -> {_f(p['focus_after'], '.3g')}", _f(p["rel_loss_drop_mean"], ".2e"),
-                             _f(p.get("kl_last_mean"), ".2g"),
-                             _f(p["delta_bound_over_key_rms"], ".1e"), _f(p["cpu_ratio_to_greedy"], ".1f")])
-            out += _table(["setting", "lr", "accuracy", "F1", "changed", "fixed", "introduced", "text changed",
+                             f"{fmt(p['reliance_before'])} -> {fmt(p['reliance_after'])}",
+                             f"{fmt(p['grounding_before'])} -> {fmt(p['grounding_after'])}",
+                             f"{fmt(p['focus_before'], '.3g')} -> {fmt(p['focus_after'], '.3g')}", fmt(p["rel_loss_drop_mean"], ".2e"),
+                             fmt(p.get("kl_last_mean"), ".2g"),
+                             fmt(p["delta_bound_over_key_rms"], ".1e"), fmt(p["cpu_ratio_to_greedy"], ".1f")])
+            out += render_table(["setting", "lr", "accuracy", "F1", "changed", "fixed", "introduced", "text changed",
                            "reliance",
                            "grounding", "focus (mean)", "L_rel drop", "KL (last step)", "bound / key RMS",
                            "CPU x greedy"], rows)
             out += _interpret_investigation(mname, inv) + [""]
 
     # ---------------------------------------------------------------- reading
-    out += _heading("What the numbers say", "-")
+    out += heading("What the numbers say", "-")
     out += ["Written from the json by the generator (the wording follows the numbers):", ""]
     out += _summary(report, methods)
     for mname, e in report["models"].items():

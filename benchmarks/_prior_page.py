@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ._report import _f, _heading, _table
+from ._common import fmt, heading, render_table
 
 PROBE_BENCHES = ("conflict", "consistent_yes", "consistent_no", "control")
 #: Corrected two-sided p below which the verdict calls a difference significant.
@@ -65,16 +65,16 @@ def _rows(data: dict[str, Any], methods: list[str], titles: dict[str, str]) -> l
             ch = data["changes"].get(bench, {}).get(m)
             r = rel[m]
             rows.append([
-                bench, titles.get(m, m), _f(mt["accuracy"]), _f(mt.get("yes_ratio")),
+                bench, titles.get(m, m), fmt(mt["accuracy"]), fmt(mt.get("yes_ratio")),
                 "--" if ch is None else f"{ch['fixed']} / {ch['introduced']}",
                 "--" if ch is None else f"{ch['sign_p']:.2g}",
                 "--" if ch is None else f"{ch['holm_p']:.2g}",
-                f"{_f(r.get('reliance_before'))} -> {_f(r.get('reliance_after'))}" if "reliance_after" in r
-                else _f(r.get("reliance_before")),
-                f"{_f(r.get('grounding_before'))} -> {_f(r.get('grounding_after'))}" if "grounding_after" in r
-                else _f(r.get("grounding_before")),
-                _f(r.get("kl_last"), ".2g") if "kl_last" in r else "--",
-                _f(tim[m].get("cpu_ratio_to_greedy"), ".1f"),
+                f"{fmt(r.get('reliance_before'))} -> {fmt(r.get('reliance_after'))}" if "reliance_after" in r
+                else fmt(r.get("reliance_before")),
+                f"{fmt(r.get('grounding_before'))} -> {fmt(r.get('grounding_after'))}" if "grounding_after" in r
+                else fmt(r.get("grounding_before")),
+                fmt(r.get("kl_last"), ".2g") if "kl_last" in r else "--",
+                fmt(tim[m].get("cpu_ratio_to_greedy"), ".1f"),
             ])
     return rows
 
@@ -84,8 +84,8 @@ def _description_rows(data: dict[str, Any], methods: list[str], titles: dict[str
     for m in methods:
         e = data["chair"][m]
         ch = data["changes"].get("chair", {}).get(m)
-        rows.append([titles.get(m, m), _f(e.get("partner_hallucination")), _f(e["metrics"]["chair_i"]),
-                     _f(e["metrics"]["chair_s"]), _f(e["metrics"]["recall"]),
+        rows.append([titles.get(m, m), fmt(e.get("partner_hallucination")), fmt(e["metrics"]["chair_i"]),
+                     fmt(e["metrics"]["chair_s"]), fmt(e["metrics"]["recall"]),
                      "--" if ch is None else f"{ch['fixed']} / {ch['introduced']}",
                      "--" if ch is None else f"{ch['holm_p']:.2g}"])
     return rows
@@ -123,7 +123,7 @@ def prior_section(report: dict[str, Any], titles: dict[str, str], figures: dict[
         return []
     methods = list(report["methods"])
     s = report["settings"]
-    out = _heading("Prior-driven hallucination on clean inputs (the main result)", "-")
+    out = heading("Prior-driven hallucination on clean inputs (the main result)", "-")
     out += [
         "The demo models are trained the way LLaVA-style models are (a text-pretrained language model, then a "
         "brief alignment of the perception tower to the frozen language model; :ref:`prior-testbed`), so they "
@@ -149,12 +149,12 @@ def prior_section(report: dict[str, Any], titles: dict[str, str], figures: dict[
                 "   Accuracy per probe condition and method (clean inputs, test split).", ""]
     for name, data in models.items():
         out += [f"**{name}** -- yes/no probes:", ""]
-        out += _table(["condition", "method", "accuracy", "yes ratio", "fixed / introduced", "sign p", "Holm p",
+        out += render_table(["condition", "method", "accuracy", "yes ratio", "fixed / introduced", "sign p", "Holm p",
                        "reliance", "grounding", "KL (last step)", "CPU x greedy"], _rows(data, methods, titles))
         if data.get("chair"):
             out += [f"**{name}** -- broken-pair descriptions (N={data['n_descriptions']}; *partner named*: the "
                     "absent partner is listed):", ""]
-            out += _table(["method", "partner named", "CHAIR_I", "CHAIR_S", "recall", "fixed / introduced",
+            out += render_table(["method", "partner named", "CHAIR_I", "CHAIR_S", "recall", "fixed / introduced",
                            "Holm p"], _description_rows(data, methods, titles))
         out += [f"**{name}** -- verdict, written from the numbers above:", ""]
         out += _verdict(name, data, titles) + [""]

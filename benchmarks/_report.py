@@ -7,9 +7,11 @@ gives the same file.
 from __future__ import annotations
 
 import math
-
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
+
+from ._common import fmt, heading, render_table
 
 MODEL_TITLES = {
     "cnn": "CNN with BatchNorm on digits (8x8)",
@@ -122,26 +124,6 @@ def write_figures(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # page
 # --------------------------------------------------------------------------------------------------
-def _f(value: Optional[float], fmt: str = ".3f") -> str:
-    return "n/a" if value is None else format(value, fmt)
-
-
-def _table(header: list[str], rows: list[list[str]], widths: Optional[str] = None) -> list[str]:
-    lines = [".. list-table::", "   :header-rows: 1"]
-    if widths:
-        lines.append(f"   :widths: {widths}")
-    lines.append("")
-    for row in [header, *rows]:
-        lines.append(f"   * - {row[0]}")
-        lines.extend(f"     - {cell}" for cell in row[1:])
-    lines.append("")
-    return lines
-
-
-def _heading(text: str, char: str) -> list[str]:
-    return [text, char * len(text), ""]
-
-
 def _model_table(model: dict[str, Any]) -> list[str]:
     ok = sorted(_ok(model).items(), key=lambda kv: -kv[1]["faithfulness"]["logit"]["abpc"])
     has_evidence = any("evidence" in e for _, e in ok)
@@ -153,14 +135,14 @@ def _model_table(model: dict[str, Any]) -> list[str]:
     for name, entry in ok:
         logit, prob = entry["faithfulness"]["logit"], entry["faithfulness"]["probability"]
         cost = entry.get("cost") or {}
-        row = [f"``{name}``", _f(logit["auc_morf"]), _f(logit["auc_lerf"]),
-               f"{_f(logit['abpc'])} ± {_f(logit['abpc_sem'])}", _f(prob["abpc"])]
+        row = [f"``{name}``", fmt(logit["auc_morf"]), fmt(logit["auc_lerf"]),
+               f"{fmt(logit['abpc'])} ± {fmt(logit['abpc_sem'])}", fmt(prob["abpc"])]
         if has_evidence:
             ev = entry.get("evidence") or {}
-            row += [_f(ev.get("evidence_mass")), _f(ev.get("pointing_accuracy"), ".2f")]
-        row += [_f(cost.get("time_ratio"), ".2f") if cost else "-", _f(cost.get("memory_ratio"), ".2f") if cost else "-"]
+            row += [fmt(ev.get("evidence_mass")), fmt(ev.get("pointing_accuracy"), ".2f")]
+        row += [fmt(cost.get("time_ratio"), ".2f") if cost else "-", fmt(cost.get("memory_ratio"), ".2f") if cost else "-"]
         rows.append(row)
-    lines = _table(header, rows)
+    lines = render_table(header, rows)
     not_run = [(n, e) for n, e in model["methods"].items() if e.get("status") != "ok"]
     skipped = [(n, e) for n, e in not_run if e["status"] == "skipped"]
     if skipped:
@@ -193,7 +175,7 @@ def render_rst(report: dict[str, Any], figure_dir: str, figures: dict[str, Any])
         "   ``docs/benchmarks/faithfulness.json``; edit ``benchmarks/_report.py``, not this file.",
         "",
     ]
-    lines += _heading("Attribution faithfulness and cost", "=")
+    lines += heading("Attribution faithfulness and cost", "=")
     lines += [
         "How faithful are lime_attr's LRP attributions compared with gradient-based methods, "
         "Captum's and zennit's LRP and attention rollout, and what do they cost relative to one "
@@ -204,7 +186,7 @@ def render_rst(report: dict[str, Any], figure_dir: str, figures: dict[str, Any])
         + ". Regenerate everything with ``python -m benchmarks.faithfulness``.",
         "",
     ]
-    lines += _heading("What is measured", "-")
+    lines += heading("What is measured", "-")
     lines += [
         "**Perturbation curves.** Per example, the features are ranked by their (signed) relevance, "
         "summed over the elements of the feature. They are then removed one step at a time, "
@@ -250,11 +232,11 @@ def render_rst(report: dict[str, Any], figure_dir: str, figures: dict[str, Any])
         acc = info.get("test_accuracy")
         rows.append([
             MODEL_TITLES.get(name, name), str(info.get("n_params", "n/a")),
-            _f(acc, ".3f") if acc is not None else "untrained",
+            fmt(acc, ".3f") if acc is not None else "untrained",
             model["feature_unit"], model["removal_baseline"], str(model["n_examples"]),
         ])
-    lines += _heading("Models", "-")
-    lines += _table(["model", "parameters", "held-out accuracy", "feature", "removal", "examples"], rows)
+    lines += heading("Models", "-")
+    lines += render_table(["model", "parameters", "held-out accuracy", "feature", "removal", "examples"], rows)
     lines += [
         "The LM is a 2-layer Llama (d=64, 4 heads, 2 KV heads) trained on prompts like "
         "``<bos> k3 = 7 k1 = 2 ... ? k1`` (6 distinct keys out of 16, values 0-9) to predict ``2`` as "
@@ -263,37 +245,37 @@ def render_rst(report: dict[str, Any], figure_dir: str, figures: dict[str, Any])
         "the LM is its ``inputs_embeds``; relevance is summed over the embedding dimension.",
         "",
     ]
-    lines += _heading("Methods", "-")
-    lines += _table(["method", "settings"],
+    lines += heading("Methods", "-")
+    lines += render_table(["method", "settings"],
                     [[f"``{n}``", meta["settings"]] for n, meta in report["methods"].items()])
 
     for name, model in report["models"].items():
-        lines += _heading(MODEL_TITLES.get(name, name), "-")
+        lines += heading(MODEL_TITLES.get(name, name), "-")
         grad = model.get("gradient_reference") or {}
         lines += [
-            f"{model['n_examples']} examples; model accuracy on them {_f(model['accuracy_on_examples'], '.3f')}. "
+            f"{model['n_examples']} examples; model accuracy on them {fmt(model['accuracy_on_examples'], '.3f')}. "
             f"Plain gradient on a batch of {grad.get('batch', 'n/a')}: "
-            f"{_f((grad.get('seconds_median') or 0) * 1e3, '.2f')} ms ({grad.get('clock', 'n/a')}), "
-            f"peak {_f((grad.get('peak_bytes') or 0) / 2**20, '.2f')} MiB.",
+            f"{fmt((grad.get('seconds_median') or 0) * 1e3, '.2f')} ms ({grad.get('clock', 'n/a')}), "
+            f"peak {fmt((grad.get('peak_bytes') or 0) / 2**20, '.2f')} MiB.",
             "",
         ]
         lines += _model_table(model)
         if model.get("agreement"):
             lines += ["Agreement of feature scores between methods that should (or may) coincide, cosine "
                       "similarity per example (1 = the same up to a positive scale):", ""]
-            lines += _table(["methods", "min cosine", "mean cosine"],
-                            [[" vs ".join(f"``{n}``" for n in a["methods"]), _f(a["cosine_min"], ".6f"),
-                              _f(a["cosine_mean"], ".6f")] for a in model["agreement"]])
+            lines += render_table(["methods", "min cosine", "mean cosine"],
+                            [[" vs ".join(f"``{n}``" for n in a["methods"]), fmt(a["cosine_min"], ".6f"),
+                              fmt(a["cosine_mean"], ".6f")] for a in model["agreement"]])
         if name in figures.get("curves", {}):
             lines += [f".. image:: {figure_dir}/{figures['curves'][name]}",
                       f"   :alt: perturbation curves, {name}", ""]
 
-    lines += _heading("Summary figures", "-")
+    lines += heading("Summary figures", "-")
     for key, alt in (("abpc", "ABPC per method and model"), ("cost", "time and memory relative to a gradient")):
         if key in figures:
             lines += [f".. image:: {figure_dir}/{figures[key]}", f"   :alt: {alt}", ""]
 
-    lines += _heading("Machine and settings", "-")
+    lines += heading("Machine and settings", "-")
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
     lines += [
         f"- CPU: {m['cpu']}, {m['cpu_cores_visible']} cores visible, torch threads {m['torch_threads']}"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -27,12 +26,10 @@ from typing import Callable
 
 import torch
 
-from lime_attr.evaluation import jsonable
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from benchmarks.bench_lrp_cost import machine_info  # noqa: E402
+from benchmarks._common import cost_machine_info, op_peak_bytes, write_json  # noqa: E402
 from lime_attr import LRP  # noqa: E402
 
 
@@ -106,18 +103,8 @@ def time_family(family: str, repeats: int) -> dict:
 
 
 def peak_bytes(run: Callable[[], torch.Tensor]) -> int:
-    """Peak of live tensor bytes allocated during ``run()`` (profiler memory events in time order)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = run()
-        del out
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for e in events:
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+    """Peak of live tensor bytes allocated during ``run()`` (:func:`benchmarks._common.op_peak_bytes`)."""
+    return op_peak_bytes(run)
 
 
 def memory(family: str, method: str) -> int:
@@ -153,10 +140,9 @@ def main(argv=None) -> dict:
         t["memory_ratio"] = mem["attnlrp"] / max(mem["gradient"], 1)
         rows[fam] = t
         print(f"{fam:22s} {t['time_ratio']:10.2f} {t['memory_ratio']:12.2f}", flush=True)
-    report = {"machine": machine_info(torch.device("cpu")), "threads": args.threads, "repeats": args.repeats,
+    report = {"machine": cost_machine_info(torch.device("cpu")), "threads": args.threads, "repeats": args.repeats,
               "method": __doc__, "families": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(jsonable(report), indent=2, allow_nan=False))
+    write_json(args.out, report, indent=2)
     return report
 
 

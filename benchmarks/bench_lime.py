@@ -51,16 +51,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
-import time
 from typing import Any
 
 import torch
 
-from lime_attr.evaluation import jsonable
+from benchmarks._common import Stopwatch, machine_line, max_rss_mb, rss_mb, write_json
 
 DECODERS = ("greedy", "vcd", "lime-reference", "lime-fast", "lime-fast-nogate", "lime-fast-v1", "lime-fast-cached",
             "lime-fast-1")
@@ -87,11 +84,6 @@ def lime_configs(model: Any = None, lr_factor: float = 1.0) -> dict:
         for k in ("lime-reference", "lime-fast", "lime-fast-1"):
             cfgs[f"{k}@x{lr_factor:g}"] = cfgs[k].replace(lr=base.lr * lr_factor)
     return cfgs
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def build(name: str, device: str) -> tuple[Any, dict, Any]:
@@ -195,13 +187,11 @@ def run_one(name: str, decoder: str, tokens: int, device: str) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
-    base_rss = _rss_mb()
-    t0, c0 = time.perf_counter(), time.process_time()
-    toks, info = go(tokens)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base_rss = rss_mb()
+    with Stopwatch(sync=device == "cuda") as clock:
+        toks, info = go(tokens)
+    dt, cpu = clock.wall, clock.cpu
+    peak_rss = max_rss_mb()
     out = dict(model=name, decoder=decoder, tokens=len(toks), seconds=dt, tokens_per_s=len(toks) / dt,
                cpu_seconds=cpu, tokens_per_cpu_s=len(toks) / cpu,
                base_mb=base_rss, peak_mb=peak_rss, extra_mb=max(peak_rss - base_rss, 0.0), ids=toks,
@@ -283,11 +273,11 @@ def run_task(name: str, kind: str, condition: str, decoder: str, n_items: int, m
         return ids[:cut], rec
 
     one(encs[0])  # warm-up (first scope entry, op-coverage check, allocator)
-    base_rss = _rss_mb()
-    t0, c0 = time.perf_counter(), time.process_time()
-    runs = [one(e) for e in encs]
-    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base_rss = rss_mb()
+    with Stopwatch() as clock:
+        runs = [one(e) for e in encs]
+    dt, cpu = clock.wall, clock.cpu
+    peak_rss = max_rss_mb()
     n_tok = sum(len(ids) for ids, _ in runs)
     names = object_names(name)
     answers = [tok.decode(ids, skip_special_tokens=True).strip() for ids, _ in runs]
@@ -362,17 +352,8 @@ def print_tasks(rows: list) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} threads={torch.get_num_threads()}, "
-            f"python {platform.python_version()}")
+    """The machine in one line (:func:`benchmarks._common.machine_line`)."""
+    return machine_line()
 
 
 def main(argv: Any = None) -> None:
@@ -448,8 +429,7 @@ def main(argv: Any = None) -> None:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     if not rows:
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(jsonable({"machine": machine(), "rows": rows, "task_rows": task_rows}), f, indent=1, allow_nan=False)
+            write_json(args.json, {"machine": machine(), "rows": rows, "task_rows": task_rows}, indent=1)
         return
     print(f"\n{'model':6} {'decoder':17} {'tok/s':>8} {'x slower':>9} {'tok/cpu-s':>9} {'x slower':>9} {'extra MB':>9} "
           f"{'mem ratio':>9} {'extra/weights':>13} {'steps':>6} {'changed':>7} {'same as fast':>12} {'share b->a':>12}")
@@ -477,8 +457,7 @@ def main(argv: Any = None) -> None:
           "base = resident memory after loading the model (mostly the Python / torch runtime for these tiny models), "
           "so extra/weights (peak memory above base over the model's weight bytes) is the figure that scales. same as fast: emitted tokens equal to lime-fast's.")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(jsonable({"machine": machine(), "rows": rows, "task_rows": task_rows}), f, indent=1, allow_nan=False)
+        write_json(args.json, {"machine": machine(), "rows": rows, "task_rows": task_rows}, indent=1)
 
 
 if __name__ == "__main__":

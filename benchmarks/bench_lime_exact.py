@@ -22,15 +22,13 @@ Run: ``python -m benchmarks.bench_lime_exact [--items 80] [--lr-factors 10 100] 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import time
 from typing import Any
 
 import torch
 
-from lime_attr.evaluation import jsonable
+from benchmarks._common import cpu_model, write_json
 
 
 def _mean(xs: list) -> float:
@@ -161,7 +159,7 @@ def main(argv: Any = None) -> None:
             other = by[r["decoder"].replace(" exact", " autograd")]
             r["cost_ratio"] = r["cpu_s_per_token"] / other["cpu_s_per_token"]
     print(f"\n{args.model}, POPE adversarial degraded, {len(items)} questions, reference mode, "
-          f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread")
+          f"{cpu_model()}, torch {torch.__version__}, 1 thread")
     print(f"{'decoder':22} {'cpu-s/tok':>9} {'ratio':>6} {'acc':>6} {'changed':>7} {'share b->a':>15} "
           f"{'focus b->a':>15} {'L_rel first->last':>18} {'L_rel down':>10} {'median dL_rel':>13}")
     for r in rows:
@@ -180,8 +178,7 @@ def main(argv: Any = None) -> None:
               f"{agreement['adam_step_efficiency_mean']:.3f} of the first-order decrease along exact (min "
               f"{agreement['adam_step_efficiency_min']:.3f}, max {agreement['adam_step_efficiency_max']:.3f})")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(jsonable(dict(rows=rows, gradient_agreement=agreement)), f, indent=1, allow_nan=False)
+        write_json(args.json, dict(rows=rows, gradient_agreement=agreement), indent=1)
 
 
 if __name__ == "__main__":

@@ -54,9 +54,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -67,7 +65,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lime_attr.evaluation import jsonable
+from benchmarks._common import cost_machine_info, cpu_median, render_table, rss_peak_bytes, write_json
+
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks" / "lrp_cost.json"
@@ -278,13 +277,7 @@ _CONV_COUNTS = {
 
 
 def _cpu_median(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        c0 = time.process_time()
-        fn()
-        times.append(time.process_time() - c0)
-    return statistics.median(times)
+    return cpu_median(fn, repeats, warmup=1)
 
 
 def conv_costs(name: str, device: torch.device, repeats: int) -> list[dict[str, float]]:
@@ -332,14 +325,6 @@ def conv_time(method: str, costs: list[dict[str, float]]) -> float | None:
 # ------------------------------------------------------------------------------------------ memory
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
 def measure_memory_here(name: str, method: str, device: torch.device) -> int:
     """Peak memory (bytes) of one attribution, in this process (see the module docstring)."""
     model, x, target = build(name, device)
@@ -355,11 +340,7 @@ def measure_memory_here(name: str, method: str, device: torch.device) -> int:
         run()
         sync(device)
         return torch.cuda.max_memory_allocated(device) - base
-    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
-        f.write("5")
-    base = _status("VmRSS")
-    run()
-    return _status("VmHWM") - base
+    return rss_peak_bytes(run)
 
 
 def measure_memory(name: str, method: str, device: torch.device) -> int:
@@ -376,29 +357,30 @@ def measure_memory(name: str, method: str, device: torch.device) -> int:
 
 
 def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    from importlib import metadata
+    """The machine and library versions recorded in the JSON (:func:`benchmarks._common.cost_machine_info`)."""
+    return cost_machine_info(device)
 
-    for mod in ("transformers", "zennit", "captum", "lime_attr"):
-        try:
-            versions[mod] = metadata.version(mod)
-        except Exception:  # noqa: BLE001
-            versions[mod] = getattr(__import__(mod), "__version__", None)
-    info = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "device": str(device), "versions": versions}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        info["load_average"] = os.getloadavg()
-    except OSError:
-        pass
-    return info
+
+_TABLE_HEADER = ["model", "method", "wall ms", "wall x", "cpu ms", "cpu x", "bound", "mem MiB", "mem x",
+                 "zennit/ours", "at bound", " goal"]
+_TABLE_WIDTHS = [8, 22, 9, 7, 9, 6, 6, 8, 6, 11, 8, 0]
+_TABLE_ALIGN = "llrrrrrrrrrl"
+
+
+def table_lines(rows: list[tuple[str, str, dict]]) -> list[str]:
+    """The printed table: one line per (model, method, entry), ratios to the gradient."""
+    cells = []
+    for name, m, e in rows:
+        zen = f"{e['zennit_over_ours_cpu']:5.2f} ({e['zennit_over_ours']:4.2f})" if "zennit_over_ours" in e else ""
+        goal = ", ".join(f"{k}{'>=' if k == 'vs_zennit' else '<='}{v}" for k, v in e.get("goals", {}).items())
+        cells.append([
+            name, m, f"{e['median_s'] * 1e3:.1f}", f"{e['time_ratio']:.2f}", f"{e['cpu_median_s'] * 1e3:.1f}",
+            f"{e['cpu_time_ratio']:.2f}", f"{e['conv_bound_ratio']:.2f}" if "conv_bound_ratio" in e else "",
+            f"{e['peak_bytes'] / 2**20:.1f}" if "peak_bytes" in e else "-",
+            f"{e['memory_ratio']:.2f}" if e.get("memory_ratio") is not None else "-", zen,
+            f"{e['zennit_over_ours_at_bound_cpu']:.2f}" if "zennit_over_ours_at_bound_cpu" in e else "",
+            " " + goal])
+    return render_table(_TABLE_HEADER, cells, style="text", widths=_TABLE_WIDTHS, align=_TABLE_ALIGN)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -471,24 +453,12 @@ def main(argv: list[str] | None = None) -> dict:
         if costs:
             results.setdefault("conv_costs_cpu_s", {})[name] = costs
 
-    print(f"{'model':8} {'method':22} {'wall ms':>9} {'wall x':>7} {'cpu ms':>9} {'cpu x':>6} {'bound':>6} "
-          f"{'mem MiB':>8} {'mem x':>6} {'zennit/ours':>11} {'at bound':>8}  goal")
-    for name, m, e in rows:
-        mem = f"{e['peak_bytes'] / 2**20:8.1f}" if "peak_bytes" in e else f"{'-':>8}"
-        memx = f"{e['memory_ratio']:6.2f}" if e.get("memory_ratio") is not None else f"{'-':>6}"
-        zen = (f"{e['zennit_over_ours_cpu']:5.2f} ({e['zennit_over_ours']:4.2f})" if "zennit_over_ours" in e
-               else f"{'':>11}")
-        goal = ", ".join(f"{k}{'>=' if k == 'vs_zennit' else '<='}{v}" for k, v in e.get("goals", {}).items())
-        bound = f"{e['conv_bound_ratio']:6.2f}" if "conv_bound_ratio" in e else f"{'':>6}"
-        at_bound = (f"{e['zennit_over_ours_at_bound_cpu']:8.2f}" if "zennit_over_ours_at_bound_cpu" in e
-                    else f"{'':>8}")
-        print(f"{name:8} {m:22} {e['median_s'] * 1e3:9.1f} {e['time_ratio']:7.2f} {e['cpu_median_s'] * 1e3:9.1f} "
-              f"{e['cpu_time_ratio']:6.2f} {bound} {mem} {memx} {zen} {at_bound}  {goal}")
+    for line in table_lines(rows):
+        print(line)
     print("(cpu: process CPU time; bound: the CPU-time ratio if only the convolutions the rule needs cost anything "
           "extra; zennit/ours: CPU-time ratio, wall-time ratio in brackets; at bound: zennit's measured CPU time "
           "over ours at that bound)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(jsonable(results), indent=2, allow_nan=False) + "\n")
+    write_json(args.out, results, indent=2)
     print(f"wrote {args.out}")
     return results
 

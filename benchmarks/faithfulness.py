@@ -11,7 +11,7 @@ model's own prediction on held-out examples. Then
 * on the retrieval task also the share of absolute relevance on the known evidence tokens and the
   pointing accuracy;
 * cost: time and peak memory of one call on a fixed batch, relative to one plain gradient pass
-  (:mod:`benchmarks._cost`).
+  (:mod:`benchmarks._common`).
 
 Run ``python -m benchmarks.faithfulness`` (full, writes ``docs/benchmarks/faithfulness.json``, the
 figures next to it and ``docs/benchmarks_faithfulness.rst``) or ``--quick`` (a tiny version, written
@@ -40,21 +40,15 @@ Layout of ``faithfulness.json``::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
-import numpy as np
 import torch
 
-from . import _cost
-from ._machine import cpu_model, dist_version
+from . import _common
 from ._methods import AGREEMENT_PAIRS, Method, MethodUnavailable, all_methods, applicable, plain_gradient
 from ._perturbation import (
     CurveResult,
@@ -76,7 +70,7 @@ QUICK_OUT = REPO_ROOT / "outputs" / "benchmarks_quick"
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(_common.PresetSettings):
     """Knobs of one benchmark run (recorded in the json).
 
     Attributes
@@ -109,12 +103,10 @@ class Settings:
     device: str = "cpu"
     quick: bool = False
 
-    @classmethod
-    def quick_run(cls, **overrides: Any) -> "Settings":
-        """The ``--quick`` preset."""
-        base = dict(n_examples=16, steps=8, chunk=16, cost_batch=8, repeats=2, warmup=1, quick=True)
-        base.update(overrides)
-        return cls(**base)
+    #: ``quick``: the tiny ``--quick`` run (:meth:`~benchmarks._common.PresetSettings.quick_run`)
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "quick": dict(n_examples=16, steps=8, chunk=16, cost_batch=8, repeats=2, warmup=1, quick=True),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,7 +241,7 @@ def _cost_of(inst: BenchInstance, built: dict[str, Any], settings: Settings) -> 
     calls = {name: (lambda fn=fn: fn(x, target)) for name, fn in fns.items()}
     logger.info("[%s] timing %d methods on a batch of %d (%d repeats after %d warm-up)", inst.name,
                 len(calls), batch, settings.repeats, settings.warmup)
-    samples = _cost.timed_round_robin(calls, settings.repeats, settings.warmup)
+    samples = _common.timed_round_robin(calls, settings.repeats, settings.warmup)
     device = inst.inputs.device
     clock = "cpu" if device.type == "cpu" else "wall"
     out: dict[str, dict[str, Any]] = {}
@@ -257,13 +249,13 @@ def _cost_of(inst: BenchInstance, built: dict[str, Any], settings: Settings) -> 
         s = samples[name]
         out[name] = {
             "batch": batch,
-            "seconds_median": _cost.median(s[clock]),
+            "seconds_median": _common.median(s[clock]),
             "clock": "process CPU time" if clock == "cpu" else "wall clock",
-            "wall_seconds_median": _cost.median(s["wall"]),
-            "cpu_seconds_median": _cost.median(s["cpu"]),
+            "wall_seconds_median": _common.median(s["wall"]),
+            "cpu_seconds_median": _common.median(s["cpu"]),
             "seconds_samples": [round(v, 7) for v in s[clock]],
             "calls_per_sample": s["calls_per_sample"][0],
-            "peak_bytes": _cost.peak_bytes(call, device),
+            "peak_bytes": _common.peak_bytes(call, device),
         }
     ref = out["gradient"]
     for entry in out.values():
@@ -280,22 +272,8 @@ def _cost_of(inst: BenchInstance, built: dict[str, Any], settings: Settings) -> 
 # whole run
 # --------------------------------------------------------------------------------------------------
 def machine_info(device: str) -> dict[str, Any]:
-    """CPU / GPU, cores, threads and library versions."""
-    info: dict[str, Any] = {
-        "cpu": cpu_model(),
-        "cpu_cores_visible": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "device": device,
-        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
-        "versions": {d: dist_version(d) for d in ("torch", "transformers", "captum", "zennit", "lime_attr", "numpy")},
-    }
-    try:
-        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        pass
-    return info
+    """CPU / GPU, cores, threads and library versions (:func:`benchmarks._common.machine_info`)."""
+    return _common.machine_info(device, ("torch", "transformers", "captum", "zennit", "lime_attr", "numpy"))
 
 
 def _to_device(inst: BenchInstance, device: str) -> BenchInstance:
@@ -355,25 +333,12 @@ def run_benchmark(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "faithfulness.json").write_text(json.dumps(_jsonable(report), indent=1, sort_keys=False, allow_nan=False) + "\n")
+    _common.write_json(out_dir / "faithfulness.json", report, indent=1)
     if figures:
         names = write_figures(report, out_dir)
         write_rst(report, out_dir.parent / "benchmarks_faithfulness.rst", out_dir.name, names)
     logger.info("wrote %s (%.0f s)", out_dir / "faithfulness.json", report["runtime_seconds"])
     return report
-
-
-def _jsonable(obj: Any) -> Any:
-    """Replace NaN / inf (not valid JSON) by None, recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    return obj
 
 
 def build_instances(names: Sequence[str], n_examples: int, retrain: bool = False) -> list[BenchInstance]:

@@ -62,17 +62,17 @@ import inspect
 import json
 import logging
 import math
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ._machine import cpu_model, dist_version
+from lime_attr.evaluation import POPE_SPLITS
+
+from . import _common
 from ._report import holm, sign_test
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,8 @@ SWEEP_SUFFIX = "-lr"
 CONDITIONS = ("prior", "clean", "degraded")
 #: Probe conditions of the "prior" condition (lime_attr.models.PROBE_CONDITIONS), in report order.
 PROBE_BENCHES = ("conflict", "consistent_yes", "consistent_no", "control")
-SPLITS = ("random", "popular", "adversarial")
+#: The POPE splits (the one definition: lime_attr.evaluation.POPE_SPLITS).
+SPLITS = POPE_SPLITS
 
 #: How each demo model is scored (scorer, parser, positive class) -- see the page for why.
 MODEL_SETUP: dict[str, dict[str, Any]] = {
@@ -118,7 +119,7 @@ MODEL_SETUP: dict[str, dict[str, Any]] = {
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(_common.PresetSettings):
     """Knobs of one report run (all recorded in the json).
 
     Attributes
@@ -177,13 +178,12 @@ class Settings:
     threads: int = 1
     quick: bool = False
 
-    @classmethod
-    def quick_run(cls, **overrides: Any) -> "Settings":
-        """The ``--quick`` preset: a handful of questions, one sweep point beyond the paper's."""
-        base: dict[str, Any] = dict(limit=2, n_descriptions=1, n_probe=2, n_probe_descriptions=1, sweep_limit=2,
-                                    sweep_grid=((1.0, 7), (100.0, 7)), quick=True)
-        base.update(overrides)
-        return cls(**base)
+    #: ``quick``: a handful of questions, one sweep point beyond the paper's
+    #: (:meth:`~benchmarks._common.PresetSettings.quick_run`)
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "quick": dict(limit=2, n_descriptions=1, n_probe=2, n_probe_descriptions=1, sweep_limit=2,
+                      sweep_grid=((1.0, 7), (100.0, 7)), quick=True),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,15 +321,15 @@ def answer_item(model: Any, processor: Any, enc: dict, method: str, settings: Se
     from lime_attr.generation import generate
     from lime_attr.mitigation import lime_generate
 
-    c0, w0 = time.process_time(), time.perf_counter()
-    if method.startswith("lime-"):
-        res = lime_generate(model, processor, enc, lime_cfg, max_new_tokens=max_new_tokens)
-        text, tokens = res.texts[0].strip(), res.tokens[0].tolist()
-        record = res.records[0] if res.records else None
-    else:
-        res = generate(model, processor, enc, decoding_config(method, settings, max_new_tokens))
-        text, tokens, record = res.texts[0], list(res.tokens[0]), None
-    return Answer(text, tokens, time.process_time() - c0, time.perf_counter() - w0, record)
+    with _common.Stopwatch() as clock:
+        if method.startswith("lime-"):
+            res = lime_generate(model, processor, enc, lime_cfg, max_new_tokens=max_new_tokens)
+            text, tokens = res.texts[0].strip(), res.tokens[0].tolist()
+            record = res.records[0] if res.records else None
+        else:
+            res = generate(model, processor, enc, decoding_config(method, settings, max_new_tokens))
+            text, tokens, record = res.texts[0], list(res.tokens[0]), None
+    return Answer(text, tokens, clock.cpu, clock.wall, record)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -806,21 +806,8 @@ def investigate(model: Any, processor: Any, model_name: str, questions: Sequence
 # whole run
 # --------------------------------------------------------------------------------------------------
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, threads, platform and library versions."""
-    info: dict[str, Any] = {
-        "cpu": cpu_model(),
-        "cpu_cores_visible": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "device": "cpu",
-        "versions": {d: dist_version(d) for d in ("torch", "transformers", "lime_attr", "numpy")},
-    }
-    try:
-        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        pass
-    return info
+    """CPU model, cores, threads, platform and library versions (:func:`benchmarks._common.machine_info`)."""
+    return _common.machine_info("cpu", ("torch", "transformers", "lime_attr", "numpy"), gpu=False)
 
 
 def _model_info(model: Any, model_name: str) -> dict[str, Any]:
@@ -886,7 +873,7 @@ def run_report(settings: Settings, out_dir: Path | str, page: Optional[Path | st
     report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "settings": _jsonable(asdict(settings)),
+        "settings": settings.to_dict(),
         "machine": machine_info(),
         "methods": {},
         "conditions": conditions,
@@ -905,7 +892,7 @@ def run_report(settings: Settings, out_dir: Path | str, page: Optional[Path | st
         lime_cfgs = {m: lime_config(model, m) for m in settings.methods if m.startswith("lime-")}
         entry: dict[str, Any] = {
             "info": _model_info(model, model_name),
-            "lime_config": {m: _jsonable(asdict(c)) for m, c in lime_cfgs.items()},
+            "lime_config": {m: _common.clean_json(asdict(c)) for m, c in lime_cfgs.items()},
             "conditions": {},
         }
         for cond, meta in conditions.items():
@@ -932,7 +919,7 @@ def run_report(settings: Settings, out_dir: Path | str, page: Optional[Path | st
         del model, processor, probe
     report["runtime"] = {"wall_seconds": round(time.perf_counter() - wall0, 1),
                          "cpu_seconds": round(time.process_time() - cpu0, 1)}
-    report = _jsonable(report)
+    report = _common.clean_json(report)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -984,34 +971,8 @@ def merge(json_paths: Sequence[Path | str], out_dir: Path | str, page: Optional[
     return report
 
 
-def dumps(obj: Any, level: int = 0) -> str:
-    """JSON with one-space indentation, lists of scalars (answers, labels) kept on one line."""
-    pad, inner = " " * level, " " * (level + 1)
-    if isinstance(obj, dict):
-        if not obj:
-            return "{}"
-        items = [f"{inner}{json.dumps(str(k))}: {dumps(v, level + 1)}" for k, v in obj.items()]
-        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
-    if isinstance(obj, list):
-        if all(not isinstance(v, (dict, list)) for v in obj):
-            return json.dumps(obj)
-        return "[\n" + ",\n".join(inner + dumps(v, level + 1) for v in obj) + "\n" + pad + "]"
-    return json.dumps(obj)
-
-
-def _jsonable(obj: Any) -> Any:
-    """NaN / inf -> None, tuples -> lists, numpy scalars -> Python, recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist())
-    return obj
+#: JSON with one-space indentation, lists of scalars kept on one line (:func:`benchmarks._common.compact_dumps`)
+dumps = _common.compact_dumps
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

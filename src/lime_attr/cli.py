@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -352,11 +351,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation.harness import run_benchmark
-
-    from .evaluation.harness import check_corruption
-
-    from .evaluation.harness import check_benchmark_args
+    from .evaluation.harness import check_benchmark_args, check_corruption, run_benchmark
 
     decoding = _decoding(args)
     try:
@@ -466,11 +461,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="JSON file for the answer and its configuration")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="score POPE / CHAIR / audio-QA (embedded mini benchmarks or your files)")
-    p.add_argument("benchmark", choices=["pope", "chair", "audio-qa"])
+    _add_eval_parser(sub)
+    return parser
+
+
+def _add_eval_parser(sub: Any) -> None:
+    """The ``eval`` subcommand; its benchmarks and splits come from the benchmark registry."""
+    from .evaluation import available_benchmarks, get_benchmark
+
+    names = available_benchmarks()
+    benches = [get_benchmark(n) for n in names]
+    p = sub.add_parser("eval", help="score a registered benchmark: " + ", ".join(names)
+                       + " (embedded mini benchmarks or your files)")
+    p.add_argument("benchmark", choices=names,
+                   help="; ".join(f"{b.name}: {b.description}" for b in benches if b.description) or None)
     _add_model_args(p, media=False)
     _add_decoding_args(p)
-    p.add_argument("--split", default="all", help="random | popular | adversarial | all (POPE / audio-QA)")
+    splits = {sp: None for b in benches for sp in b.splits}
+    with_splits = [b.name for b in benches if b.splits]
+    p.add_argument("--split", default="all",
+                   help=" | ".join([*splits, "all"]) + (f" ({' / '.join(with_splits)})" if with_splits else ""))
     p.add_argument("--limit", type=int, default=None, help="at most N questions per split")
     p.add_argument("--output", default=None, help="JSON report (a CSV is written beside it)")
     p.add_argument("--questions", default=None, help="POPE question file / audio-QA file (real benchmarks)")
@@ -489,7 +499,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "llava_pope for POPE files, kuan2024 for audio-QA files, strict for the builtin models)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
-    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

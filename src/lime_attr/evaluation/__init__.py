@@ -6,6 +6,9 @@
 * :mod:`~lime_attr.evaluation.audio_qa` -- Kuan et al. audio QA files and scoring ("no" positive);
 * :mod:`~lime_attr.evaluation.chair` -- CHAIR_S / CHAIR_I / recall / length, COCO and generic;
 * :mod:`~lime_attr.evaluation.results` -- result objects, JSON / CSV writers;
+* :mod:`~lime_attr.evaluation.registry` -- the benchmark registry (:class:`Benchmark`: items loader,
+  scorer, parser) that :func:`~lime_attr.evaluation.harness.run_benchmark` and ``lime-attr eval`` read;
+  :mod:`~lime_attr.evaluation.standard` registers POPE, CHAIR and audio-QA;
 * :mod:`~lime_attr.evaluation.sharding`, :mod:`~lime_attr.evaluation.runner` -- :func:`run_eval`
   in one process or under ``torchrun``.
 
@@ -60,7 +63,18 @@ from lime_attr.evaluation.results import (
     write_csv,
     write_json,
 )
+from lime_attr.evaluation.registry import (
+    Benchmark,
+    BenchmarkItems,
+    BenchmarkRequest,
+    UnknownBenchmarkError,
+    available_benchmarks,
+    get_benchmark,
+    register_benchmark,
+    unregister_benchmark,
+)
 from lime_attr.evaluation.runner import run_eval
+from lime_attr.evaluation import standard as standard  # noqa: F401 - registers POPE, CHAIR and audio-QA
 from lime_attr.evaluation.sharding import (
     DistInfo,
     from_pretrained_kwargs,
@@ -116,6 +130,15 @@ __all__ = [
     "result_from_dict",
     "write_json",
     "write_csv",
+    # the benchmark registry
+    "Benchmark",
+    "BenchmarkItems",
+    "BenchmarkRequest",
+    "UnknownBenchmarkError",
+    "register_benchmark",
+    "unregister_benchmark",
+    "get_benchmark",
+    "available_benchmarks",
     # running
     "run_eval",
     "DistInfo",

@@ -50,6 +50,7 @@ from lime_attr.evaluation._common import (
 )
 from lime_attr.evaluation.binary import Answers, UnparsedPolicy, common_value, normalize_label, score_binary_qa
 from lime_attr.evaluation.parsing import NO, AnswerParser
+from lime_attr.evaluation.pope import POPE_SPLITS
 from lime_attr.evaluation.results import BinaryQAResult
 
 __all__ = [
@@ -62,7 +63,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-AUDIO_QA_SAMPLINGS = ("random", "popular", "adversarial")
+#: The negative samplings of the audio-QA files: the POPE splits.
+AUDIO_QA_SAMPLINGS = POPE_SPLITS
 _REQUIRED = ("audio_index", "prompt_text", "label")
 _KNOWN = ("entry_id", "audio_index", "audio_path", "prompt_text", "object", "attribute", "label", "sampling")
 

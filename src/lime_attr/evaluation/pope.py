@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from lime_attr.evaluation._common import (
     EvaluationDataError,
@@ -44,6 +44,7 @@ from lime_attr.evaluation.results import BinaryQAResult
 __all__ = [
     "POPE_DATASETS",
     "POPE_SPLITS",
+    "PopeSplit",
     "PopeQuestion",
     "pope_filename",
     "find_pope_file",
@@ -56,38 +57,87 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 POPE_DATASETS = ("coco", "aokvqa", "gqa")
-POPE_SPLITS = ("random", "popular", "adversarial")
+#: The three POPE negative-sampling strategies (Li et al., 2023): the one definition of the splits, used by
+#: the POPE files, the held-out demo sets (:mod:`lime_attr.models.heldout`), audio-QA's ``sampling`` and
+#: the harness.
+POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
+
+#: A POPE split name.
+PopeSplit = Literal["random", "popular", "adversarial"]
 
 _FILENAME = re.compile(r"^(?P<dataset>[a-z0-9]+)_pope_(?P<split>[a-z]+)$")
 
 
 @dataclass(frozen=True)
 class PopeQuestion:
-    """One POPE question.
+    """One POPE question: a balanced yes/no existence question about an image (or an audio clip).
+
+    The one question type of lime_attr: :func:`load_pope_questions` fills the fields of the POPE
+    files, :func:`lime_attr.models.pope_questions` (the held-out sets of the embedded demo models)
+    fills the media and demo fields too.
 
     Attributes
     ----------
     question_id
-        Identifier from the file (an int in the released files).
+        Identifier from the file (an int in the released files); for the held-out demo sets the
+        position of the question in its split.
     image
-        Image file name, relative to the dataset's image folder.
+        Image file name, relative to the dataset's image folder (POPE files), or the ``uint8``
+        ``(H, W, 3)`` image itself (demo sets); ``None`` for audio.
     text
-        The question.
+        The question, e.g. ``"Is there a snowboard in the image?"``.
     label
         ``"yes"`` or ``"no"``.
     dataset, split
         Taken from the file name when it follows ``<dataset>_pope_<split>.json``, else as given.
     extra
         Any other fields of the record (e.g. LLaVA's ``category``).
+    object
+        The queried object (demo sets: digit or sound class).
+    modality
+        ``"image"`` or ``"audio"`` (demo sets).
+    item_id
+        Index of the scene / clip in the held-out item list (items are shared across splits).
+    prompt
+        The question in the demo models' prompt format (:func:`lime_attr.models.format_prompt`).
+    present
+        All objects present in the item (demo sets).
+    audio, sampling_rate
+        ``float32`` waveform and its rate (audio demo set).
+    boxes
+        Box ``(x0, y0, x1, y1)`` of every present digit (vision demo set).
+    spans
+        ``(start, end)`` seconds of every present event (audio demo set).
+    region
+        Box or span of the queried object if present, else ``None``.
     """
 
     question_id: Any
-    image: str
+    image: Any
     text: str
     label: str
     dataset: Optional[str] = None
     split: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    object: Optional[str] = None
+    modality: Optional[str] = None
+    item_id: Optional[int] = None
+    prompt: Optional[str] = None
+    present: Optional[list[str]] = None
+    audio: Any = None
+    sampling_rate: Optional[int] = None
+    boxes: Optional[dict[str, tuple[int, int, int, int]]] = None
+    spans: Optional[dict[str, tuple[float, float]]] = None
+    region: Optional[tuple[Any, ...]] = None
+
+    @property
+    def question(self) -> str:
+        """The question (an alias of :attr:`text`)."""
+        return self.text
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain ``dict`` of all fields (arrays are not copied)."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
 
 def pope_filename(dataset: str, split: str) -> str:

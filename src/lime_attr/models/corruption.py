@@ -52,6 +52,8 @@ from typing import Any, Union
 
 import numpy as np
 
+from .tasks import resolve_task
+
 __all__ = [
     "Corruption",
     "CorruptionSpec",
@@ -284,8 +286,6 @@ def parse_corruption(spec: CorruptionSpec, task: str | None = None) -> Corruptio
         if text == "degraded":
             if task is None:
                 raise ValueError("corruption 'degraded' needs the task (demo model name) it is the default of")
-            from .heldout import resolve_task
-
             return parse_corruption(DEFAULT_CORRUPTION[resolve_task(task)], task)
         steps: list[tuple[str, float]] = []
         seed = 0
@@ -316,8 +316,6 @@ def parse_corruption(spec: CorruptionSpec, task: str | None = None) -> Corruptio
     else:
         raise TypeError(f"a corruption spec is None, a str, a Corruption or a mapping, got {type(spec).__name__}")
     if task is not None:
-        from .heldout import resolve_task
-
         modality = "image" if resolve_task(task) == "digits-llava" else "audio"
         if out.modality != modality:
             _require(out, modality)

@@ -29,15 +29,17 @@ without the keyword; labels, boxes and spans never change.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from ..evaluation.pope import POPE_SPLITS, PopeQuestion, PopeSplit
 from .corruption import CorruptionSpec, parse_corruption
 from .priors import HELDOUT_PARTNER_PROB, CooccurrencePrior
 from .processing import description_question, existence_question, format_prompt
 from .scenes import DIGIT_PRIOR, DigitScene, make_scenes
 from .sounds import SOUND_PRIOR, SoundClip, make_clips
+from .tasks import resolve_task
 
 __all__ = [
     "POPE_SPLITS",
@@ -53,75 +55,8 @@ __all__ = [
     "task_prior",
 ]
 
-#: The three POPE negative-sampling strategies.
-POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
 #: Default seed of the held-out items (training never draws from it).
 DEFAULT_SEED: int = 2024
-
-PopeSplit = Literal["random", "popular", "adversarial"]
-_TASKS = {
-    "vision": "digits-llava",
-    "image": "digits-llava",
-    "digits-llava": "digits-llava",
-    "audio": "tones-qwen2audio",
-    "tones-qwen2audio": "tones-qwen2audio",
-}
-
-
-@dataclass
-class PopeQuestion:
-    """One balanced yes/no existence question.
-
-    Attributes
-    ----------
-    question : str
-        E.g. ``"Is there a 7 in the image?"``.
-    label : str
-        ``"yes"`` or ``"no"``.
-    object : str
-        The queried object (digit or sound class).
-    split : str
-        ``"random"``, ``"popular"`` or ``"adversarial"``.
-    modality : str
-        ``"image"`` or ``"audio"``.
-    item_id : int
-        Index of the scene / clip in the held-out item list (items are shared across splits).
-    prompt : str
-        The question in the demo models' prompt format (:func:`~lime_attr.models.processing.format_prompt`).
-    present : list of str
-        All objects present in the item.
-    image : numpy.ndarray or None
-        ``uint8`` ``(32, 32, 3)`` image (vision).
-    audio : numpy.ndarray or None
-        ``float32`` waveform (audio).
-    sampling_rate : int or None
-        16000 for audio.
-    boxes : dict or None
-        Box ``(x0, y0, x1, y1)`` of every present digit (vision).
-    spans : dict or None
-        ``(start, end)`` seconds of every present event (audio).
-    region : tuple or None
-        Box or span of the queried object if present, else ``None``.
-    """
-
-    question: str
-    label: str
-    object: str
-    split: str
-    modality: str
-    item_id: int
-    prompt: str
-    present: list[str]
-    image: np.ndarray | None = None
-    audio: np.ndarray | None = None
-    sampling_rate: int | None = None
-    boxes: dict[str, tuple[int, int, int, int]] | None = None
-    spans: dict[str, tuple[float, float]] | None = None
-    region: tuple[Any, ...] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain ``dict`` of all fields (arrays are not copied)."""
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
 
 @dataclass
@@ -143,7 +78,7 @@ class DescriptionItem:
     reference : str
         Ground-truth description (objects joined by spaces).
     image, audio, sampling_rate, boxes, spans
-        As in :class:`PopeQuestion`.
+        As in :class:`~lime_attr.evaluation.PopeQuestion`.
     """
 
     item_id: int
@@ -161,14 +96,6 @@ class DescriptionItem:
     def to_dict(self) -> dict[str, Any]:
         """Plain ``dict`` of all fields (arrays are not copied)."""
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
-
-
-def resolve_task(task: str) -> str:
-    """Map ``"vision"``/``"image"``/``"audio"`` or a builtin name to the builtin model name."""
-    try:
-        return _TASKS[task]
-    except KeyError:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(_TASKS)}") from None
 
 
 def _prior(model_name: str) -> CooccurrencePrior:
@@ -273,7 +200,7 @@ def pope_questions(
 
     Returns
     -------
-    list of PopeQuestion
+    list of lime_attr.evaluation.PopeQuestion
         Exactly half of them labelled ``"yes"``; per item alternating yes / no.
     """
     name = resolve_task(task)
@@ -292,14 +219,17 @@ def pope_questions(
         negatives = _negatives(prior, present, m, split, neg_rng)
         for pos, neg in zip(positives, negatives):
             for obj_idx, label in ((pos, "yes"), (neg, "no")):
-                questions.append(_question(name, item, item_id, prior.names[obj_idx], label, split))
+                questions.append(_question(name, item, item_id, prior.names[obj_idx], label, split,
+                                           len(questions)))
     return questions
 
 
-def _question(name: str, item: DigitScene | SoundClip, item_id: int, obj: str, label: str, split: str) -> PopeQuestion:
+def _question(name: str, item: DigitScene | SoundClip, item_id: int, obj: str, label: str, split: str,
+              question_id: int) -> PopeQuestion:
     text = existence_question(name, obj)
     common = dict(
-        question=text,
+        question_id=question_id,
+        text=text,
         label=label,
         object=obj,
         split=split,
@@ -311,6 +241,7 @@ def _question(name: str, item: DigitScene | SoundClip, item_id: int, obj: str, l
         return PopeQuestion(modality="image", image=item.image, boxes=item.boxes, region=item.boxes.get(obj), **common)
     return PopeQuestion(
         modality="audio",
+        image=None,
         audio=item.audio,
         sampling_rate=item.sampling_rate,
         spans=item.spans,
