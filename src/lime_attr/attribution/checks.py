@@ -1,6 +1,6 @@
 """Checks shared by the relevance engine and its adapters: inputs, targets, finite relevance.
 
-A bottom module of :mod:`lime_attr.attribution`: it imports nothing from the package, so the engine,
+A bottom module of ``lime_attr.attribution``: it imports nothing from the package, so the engine,
 the exact second order and every adapter can use it without import cycles.
 """
 from __future__ import annotations

@@ -47,8 +47,8 @@ class Recorder(Protocol):
     """What ``latent=`` accepts besides module names: records tensors during the forward.
 
     A context manager (entered inside the scope, around the forward and the backward) whose
-    :meth:`tensors` are differentiated in the same backward pass and whose :meth:`relevance` turns their
-    gradients into relevance. :class:`~lime_attr.attribution.latent.LatentRecorder` is one.
+    ``tensors()`` are differentiated in the same backward pass and whose ``relevance(grads, detach)`` turns
+    their gradients into relevance. :class:`~lime_attr.attribution.latent.LatentRecorder` is one.
     """
 
     def __enter__(self) -> Any: ...  # pragma: no cover - protocol

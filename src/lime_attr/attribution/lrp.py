@@ -17,7 +17,7 @@ from ._forward import HFForward, hf_input_name, is_hf_model
 from .checks import check_finite, normalize_target, validate_inputs, validate_target
 from .engine import SECOND_ORDERS, relevance
 
-__all__ = ["LRP", "validate_inputs", "validate_target", "normalize_target"]
+__all__ = ["LRP"]
 
 
 class LRP(GradientAttribution):

@@ -89,7 +89,7 @@ class FamilyFacts:
             raise ValueError(f"rope must be '1d', 'mrope' or None, got {self.rope!r}")
 
 
-#: the facts of a model without a registered family: the generic discovery
+#: the facts of a model without a registered family (the generic discovery)
 DEFAULT_FACTS = FamilyFacts()
 
 

@@ -40,7 +40,7 @@ from ..modality import modality_share
 from .attention import switch_attention
 from .config import LimeConfig
 
-__all__ = ["LimeOptimizer", "TokenRecord", "decoder_layers", "language_decoder", "modality_share"]
+__all__ = ["LimeOptimizer", "TokenRecord", "decoder_layers", "language_decoder"]
 
 log = logging.getLogger(__name__)
 
