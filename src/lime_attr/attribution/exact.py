@@ -1,4 +1,4 @@
-"""Exactly differentiable relevance: ``LRP.attribute(..., second_order="exact")``.
+"""Exactly differentiable relevance: ``second_order="exact"`` of the relevance engine (``LRP.attribute``, LIME).
 
 Relevance is ``R = x * g~`` with ``g~ = J~^T e`` the rule-modified gradient of the explained output
 (``J~``: the product of the rules' modified local Jacobians, each a function of the true forward values).
@@ -229,7 +229,8 @@ def relevance_vjp(lrp: Any, inputs: Tensor | tuple[Tensor, ...], v: Tensor | tup
     Parameters
     ----------
     lrp : LRP
-        The attribution whose relevance is differentiated.
+        The attribution whose relevance is differentiated (its ``scope()`` and
+        :meth:`~lime_attr.LRP.explained_forward` are used).
     inputs : Tensor or tuple of Tensor
         The explained inputs ``x``.
     v : Tensor or tuple of Tensor

@@ -3,24 +3,26 @@ r"""``LimeOptimizer``: the inner loop of LIME for one generated token.
 Per token, additive perturbations :math:`\Delta_K, \Delta_V` (zero-initialised leaf tensors, one pair
 per perturbed decoder layer, shape ``[batch, kv_heads, seq, head_dim]``) are added to the keys and values
 of the language model's attention -- after RoPE, before the kernel -- through the attribution scope's
-``attention_transforms``. Each inner step runs one forward of the whole sequence inside the scope, takes
+public ``add_attention_transform``. Each inner step runs one forward of the whole sequence inside the scope, takes
 the relevance
 
 .. math:: R_i = \sum_d x_{id}\,\frac{\partial^{\mathrm{LRP}} z^*}{\partial x_{id}}
 
 at the language model's input embeddings :math:`x` for the logit :math:`z^*` of the token the decoder
-would emit (one rule-modified backward with ``create_graph=True``, exactly what
-``LRP.attribute(..., create_graph=True)`` computes), and minimises
+would emit (the relevance engine, :func:`lime_attr.attribution.engine.relevance`: one rule-modified
+backward with ``create_graph=True``, exactly what ``LRP.attribute(..., create_graph=True)`` computes), and
+minimises
 
 .. math:: L = -\frac{1}{|M|}\sum_{i\in M}\log\operatorname{softmax}(R/\tau)_i + \lambda\,\mathrm{KL}
 
 with the configured optimiser. The gradient of the relevance term is, by default
 (``second_order="autograd"``), autograd's double backward through the rule-modified backward pass, as in
 the reference code; ``second_order="exact"`` replaces it with the exact derivative of the relevance
-(:func:`lime_attr.attribution.exact.relevance_vjp`, one reverse-over-forward pass). The KL term's gradient
+(the engine's ``second_order="exact"``, :func:`lime_attr.attribution.exact.exact_attribute`: one
+reverse-over-forward pass). The KL term's gradient
 is the scope's rule-modified gradient in both settings. LIME never touches rules or canonizers: it uses
 the attribution's scope (composite + canonizer bound to the model) and the scope's public
-attention-transform list.
+attention-transform hook.
 """
 from __future__ import annotations
 
@@ -353,7 +355,7 @@ class LimeOptimizer:
                         log_ref = F.log_softmax(ref_raw, -1)
                     if fixed_target is None and cfg.target_rule == "fixed":
                         fixed_target = out.target
-                    share0 = modality_share(out.relevance, mod_f, valid_f)
+                    share0 = modality_share(out.relevance.detach(), mod_f, valid_f)
                     rec.share_before = share0.tolist()
                     rec.focus_before = modality_focus(out.relevance, mod_f, valid_f, tau).tolist()
                     if cfg.record_relevance:
@@ -363,7 +365,7 @@ class LimeOptimizer:
                 rec.losses.append(loss_rows.detach().tolist())
                 rec.rel_losses.append(rel_loss.detach().tolist())
                 rec.kl.append(kl.detach().tolist())
-                rec.share_after = modality_share(out.relevance, mod_f, valid_f).tolist()
+                rec.share_after = modality_share(out.relevance.detach(), mod_f, valid_f).tolist()
                 rec.focus_after = modality_focus(out.relevance, mod_f, valid_f, tau).tolist()
                 if cfg.record_relevance:
                     rec.relevance_after = out.relevance.detach().cpu()
@@ -425,7 +427,7 @@ class LimeOptimizer:
                 if cfg.final_relevance:
                     # relevance under the perturbation the token is emitted from (first order, no graph)
                     fin = self._forward(embeds, model_kwargs, pick, True, False)
-                    rec.share_after = modality_share(fin.relevance, mod_f, valid_f).tolist()
+                    rec.share_after = modality_share(fin.relevance.detach(), mod_f, valid_f).tolist()
                     rec.focus_after = modality_focus(fin.relevance, mod_f, valid_f, tau).tolist()
                     if cfg.record_relevance:
                         rec.relevance_after = fin.relevance.detach().cpu()
