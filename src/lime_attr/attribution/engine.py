@@ -91,7 +91,8 @@ class Relevance:
 def relevance(scope: LRPScope, forward: Callable[..., Tensor], inputs: Sequence[Tensor], *,
               create_graph: bool = False, second_order: str = "autograd",
               latent: Union[None, str, Sequence[str], Recorder] = None, per_output: bool = False,
-              retain_graph: bool = False, carriers: str = "add") -> Relevance:
+              retain_graph: bool = False, carriers: str = "add",
+              wrt: Optional[Callable[[], Sequence[Tensor]]] = None) -> Relevance:
     r"""Relevance of ``inputs`` for the output of ``forward``: one forward and one backward in ``scope``.
 
     Parameters
@@ -120,6 +121,9 @@ def relevance(scope: LRPScope, forward: Callable[..., Tensor], inputs: Sequence[
     carriers : {"add", "refuse"}
         What to do with first-layer rules' carrier tensors: add their relevance to the matching input,
         or refuse them (:class:`FirstLayerRuleError`).
+    wrt : callable, optional
+        ``second_order="exact"`` only: ``wrt() -> tensors`` (called after the forward), the tensors besides
+        the inputs that the relevance is differentiable w.r.t.; default: those the forward read, recorded.
 
     Returns
     -------
@@ -137,7 +141,7 @@ def relevance(scope: LRPScope, forward: Callable[..., Tensor], inputs: Sequence[
     """
     _check_options(second_order, latent, per_output, carriers)
     if second_order == "exact":
-        rel, out = exact_attribute(scope, forward, tuple(inputs), retain_graph=retain_graph)
+        rel, out = exact_attribute(scope, forward, tuple(inputs), retain_graph=retain_graph, wrt=wrt)
         return Relevance(rel, out)
     work = tuple(x if x.requires_grad else x.detach().requires_grad_(True) for x in inputs)
     recorder = LatentRecorder(scope.model, latent) if isinstance(latent, (str, list, tuple)) else latent

@@ -173,7 +173,8 @@ class _ExactRelevance(torch.autograd.Function):
 
 
 def exact_attribute(scope: Any, forward: Callable[..., Tensor], inputs: tuple[Tensor, ...], *,
-                    retain_graph: bool = False) -> tuple[tuple[Tensor, ...], Tensor]:
+                    retain_graph: bool = False,
+                    wrt: Optional[Callable[[], Sequence[Tensor]]] = None) -> tuple[tuple[Tensor, ...], Tensor]:
     """Relevance of ``inputs`` whose derivative is exact (``second_order="exact"`` of the relevance engine).
 
     Parameters
@@ -189,6 +190,10 @@ def exact_attribute(scope: Any, forward: Callable[..., Tensor], inputs: tuple[Te
     retain_graph : bool
         Keep the first forward's graph after the first-order backward (to differentiate another
         function of the model's outputs too).
+    wrt : callable, optional
+        ``wrt() -> tensors``, called after the first forward: the tensors besides the inputs that the
+        relevance is differentiable w.r.t. (LIME: its perturbations). Default: every tensor requiring grad
+        that the forward read, recorded while it runs (a torch-function mode, which costs Python time per op).
 
     Returns
     -------
@@ -202,7 +207,7 @@ def exact_attribute(scope: Any, forward: Callable[..., Tensor], inputs: tuple[Te
     work = tuple(x.detach().requires_grad_(True) for x in inputs)
     recorder = _ExternalRecorder(list(inputs) + list(work))
     with torch.enable_grad(), (scope if not scope.active else _null()):
-        with recorder:
+        with (recorder if wrt is None else _null()):
             out = forward(*work)
         if scope.pop_carriers():
             raise ValueError(_NO_CARRIERS)
@@ -210,7 +215,7 @@ def exact_attribute(scope: Any, forward: Callable[..., Tensor], inputs: tuple[Te
                                     retain_graph=retain_graph)
     rel = tuple((x * (torch.zeros_like(x) if g is None else g)).detach() for x, g in zip(work, grads))
     check_finite(rel)
-    external = list(recorder.external.values())
+    external = list(recorder.external.values()) if wrt is None else list(wrt())
     runner = _Runner(scope, forward, inputs, external, rel)
     res = _ExactRelevance.apply(runner, (*rel, out.detach()), *inputs, *external)
     return tuple(res[:-1]), res[-1]

@@ -248,11 +248,16 @@ class LimeOptimizer:
             return _StepOut(seen["logits"], torch.empty(0), seen["target"])
         exact = create_graph and self.config.second_order == "exact"
         res = relevance(self.attribution.scope(), explained, [embeds.detach()], create_graph=create_graph and not exact,
-                        second_order="exact" if exact else "autograd", retain_graph=exact, carriers="refuse")
+                        second_order="exact" if exact else "autograd", retain_graph=exact, carriers="refuse",
+                        wrt=self._perturbations if exact else None)
         rel = _work(res.inputs[0].sum(-1))
         if not create_graph:
             rel = rel.detach()
         return _StepOut(seen["logits"], rel, seen["target"])
+
+    def _perturbations(self) -> list[Tensor]:
+        """The current Delta_K / Delta_V tensors (what the exact relevance is differentiated w.r.t.)."""
+        return [d for pair in self._deltas.values() for d in pair if d is not None]
 
     def _event(self, *e: Any) -> None:
         if self.events is not None:
