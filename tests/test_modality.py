@@ -23,7 +23,7 @@ from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLF
 from lime_attr.attribution.modality import ModalityAttribution, ModalityResult
 from lime_attr.canonizers import available_canonizers
 from lime_attr.metrics import breakdown, grounding_score, modality_reliance, top_tokens
-from lime_attr.modality import ModalitySpec, find_spans, modality_spec
+from lime_attr.modality import ModalitySpec, find_spans, modality_spec, split_pixel_relevance
 from lime_attr.models.architectures import build_model
 from lime_attr.models.processing import (NUM_AUDIO_FRAMES, NUM_AUDIO_TOKENS, NUM_IMAGE_TOKENS, PATCH_SIZE,
                                          build_digits_processor, build_tones_processor, description_question,
@@ -227,8 +227,7 @@ def test_qwen2vl_patch_order_inverts_the_processor(qwen2vl):
     model, proc = qwen2vl
     img = _rng_image(3, 16, 24)
     enc = _qvl_inputs(proc, [f"<s> {QVL_IMG} image ?"], [img], torch.float64)
-    attr = ModalityAttribution(model, proc)
-    (pix, patches, raw), = attr._split_pixels(enc["pixel_values"], dict(enc), "image")
+    (pix, patches, raw), = split_pixel_relevance(enc["pixel_values"], dict(enc), model.config, "image")
     ip = proc.image_processor
     norm = (img / 255.0 - np.array(ip.image_mean)) / np.array(ip.image_std)
     np.testing.assert_allclose(pix.numpy(), 2 * norm.sum(-1), rtol=1e-5, atol=1e-5)

@@ -4,6 +4,10 @@ A *span* is a half-open interval ``(start, end)`` of positions (``end`` exclusiv
 model's input sequence. Which positions are perceptual follows the model family, as in the LIME
 reference code (see ``reference/lime-method.md``):
 
+Which config fields and tokens mark them is a family fact, declared in the family's canonizer file
+(:class:`~lime_attr.canonizers.facts.FamilyFacts`); a model without a registered family gets the
+generic field names. The built-in families:
+
 * LLaVA-style (``llava``, ``llava_next``, ...; any config with ``image_token_id`` /
   ``image_token_index``): the runs of the image placeholder after the processor's expansion. Two
   images written back to back form one run; it is cut into images of ``tokens_per_item`` tokens
@@ -23,8 +27,10 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .canonizers.facts import FamilyFacts, facts_for
+
 __all__ = ["ModalitySpec", "modality_spec", "find_spans", "span_mask", "split_inputs", "check_perceptual_inputs",
-           "check_finite_inputs",
+           "check_finite_inputs", "modality_share", "split_pixel_relevance",
            "PERCEPTUAL", "PERCEPTUAL_INPUTS"]
 
 #: span kinds that hold perceptual (non-text) tokens
@@ -79,12 +85,15 @@ class ModalitySpec:
     tokens_per_item : dict
         ``{kind: n}``: tokens per image / audio, used to cut back-to-back placeholder runs (run-based
         families only; ``None`` leaves runs whole).
+    needs_feature_mask : bool
+        Whether audio features must come with their ``feature_attention_mask`` (Qwen2-Audio).
     """
 
     family: str
     placeholders: dict[int, str]
     markers: dict[int, tuple[int, str]] = field(default_factory=dict)
     tokens_per_item: dict[str, Optional[int]] = field(default_factory=dict)
+    needs_feature_mask: bool = False
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -129,39 +138,46 @@ def modality_spec(model_or_config: Any, processor: Any = None) -> ModalitySpec:
     """
     config = getattr(model_or_config, "config", model_or_config)
     family = getattr(config, "model_type", "?")
+    facts = facts_for(config)
     tok = getattr(processor, "tokenizer", processor)
-    image_id = _cfg_get(config, "image_token_id", "image_token_index")
-    video_id = _cfg_get(config, "video_token_id", "video_token_index")
-    audio_id = _cfg_get(config, "audio_token_id", "audio_token_index")
-    placeholders: dict[int, str] = {}
-    for i, kind in ((image_id, "image"), (video_id, "video"), (audio_id, "audio")):
-        if i is not None:
-            placeholders[i] = kind
+    ids = {kind: _cfg_get(config, *names) for kind, names in facts.placeholder_fields.items()}
+    placeholders = {i: kind for kind, i in ids.items() if i is not None}
     if not placeholders:
+        fields = " / ".join(n for names in facts.placeholder_fields.values() for n in names)
         raise ValueError(f"cannot find the perceptual placeholder tokens of model_type {family!r}: its config has "
-                         "no image_token_id / image_token_index / video_token_id / audio_token_id (audio_token_index)")
+                         f"no {fields}")
     markers: dict[int, tuple[int, str]] = {}
-    vs, ve = _cfg_get(config, "vision_start_token_id"), _cfg_get(config, "vision_end_token_id")
-    if vs is not None and ve is not None:
-        markers[vs] = (ve, "image")
-    if audio_id is not None:
-        bos = _tok_id(tok, getattr(processor, "audio_bos_token", None) or "<|audio_bos|>")
-        eos = _tok_id(tok, getattr(processor, "audio_eos_token", None) or "<|audio_eos|>")
-        if family == "qwen2_audio" and (bos is None or eos is None) and tok is not None:
-            raise ValueError("the processor does not match the model: its tokenizer has no <|audio_bos|> / "
-                             "<|audio_eos|> tokens, which delimit Qwen2-Audio's audio spans")
-        if family == "qwen2_audio" and (bos is None or eos is None):
-            raise ValueError("Qwen2-Audio spans run from <|audio_bos|> to <|audio_eos|>, whose ids are not in the "
-                             "config: pass the model's processor (or tokenizer) so they can be looked up")
-        if bos is not None and eos is not None:
-            markers[bos] = (eos, "audio")
+    if facts.vision_marker_fields is not None:
+        vs, ve = (_cfg_get(config, f) for f in facts.vision_marker_fields)
+        if vs is not None and ve is not None:
+            markers[vs] = (ve, "image")
+    if ids.get("audio") is not None:
+        markers.update(_audio_markers(facts, processor, tok))
     per_item: dict[str, Optional[int]] = {}
-    if not markers and image_id is not None and getattr(config, "image_grid_pinpoints", None) is None:
+    if not markers and ids.get("image") is not None and getattr(config, "image_grid_pinpoints", None) is None:
         # fixed tokens per image (LLaVA); LLaVA-NeXT-style any-resolution tiling varies per image
         n = _cfg_get(config, "image_seq_length")
         n = n if n is not None else getattr(processor, "num_image_tokens", None)
         per_item["image"] = int(n) if isinstance(n, int) and n > 0 else None
-    return ModalitySpec(family, placeholders, markers, per_item)
+    return ModalitySpec(family, placeholders, markers, per_item, needs_feature_mask=facts.audio_feature_mask)
+
+
+def _audio_markers(facts: FamilyFacts, processor: Any, tok: Any) -> dict[int, tuple[int, str]]:
+    """``{bos_id: (eos_id, "audio")}`` from the tokenizer, for the family's audio marker tokens."""
+    if facts.audio_marker_tokens is None:
+        return {}
+    bos_name, eos_name = facts.audio_marker_tokens
+    bos = _tok_id(tok, getattr(processor, "audio_bos_token", None) or bos_name)
+    eos = _tok_id(tok, getattr(processor, "audio_eos_token", None) or eos_name)
+    if facts.audio_markers_required and (bos is None or eos is None) and tok is not None:
+        raise ValueError(f"the processor does not match the model: its tokenizer has no {bos_name} / "
+                         f"{eos_name} tokens, which delimit this model's audio spans")
+    if facts.audio_markers_required and (bos is None or eos is None):
+        raise ValueError(f"this model's audio spans run from {bos_name} to {eos_name}, whose ids are not in the "
+                         "config: pass the model's processor (or tokenizer) so they can be looked up")
+    if bos is None or eos is None:
+        return {}
+    return {bos: (eos, "audio")}
 
 
 def _runs(flags: Sequence[bool]) -> list[Span]:
@@ -316,7 +332,7 @@ def check_perceptual_inputs(spec: "ModalitySpec", spans: Sequence[dict], inputs:
             raise TypeError(f"{caller}: {key!r} has dtype {value.dtype}; it must be the processor's floating-point "
                             "(normalised) output, e.g. processor(images=..., text=..., return_tensors='pt')")
     _check_image_layout(spec, spans, inputs, caller, config)
-    if "audio" in present and spec.family == "qwen2_audio" and inputs.get("feature_attention_mask") is None:
+    if "audio" in present and spec.needs_feature_mask and inputs.get("feature_attention_mask") is None:
         raise ValueError(f"{caller}: Qwen2-Audio inputs need 'feature_attention_mask' with 'input_features' (which "
                          "mel frames are audio, which padding); pass the processor's full output")
     check_finite_inputs(inputs, caller)
@@ -354,3 +370,108 @@ def check_finite_inputs(inputs: dict, caller: str) -> None:
             bad = int((~torch.isfinite(value)).sum())
             raise ValueError(f"{caller}: input {key!r} contains {bad} NaN/inf value(s); relevance and LIME updates "
                              "of non-finite inputs are undefined. Clean the input (e.g. torch.nan_to_num) first")
+
+
+def modality_share(relevance: Tensor, modality: Tensor, valid: Union[Tensor, float] = 1.0, *, signed: bool = False,
+                   eps: float = 1e-30) -> Tensor:
+    r"""The share of relevance on the positions ``modality``, per row: the paper's "modality reliance".
+
+    .. math:: s = \frac{\sum_{i\in M} |R_i|}{\sum_{i\,\mathrm{valid}} |R_i|} \quad\text{or, signed,}\quad
+              \frac{\sum_{i\in M} R_i}{\sum_{i\,\mathrm{valid}} R_i}
+
+    The one definition that :class:`~lime_attr.ModalityResult` (``shares`` / ``shares_abs``),
+    :func:`~lime_attr.modality_reliance`, LIME's records and the CLI read.
+
+    Parameters
+    ----------
+    relevance : Tensor
+        ``[..., seq]`` relevance per position.
+    modality : Tensor
+        ``[..., seq]`` (bool or 0/1) the positions ``M`` whose share is taken.
+    valid : Tensor or float
+        ``[..., seq]`` the positions that count (non-padding); 1 for all.
+    signed : bool
+        The signed share (it can be negative or above 1 when relevance of both signs cancels).
+    eps : float
+        Lower bound of the absolute share's denominator (a row without relevance gets 0, not nan).
+
+    Returns
+    -------
+    Tensor
+        ``[...]`` (the sequence dimension summed out).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lime_attr.modality import modality_share
+    >>> modality_share(torch.tensor([[1.0, -3.0, 4.0]]), torch.tensor([[True, False, False]]))
+    tensor([0.1250])
+    """
+    modality = modality.to(relevance.dtype) if isinstance(modality, Tensor) else modality
+    valid = valid.to(relevance.dtype) if isinstance(valid, Tensor) else valid
+    if signed:
+        r = relevance * valid
+        return (r * modality).sum(-1) / r.sum(-1)
+    a = relevance.abs() * valid
+    return (a * modality).sum(-1) / a.sum(-1).clamp_min(eps)
+
+
+def split_pixel_relevance(relevance: Tensor, inputs: dict, config: Any, kind: str = "image",
+                          layout: Optional[str] = None) -> list[tuple[Tensor, Optional[Tensor], Tensor]]:
+    """Relevance at the pixel input, cut into one ``(pixels [H, W], patches [h, w] or None, raw)`` per image.
+
+    Parameters
+    ----------
+    relevance : Tensor
+        Relevance of ``pixel_values`` (or ``pixel_values_videos``), in the input's own layout.
+    inputs : dict
+        The processor's output (its ``image_grid_thw`` / ``video_grid_thw`` for flattened patches).
+    config : PretrainedConfig
+        The model's config (patch size, merge size, channels of its ``vision_config``).
+    kind : {"image", "video"}
+    layout : str, optional
+        A :data:`~lime_attr.canonizers.facts.PIXEL_LAYOUTS` value; default: the family's
+        :attr:`~lime_attr.canonizers.facts.FamilyFacts.pixel_layout`, else inferred from the tensor.
+
+    Returns
+    -------
+    list of tuple
+        Per image: relevance per pixel (summed over channels, and over time for temporal patches), per
+        vision patch (None when the size is not a multiple of the patch), and the raw block.
+    """
+    layout = layout if layout is not None else facts_for(config).pixel_layout
+    vcfg = getattr(config, "vision_config", None)
+    grid = inputs.get("image_grid_thw" if kind == "image" else "video_grid_thw")
+    if grid is not None and relevance.dim() == 2 and layout in (None, "flattened_patches"):
+        return _split_flattened(relevance, grid, vcfg)
+    if relevance.dim() == 4:  # [images, C, H, W]
+        p = int(getattr(vcfg, "patch_size", 0) or 0)
+        blocks = []
+        for k in range(relevance.shape[0]):
+            pix = relevance[k].sum(0)
+            patches = None
+            if p and pix.shape[0] % p == 0 and pix.shape[1] % p == 0:
+                patches = pix.reshape(pix.shape[0] // p, p, pix.shape[1] // p, p).sum(dim=(1, 3))
+            blocks.append((pix, patches, relevance[k]))
+        return blocks
+    if relevance.dim() == 5:  # [batch, tiles, C, H, W] (LLaVA-NeXT style): one block per row, tiles summed
+        return [(relevance[k].sum(dim=(0, 1)), None, relevance[k]) for k in range(relevance.shape[0])]
+    raise ValueError(f"unsupported pixel_values layout {tuple(relevance.shape)} for heatmaps")
+
+
+def _split_flattened(r: Tensor, grid: Tensor, vcfg: Any) -> list:
+    """Qwen2-VL's ``[patches, C*T*P*P]`` layout (merge-ordered patches), inverted per image of ``grid``."""
+    p = int(getattr(vcfg, "patch_size", 14))
+    m = int(getattr(vcfg, "spatial_merge_size", 2))
+    tp = int(getattr(vcfg, "temporal_patch_size", 2))
+    c = int(getattr(vcfg, "in_channels", getattr(vcfg, "in_chans", 3)))
+    blocks, start = [], 0
+    for t, h, w in grid.tolist():
+        n = t * h * w
+        raw = r[start:start + n]
+        start += n
+        x = raw.reshape(t, h // m, w // m, m, m, c, tp, p, p).sum(dim=(5, 6))  # [t, H/m, W/m, m, m, p, p]
+        x = x.permute(0, 1, 3, 5, 2, 4, 6).reshape(t, h * p, w * p).sum(0)
+        patches = x.reshape(h, p, w, p).sum(dim=(1, 3))
+        blocks.append((x, patches, raw))
+    return blocks

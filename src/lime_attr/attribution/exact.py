@@ -1,4 +1,4 @@
-"""Exactly differentiable relevance: ``LRP.attribute(..., second_order="exact")``.
+"""Exactly differentiable relevance: ``second_order="exact"`` of the relevance engine (``LRP.attribute``, LIME).
 
 Relevance is ``R = x * g~`` with ``g~ = J~^T e`` the rule-modified gradient of the explained output
 (``J~``: the product of the rules' modified local Jacobians, each a function of the true forward values).
@@ -33,10 +33,23 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from ..ops import _tensors
 from ..rules._tangent import tangent_mode
+from .checks import check_finite, validate_inputs
 
 __all__ = ["exact_attribute", "relevance_vjp"]
+
+
+def _tensors(obj: Any, out: list) -> list:
+    """The tensors in ``obj`` (nested lists, tuples and dicts), appended to ``out``."""
+    if isinstance(obj, Tensor):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            _tensors(o, out)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            _tensors(o, out)
+    return out
 
 
 class _ExternalRecorder(TorchFunctionMode):
@@ -71,21 +84,21 @@ class _ExternalRecorder(TorchFunctionMode):
 class _Runner:
     """Everything the exact backward needs to rerun the forward in tangent mode."""
 
-    def __init__(self, lrp: Any, forward_func: Callable, inputs: Sequence[Tensor], additional: Any, target: Any,
+    def __init__(self, scope: Any, forward: Callable[..., Tensor], inputs: Sequence[Tensor],
                  external: Sequence[Tensor], relevance: Sequence[Tensor]) -> None:
-        self.lrp, self.forward_func, self.additional, self.target = lrp, forward_func, additional, target
+        self.scope, self.forward = scope, forward
         self.inputs = [x.detach() for x in inputs]
         self.external = list(external)
         self.relevance = [r.detach() for r in relevance]
 
     def tangent_output(self, xs: Sequence[Tensor], tangents: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """``(primal, tangent)`` of the explained output ``[batch]`` for inputs ``xs`` with ``tangents``."""
-        scope = self.lrp.scope()
+        scope = self.scope
         ctx = scope if not scope.active else _null()
         with torch.enable_grad(), ctx, fwAD.dual_level(), tangent_mode():
             duals = [fwAD.make_dual(x, t) for x, t in zip(xs, tangents)]
             try:
-                out = self.lrp._explained_output(self.forward_func, duals, self.additional, self.target)
+                out = self.forward(*duals)
             except RuntimeError as exc:
                 cause = exc.__cause__ or exc
                 raise RuntimeError(
@@ -159,46 +172,53 @@ class _ExactRelevance(torch.autograd.Function):
         return (None, None, *out)
 
 
-def exact_attribute(lrp: Any, forward_func: Callable, inputs: tuple[Tensor, ...], additional: Any,
-                    target: Any) -> tuple[tuple[Tensor, ...], Tensor]:
-    """Relevance of ``inputs`` whose derivative is exact (``LRP.attribute(..., second_order="exact")``).
+def exact_attribute(scope: Any, forward: Callable[..., Tensor], inputs: tuple[Tensor, ...], *,
+                    retain_graph: bool = False,
+                    wrt: Optional[Callable[[], Sequence[Tensor]]] = None) -> tuple[tuple[Tensor, ...], Tensor]:
+    """Relevance of ``inputs`` whose derivative is exact (``second_order="exact"`` of the relevance engine).
 
     Parameters
     ----------
-    lrp : LRP
-        The attribution (its scope, composite and canonizer are used).
-    forward_func, additional, target
-        As prepared by :meth:`LRP.attribute`.
+    scope : LRPScope
+        The rules; entered for the first-order pass (and for each differentiation) unless already active.
+    forward : callable
+        ``forward(*inputs) -> Tensor [batch]``: the explained output (as for
+        :func:`lime_attr.attribution.engine.relevance`). It is run again, in tangent mode, whenever the
+        returned relevance is differentiated, so it must compute the same function each time.
     inputs : tuple of Tensor
         The explained inputs.
+    retain_graph : bool
+        Keep the first forward's graph after the first-order backward (to differentiate another
+        function of the model's outputs too).
+    wrt : callable, optional
+        ``wrt() -> tensors``, called after the first forward: the tensors besides the inputs that the
+        relevance is differentiable w.r.t. (LIME: its perturbations). Default: every tensor requiring grad
+        that the forward read, recorded while it runs (a torch-function mode, which costs Python time per op).
 
     Returns
     -------
     relevance : tuple of Tensor
         ``x * g~`` per input, the same values as the first-order relevance; differentiable w.r.t. the
         inputs and every tensor requiring grad that the forward read (parameters, perturbations).
-    delta : Tensor
-        ``output - sum(relevance)`` per example, differentiable the same way.
+    output : Tensor
+        The explained output ``[batch]``, differentiable the same way (``output - sum(relevance)`` is the
+        convergence delta).
     """
     work = tuple(x.detach().requires_grad_(True) for x in inputs)
-    scope = lrp.scope()
     recorder = _ExternalRecorder(list(inputs) + list(work))
     with torch.enable_grad(), (scope if not scope.active else _null()):
-        with recorder:
-            out = lrp._explained_output(forward_func, work, additional, target)
+        with (recorder if wrt is None else _null()):
+            out = forward(*work)
         if scope.pop_carriers():
             raise ValueError(_NO_CARRIERS)
-        grads = torch.autograd.grad(out, work, grad_outputs=torch.ones_like(out), allow_unused=True)
+        grads = torch.autograd.grad(out, work, grad_outputs=torch.ones_like(out), allow_unused=True,
+                                    retain_graph=retain_graph)
     rel = tuple((x * (torch.zeros_like(x) if g is None else g)).detach() for x, g in zip(work, grads))
-    from .lrp import _check_finite
-
-    _check_finite(rel)
-    external = list(recorder.external.values())
-    runner = _Runner(lrp, forward_func, inputs, additional, target, external, rel)
+    check_finite(rel)
+    external = list(recorder.external.values()) if wrt is None else list(wrt())
+    runner = _Runner(scope, forward, inputs, external, rel)
     res = _ExactRelevance.apply(runner, (*rel, out.detach()), *inputs, *external)
-    rel_out, out_f = tuple(res[:-1]), res[-1]
-    total = sum(r.reshape(r.shape[0], -1).sum(1) for r in rel_out)
-    return rel_out, out_f - total
+    return tuple(res[:-1]), res[-1]
 
 
 def relevance_vjp(lrp: Any, inputs: Tensor | tuple[Tensor, ...], v: Tensor | tuple[Tensor, ...], target: Any = None,
@@ -214,7 +234,8 @@ def relevance_vjp(lrp: Any, inputs: Tensor | tuple[Tensor, ...], v: Tensor | tup
     Parameters
     ----------
     lrp : LRP
-        The attribution whose relevance is differentiated.
+        The attribution whose relevance is differentiated (its ``scope()`` and
+        :meth:`~lime_attr.LRP.explained_forward` are used).
     inputs : Tensor or tuple of Tensor
         The explained inputs ``x``.
     v : Tensor or tuple of Tensor
@@ -246,15 +267,13 @@ def relevance_vjp(lrp: Any, inputs: Tensor | tuple[Tensor, ...], v: Tensor | tup
     >>> gx.shape, gw.shape
     (torch.Size([2, 4]), torch.Size([8, 4]))
     """
-    from .lrp import validate_inputs
-
     inputs_t = inputs if isinstance(inputs, tuple) else (inputs,)
     v_t = v if isinstance(v, tuple) else (v,)
     if len(v_t) != len(inputs_t) or any(a.shape != b.shape for a, b in zip(inputs_t, v_t)):
         raise ValueError("v must have the structure and shapes of inputs")
     validate_inputs(inputs_t)
-    forward_func, additional = lrp._forward_func(inputs_t, target, additional_forward_args, model_kwargs)
-    runner = _Runner(lrp, forward_func, inputs_t, additional, target, list(wrt), [])
+    forward = lrp.explained_forward(inputs_t, target, additional_forward_args, **model_kwargs)
+    runner = _Runner(lrp.scope(), forward, inputs_t, list(wrt), [])
     with torch.enable_grad():  # also when called under no_grad or from inside a custom backward
         xs = [x.detach().clone().requires_grad_(True) for x in inputs_t]
         _, tangent = runner.tangent_output(xs, [x * vv for x, vv in zip(xs, v_t)])

@@ -1,9 +1,7 @@
 """``LRP``: Captum-compatible Layer-wise Relevance Propagation in gradient form."""
 from __future__ import annotations
 
-import contextlib
-import math
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Optional, Sequence, Union, overload
 
 import torch
 from captum._utils.common import (_format_additional_forward_args, _format_output, _format_tensor_into_tuples,
@@ -15,95 +13,11 @@ from ..composites import Composite
 from ..errors import LimeAttrError
 from ..model_checks import check_autograd_mode, forward_error
 from ..scope import LRPScope
-from .latent import LatentRecorder
 from ._forward import HFForward, hf_input_name, is_hf_model
+from .checks import check_finite, normalize_target, validate_inputs, validate_target
+from .engine import SECOND_ORDERS, relevance
 
-__all__ = ["LRP", "validate_inputs", "validate_target", "normalize_target"]
-
-
-def validate_inputs(inputs: tuple) -> None:
-    """Clear errors for non-tensor, non-float, empty or non-finite inputs."""
-    for i, x in enumerate(inputs):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"input {i} must be a torch.Tensor, got {type(x).__name__}; LRP explains "
-                            "float tensors (for token ids pass the embeddings: model.get_input_embeddings()(ids))")
-        if not x.is_floating_point():
-            raise TypeError(f"input {i} has dtype {x.dtype}; LRP needs a floating-point tensor (relevance is "
-                            "x * gradient). For token ids pass inputs_embeds instead")
-        if x.dim() == 0:
-            raise ValueError(f"input {i} is a scalar; inputs need a batch dimension (dim 0)")
-        if x.numel() == 0:
-            raise ValueError(f"input {i} is empty (shape {tuple(x.shape)})")
-        if x.is_inference():
-            raise ValueError(f"input {i} was created under torch.inference_mode(), so autograd cannot track it; "
-                             "create it outside inference mode (or pass x.clone() made outside it)")
-        if not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x)).sum())
-            raise ValueError(f"input {i} contains {bad} NaN/inf value(s); relevance of non-finite inputs is "
-                             "undefined. Clean the input (e.g. torch.nan_to_num) before attributing")
-
-
-def normalize_target(target: Any) -> Any:
-    """Captum target with numpy integers turned into ``int`` (and numpy arrays into tensors).
-
-    ``np.int64(3)`` (what indexing a numpy array gives) is accepted wherever an ``int`` is, at any depth
-    of a list or tuple target.
-    """
-    import numpy as np
-
-    if isinstance(target, np.ndarray):
-        if not np.issubdtype(target.dtype, np.integer):
-            raise TypeError(f"a numpy target must hold integer indices, got dtype {target.dtype}")
-        return torch.as_tensor(target)
-    if isinstance(target, np.integer):
-        return int(target)
-    if isinstance(target, (list, tuple)):
-        return type(target)(normalize_target(t) for t in target)
-    return target
-
-
-def validate_target(output: Tensor, target: Any) -> None:
-    """Check a Captum-format target against the model output shape, with a clear message."""
-    if target is None:
-        if output.dim() > 1 and output[0].numel() != 1:
-            raise ValueError(f"target=None needs a scalar output per example, but the output has shape "
-                             f"{tuple(output.shape)}; pass target=<class index> (or a tuple for >2-D outputs)")
-        return
-    n = output.shape[0]
-
-    def check_index(idx: Any, dims: tuple, what: str) -> None:
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        if len(idx) > len(dims):
-            raise ValueError(f"target {what}{idx} has {len(idx)} indices but the output has only {len(dims)} "
-                             f"non-batch dimensions (shape {tuple(output.shape)})")
-        for i, d in zip(idx, dims):
-            if isinstance(i, slice):
-                continue
-            if not isinstance(i, int) or isinstance(i, bool):
-                raise TypeError(f"target indices must be ints, got {i!r}")
-            if not -d <= i < d:
-                raise IndexError(f"target {what}{i} is out of range for an output dimension of size {d} "
-                                 f"(output shape {tuple(output.shape)})")
-
-    dims = tuple(output.shape[1:])
-    if isinstance(target, Tensor):
-        if target.numel() == 1:
-            check_index(int(target.item()), dims, "")
-            return
-        if target.dim() != 1 or target.numel() != n:
-            raise ValueError(f"a tensor target must hold one index per example ({n}), got shape {tuple(target.shape)}")
-        target = target.tolist()
-    if isinstance(target, list):
-        if len(target) != n:
-            raise ValueError(f"a list target must hold one entry per example: {len(target)} targets for {n} examples")
-        for t in target:
-            check_index(t, dims, "")
-        return
-    if isinstance(target, (int, tuple)) and not isinstance(target, bool):
-        check_index(target, dims, "")
-        return
-    raise TypeError(f"unsupported target {target!r}: use an int, a tuple, a list of ints/tuples or a tensor "
-                    "(Captum's target formats)")
+__all__ = ["LRP"]
 
 
 class LRP(GradientAttribution):
@@ -160,6 +74,33 @@ class LRP(GradientAttribution):
             self._scope = LRPScope(self.model, self.composite, self.canonizer)
         return self._scope
 
+    @overload
+    def attribute(self, inputs: Tensor, target: Any = None, additional_forward_args: Any = None,
+                  return_convergence_delta: Literal[False] = False, create_graph: bool = False,
+                  latent: None = None, second_order: str = "autograd", **model_kwargs: Any) -> Tensor: ...
+
+    @overload
+    def attribute(self, inputs: tuple[Tensor, ...], target: Any = None, additional_forward_args: Any = None,
+                  return_convergence_delta: Literal[False] = False, create_graph: bool = False,
+                  latent: None = None, second_order: str = "autograd",
+                  **model_kwargs: Any) -> tuple[Tensor, ...]: ...
+
+    @overload
+    def attribute(self, inputs: Tensor, target: Any = None, additional_forward_args: Any = None, *,
+                  return_convergence_delta: Literal[True], create_graph: bool = False, latent: None = None,
+                  second_order: str = "autograd", **model_kwargs: Any) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    def attribute(self, inputs: tuple[Tensor, ...], target: Any = None, additional_forward_args: Any = None, *,
+                  return_convergence_delta: Literal[True], create_graph: bool = False, latent: None = None,
+                  second_order: str = "autograd", **model_kwargs: Any) -> tuple[tuple[Tensor, ...], Tensor]: ...
+
+    @overload
+    def attribute(self, inputs: Union[Tensor, tuple[Tensor, ...]], target: Any = None,
+                  additional_forward_args: Any = None, return_convergence_delta: bool = False,
+                  create_graph: bool = False, *, latent: Sequence[str], second_order: str = "autograd",
+                  **model_kwargs: Any) -> tuple: ...
+
     def attribute(self, inputs: Union[Tensor, tuple[Tensor, ...]], target: Any = None,
                   additional_forward_args: Any = None, return_convergence_delta: bool = False,
                   create_graph: bool = False, latent: Optional[Sequence[str]] = None,
@@ -209,51 +150,36 @@ class LRP(GradientAttribution):
         is_tuple = _is_tuple(inputs)
         inputs_t = _format_tensor_into_tuples(inputs)
         validate_inputs(inputs_t)
-        forward_func, additional = self._forward_func(inputs_t, target, additional_forward_args, model_kwargs)
-        if second_order == "exact":
-            if latent:
-                raise ValueError("latent relevance is not available with second_order='exact'")
-            from .exact import exact_attribute
-
-            rel_t, delta = exact_attribute(self, forward_func, inputs_t, additional, target)
-            result = _format_output(is_tuple, rel_t)
-            return (result, delta) if return_convergence_delta else result
-        work = tuple(x if x.requires_grad else x.detach().requires_grad_(True) for x in inputs_t)
-        scope = self.scope()
-        recorder = LatentRecorder(self.model, latent) if latent else None
-        with torch.enable_grad(), scope, (recorder or contextlib.nullcontext()):
-            out = self._explained_output(forward_func, work, additional, target)
-            carriers = scope.pop_carriers()
-            # the backward runs inside the scope: zennit rules driving modules keep their backward hooks
-            # only while the scope is active
-            carrier_t = [c for _, c in carriers]
-            latent_t = recorder.tensors() if recorder else []
-            grads = torch.autograd.grad(out, list(work) + carrier_t + latent_t, grad_outputs=torch.ones_like(out),
-                                        create_graph=create_graph, allow_unused=True)
-            if recorder:
-                latent_rel = recorder.relevance(grads[len(work) + len(carrier_t):], detach=not create_graph)
-                grads = grads[: len(work) + len(carrier_t)]
-        if not create_graph:
-            work = tuple(x.detach() for x in work)
-            grads = tuple(None if g is None else g.detach() for g in grads)
-            carriers = [(x, c.detach()) for x, c in carriers]
-        rel = [x * (g if g is not None else torch.zeros_like(x)) for x, g in zip(work, grads[: len(work)])]
-        for (x_in, c), g in zip(carriers, grads[len(work):]):
-            if g is None:
-                continue
-            idx = _match_input(x_in, inputs_t, work)
-            if idx is None:
-                raise ValueError("a first-layer rule (flat / wsquare / zbox) was applied to a layer whose input "
-                                 "is not a model input; map it only to the first layer ('first_layer')")
-            rel[idx] = rel[idx] + c * g
-        rel_t = tuple(rel)
-        _check_finite(rel_t)
-        result = _format_output(is_tuple, rel_t)
+        forward = self.explained_forward(inputs_t, target, additional_forward_args, **model_kwargs)
+        res = relevance(self.scope(), forward, inputs_t, create_graph=create_graph, second_order=second_order,
+                        latent=latent or None)
+        check_finite(res.inputs)
+        result = _format_output(is_tuple, res.inputs)
+        tail: tuple = ()
         if return_convergence_delta:
-            total = sum(r.reshape(r.shape[0], -1).sum(1) for r in rel_t)
-            delta = out.detach() - total.detach() if not create_graph else out - total
-            return (result, delta, latent_rel) if recorder else (result, delta)
-        return (result, latent_rel) if recorder else result
+            delta = res.delta()
+            differentiable = create_graph or second_order == "exact"
+            tail += (delta if differentiable else delta.detach(),)
+        if latent:
+            tail += (res.latent,)
+        return (result, *tail) if tail else result
+
+    def explained_forward(self, inputs: Union[Tensor, tuple[Tensor, ...]], target: Any = None,
+                          additional_forward_args: Any = None, **model_kwargs: Any) -> Callable[..., Tensor]:
+        """The function of the inputs whose output :meth:`attribute` explains: ``f(*inputs) -> Tensor [batch]``.
+
+        It runs the model (with ``additional_forward_args`` / ``model_kwargs`` as for :meth:`attribute`) and
+        selects the ``target`` scalar per example; it is what the relevance engine
+        (:func:`lime_attr.attribution.engine.relevance`) runs inside the scope.
+        """
+        target = normalize_target(target)
+        inputs_t = _format_tensor_into_tuples(inputs)
+        forward_func, additional = self._forward_func(inputs_t, target, additional_forward_args, model_kwargs)
+
+        def explained(*xs: Tensor) -> Tensor:
+            return self._explained_output(forward_func, xs, additional, target)
+
+        return explained
 
     def _explained_output(self, forward_func: Callable, work: Sequence[Tensor], additional: Any, target: Any) -> Tensor:
         """Run the model on ``work`` (inside the scope) and select the explained scalar per example: ``[batch]``."""
@@ -305,7 +231,7 @@ def _check_arguments(inputs: Any, create_graph: Any, return_convergence_delta: A
     for flag, value in (("create_graph", create_graph), ("return_convergence_delta", return_convergence_delta)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag} must be True or False, got {value!r}")
-    if second_order not in ("autograd", "exact"):
+    if second_order not in SECOND_ORDERS:
         raise ValueError(f"second_order must be 'autograd' or 'exact', got {second_order!r}")
     check_autograd_mode("LRP.attribute")
 
@@ -318,21 +244,3 @@ def _dtype_hint(model: nn.Module, inputs: Sequence[Tensor]) -> str:
     got = ", ".join(sorted({str(x.dtype).replace("torch.", "") for x in inputs}))
     return (f" do the dtypes match? the inputs are {got}, the model's parameters "
             f"{str(param.dtype).replace('torch.', '')}: cast one to the other")
-
-
-def _check_finite(rel: tuple) -> None:
-    """A non-finite relevance is an overflow (typically fp16 in the backward pass): say so, never return it."""
-    for i, r in enumerate(rel):
-        if not bool(torch.isfinite(r).all()):
-            hint = (" float16's range (max 65504) overflowed in the backward pass; run the attribution in "
-                    "bfloat16 or float32 (model.to(torch.bfloat16) / model.float(), inputs likewise)"
-                    if r.dtype == torch.float16 else " check the model and its inputs")
-            raise FloatingPointError(f"the relevance of input {i} contains NaN/inf ({r.dtype}):{hint}")
-
-
-def _match_input(x: Tensor, originals: Sequence[Tensor], inputs: Sequence[Tensor]) -> Optional[int]:
-    for i, (orig, inp) in enumerate(zip(originals, inputs)):
-        for cand in (orig, inp):
-            if x is cand or (x.shape == cand.shape and x.data_ptr() == cand.data_ptr()):
-                return i
-    return None

@@ -33,14 +33,16 @@ import torch
 from captum.attr import Attribution
 from torch import Tensor, nn
 
+from ..canonizers.facts import find_language_model
 from ..composites import Composite, _matches, get_composite
-from ..modality import (PERCEPTUAL, ModalitySpec, check_perceptual_inputs, find_spans, modality_spec, span_mask,
-                        split_inputs)
+from ..modality import (PERCEPTUAL, ModalitySpec, check_perceptual_inputs, find_spans, modality_share, modality_spec,
+                        span_mask, split_inputs, split_pixel_relevance)
 from ..model_checks import check_autograd_mode, forward_error
 from ..scope import LRPScope
-from .lrp import normalize_target
+from .checks import normalize_target
+from .engine import relevance
 
-__all__ = ["ModalityAttribution", "ModalityResult", "Heatmap"]
+__all__ = ["ModalityAttribution", "ModalityResult", "Heatmap", "EmbeddingCapture", "combined_composite"]
 
 log = logging.getLogger(__name__)
 
@@ -192,21 +194,32 @@ class ModalityResult:
         biases and non-conservative rules absorb)."""
         return sum(self.totals.values())
 
+    def _shares(self, signed: bool) -> dict[str, Tensor]:
+        rel, kinds = self.token_relevance, self.kinds
+        out = {}
+        for k in kinds:
+            rows = []
+            for spans in self.spans:
+                inside = span_mask(spans.get(k, []), rel.shape[1], rel.device)
+                valid = span_mask([sp for kk in kinds for sp in spans.get(kk, [])], rel.shape[1], rel.device)
+                rows.append((inside, valid))
+            inside = torch.stack([m for m, _ in rows])
+            valid = torch.stack([v for _, v in rows])
+            out[k] = modality_share(rel, inside, valid, signed=signed, eps=0.0)
+        return out
+
     @property
     def shares(self) -> dict[str, Tensor]:
-        """Signed shares ``sum_{i in kind} R_i / sum_i R_i``: they sum to 1 over kinds, but a share can be
-        negative or above 1 when relevance of both signs cancels (and is unstable when the total is
-        near 0). Prefer :attr:`shares_abs` for a bounded reading."""
-        tot = self.totals
-        den = sum(tot.values())
-        return {k: v / den for k, v in tot.items()}
+        """Signed shares ``sum_{i in kind} R_i / sum_i R_i`` (:func:`~lime_attr.modality.modality_share`): they
+        sum to 1 over kinds, but a share can be negative or above 1 when relevance of both signs cancels (and
+        is unstable when the total is near 0). Prefer :attr:`shares_abs` for a bounded reading."""
+        return self._shares(signed=True)
 
     @property
     def shares_abs(self) -> dict[str, Tensor]:
-        """Absolute shares ``sum_{i in kind} |R_i| / sum_i |R_i|``: in [0, 1], summing to 1 over kinds."""
-        tot = self.totals_abs
-        den = sum(tot.values())
-        return {k: v / den for k, v in tot.items()}
+        """Absolute shares ``sum_{i in kind} |R_i| / sum_i |R_i|`` (:func:`~lime_attr.modality.modality_share`):
+        in [0, 1], summing to 1 over kinds."""
+        return self._shares(signed=False)
 
     def __len__(self) -> int:
         return self.token_relevance.shape[0]
@@ -237,20 +250,58 @@ class ModalityResult:
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _language_model(model: nn.Module) -> tuple[str, nn.Module]:
-    """The inner language model (the module that receives ``inputs_embeds``) and its qualified name."""
-    for name in ("model.language_model", "language_model", "model.text_model"):
-        mod = model
-        try:
-            for part in name.split("."):
-                mod = mod._modules[part]  # plain lookup: properties may alias
-        except (KeyError, TypeError):
-            continue
-        if isinstance(mod, nn.Module):
-            return name, mod
-    raise TypeError(f"cannot find the language model inside {type(model).__name__}: ModalityAttribution expects "
-                    "an image/audio-text model with a `model.language_model` (or `language_model`) submodule "
-                    "that receives inputs_embeds (LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen2-Audio, ...)")
+class EmbeddingCapture:
+    """The ``inputs_embeds`` a language model receives, captured for the relevance engine (its ``latent``).
+
+    A forward pre-hook on ``module`` records the first ``inputs_embeds`` it is called with -- the text
+    embeddings with the image / audio features already scattered in by the model's own code -- making
+    them require grad if they do not, so that the engine's one backward pass reads their gradient.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The language model (:func:`~lime_attr.canonizers.facts.find_language_model`).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.embeds: Optional[Tensor] = None
+        self._handle: Any = None
+
+    def __enter__(self) -> "EmbeddingCapture":
+        self.embeds = None
+        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _hook(self, module: nn.Module, args: tuple, kw: dict) -> tuple[tuple, dict]:
+        emb = kw.get("inputs_embeds")
+        if emb is None:
+            raise RuntimeError(f"the language model ({type(module).__name__}) was not called with inputs_embeds; "
+                               "ModalityAttribution cannot see the merged multimodal embeddings")
+        if not emb.requires_grad:
+            emb = emb.detach().requires_grad_(True)
+            kw = dict(kw, inputs_embeds=emb)
+        if self.embeds is None:
+            self.embeds = emb
+        return args, kw
+
+    def tensors(self) -> list[Tensor]:
+        """``[inputs_embeds]``; a clear error if the language model did not run."""
+        if self.embeds is None:
+            raise RuntimeError("the model's forward never called its language model")
+        return [self.embeds]
+
+    def relevance(self, grads: Sequence[Optional[Tensor]], detach: bool = True) -> dict[str, Tensor]:
+        """``{"inputs_embeds": x * g}`` ``[batch, seq, hidden]`` from the gradient of :meth:`tensors`."""
+        h = self.embeds.detach() if detach else self.embeds
+        g = grads[0]
+        r = h * g if g is not None else h * 0
+        return {"inputs_embeds": r.detach() if detach else r}
 
 
 def _encoder_prefixes(model: nn.Module, lm_name: str) -> list[str]:
@@ -316,7 +367,7 @@ class ModalityAttribution(Attribution):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.spec: ModalitySpec = modality_spec(model, processor)
-        self.lm_name, self.language_model = _language_model(model)
+        self.lm_name, self.language_model = find_language_model(model)
         self.encoder_prefixes = _encoder_prefixes(model, self.lm_name)
         self.composite = composite
         self.vision_composite = vision_composite if vision_composite is not None else "cp-lrp"
@@ -406,6 +457,53 @@ class ModalityAttribution(Attribution):
             raise ValueError(f"mode must be 'sum' or 'per_token', got {mode!r}")
         check_autograd_mode("ModalityAttribution.attribute")
         target = normalize_target(target)
+        inp, ids, mask, spans, answers = self._prepare(inputs, target)
+        leaves = {}
+        for key in _PERCEPTUAL_INPUTS:
+            v = inp.get(key)
+            if isinstance(v, Tensor) and v.is_floating_point():
+                leaves[key] = v.detach().clone().requires_grad_(True)
+                inp[key] = leaves[key]
+        kwargs = dict(inp)
+        kwargs.update(additional_forward_args or {})
+        kwargs.setdefault("use_cache", False)
+        capture = EmbeddingCapture(self.language_model)
+        chosen: dict[str, Tensor] = {}
+
+        def forward(*pixels: Tensor) -> Tensor:
+            """The model on the prompt (the perceptual inputs as given): the explained logits ``[B, n]``."""
+            try:
+                out = self.model(input_ids=ids, attention_mask=mask, **dict(kwargs, **dict(zip(leaves, pixels))))
+            except Exception as exc:  # noqa: BLE001 - re-raised with the context (lime_attr's own errors unchanged)
+                raise forward_error(exc, "ModalityAttribution.attribute: the model's forward failed on these inputs "
+                                         "(are they this model's processor output?)") from exc
+            sel, chosen["answers"] = self._explained_logits(out, ids, mask, capture, answers)
+            return sel
+
+        per_output = mode == "per_token" and answers is not None and answers.shape[1] > 1
+        res = relevance(self.scope(), forward, list(leaves.values()), create_graph=create_graph, latent=capture,
+                        per_output=per_output)
+        per_token = None
+        if per_output:
+            per_token = torch.stack([p.latent["inputs_embeds"].sum(-1) for p in res.parts], dim=1)  # [B, n, S]
+            rel = per_token.sum(1)
+        else:
+            rel = res.latent["inputs_embeds"].sum(-1)
+        mask_b = mask.to(rel.device).bool()
+        rel = torch.where(mask_b, rel, torch.zeros_like(rel))
+        if per_token is not None:
+            per_token = torch.where(mask_b[:, None], per_token, torch.zeros_like(per_token))
+        heatmaps = self._heatmaps(ids, spans, rel, dict(zip(leaves.keys(), res.inputs)), inp)
+        sel = res.output
+        return ModalityResult(
+            token_relevance=rel, spans=spans, target_ids=chosen["answers"].detach(),
+            logit=sel if create_graph else sel.detach(), heatmaps=heatmaps, input_ids=ids, attention_mask=mask,
+            per_token_relevance=per_token, mode=mode, composite=get_composite(self.composite).name,
+            vision_composite=get_composite(self.vision_composite).name, tokenizer=self.tokenizer,
+        )
+
+    def _prepare(self, inputs: Any, target: Any) -> tuple[dict, Tensor, Tensor, list, Optional[Tensor]]:
+        """The checked inputs, with an answer's tokens appended: ``(other inputs, ids, mask, spans, answers)``."""
         inp, ids, mask = split_inputs(inputs, "ModalityAttribution.attribute")
         batch, length = ids.shape
         vocab = self.vocab_size()
@@ -437,44 +535,13 @@ class ModalityAttribution(Attribution):
             for s in spans:
                 s["text"] = _subtract(s["text"], gen)
                 s["generated"] = [gen]
+        return inp, ids, mask, spans, answers
 
-        leaves = {}
-        for key in _PERCEPTUAL_INPUTS:
-            v = inp.get(key)
-            if isinstance(v, Tensor) and v.is_floating_point():
-                leaves[key] = v.detach().clone().requires_grad_(True)
-                inp[key] = leaves[key]
-        kwargs = dict(inp)
-        kwargs.update(additional_forward_args or {})
-        kwargs.setdefault("use_cache", False)
-
-        captured: dict[str, Tensor] = {}
-
-        def capture(module: nn.Module, args: tuple, kw: dict):
-            emb = kw.get("inputs_embeds")
-            if emb is None:
-                raise RuntimeError(f"the language model ({type(module).__name__}) was not called with inputs_embeds; "
-                                   "ModalityAttribution cannot see the merged multimodal embeddings")
-            if not emb.requires_grad:
-                emb = emb.detach().requires_grad_(True)
-                kw = dict(kw, inputs_embeds=emb)
-            captured.setdefault("embeds", emb)
-            return args, kw
-
-        handle = self.language_model.register_forward_pre_hook(capture, with_kwargs=True)
-        scope = self.scope()
-        try:
-            with torch.enable_grad(), scope:
-                out = self.model(input_ids=ids, attention_mask=mask, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the context (lime_attr's own errors unchanged)
-            raise forward_error(exc, "ModalityAttribution.attribute: the model's forward failed on these inputs "
-                                     "(are they this model's processor output?)") from exc
-        finally:
-            handle.remove()
+    def _explained_logits(self, out: Any, ids: Tensor, mask: Tensor, capture: "EmbeddingCapture",
+                          answers: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """``(logits of the answer tokens [B, n], answer ids [B, n])`` from the model's output."""
         logits = out.logits if hasattr(out, "logits") else out[0]
-        emb = captured.get("embeds")
-        if emb is None:
-            raise RuntimeError("the model's forward never called its language model")
+        emb = capture.tensors()[0]
         find_spans(ids, self.spec, mask, sequence_length=emb.shape[1])  # clear error if the length changed
         if logits.shape[1] != ids.shape[1]:
             raise ValueError(f"the model returned logits for {logits.shape[1]} positions, input_ids has {ids.shape[1]}")
@@ -485,37 +552,7 @@ class ModalityAttribution(Attribution):
         sel = logits[:, pos, :].gather(-1, answers[..., None].to(logits.device)).squeeze(-1)  # [B, n]
         if not bool(torch.isfinite(sel).all()):
             raise FloatingPointError("the explained logit is NaN/inf; check the model's dtype and inputs")
-
-        wrt = [emb, *leaves.values()]
-        if mode == "sum" or n == 1:
-            grads = torch.autograd.grad(sel.sum(), wrt, create_graph=create_graph, allow_unused=True)
-            per_token = None
-            g_emb, g_leaves = grads[0], list(grads[1:])
-            rel = _rel(emb, g_emb, create_graph, reduce=True)
-            leaf_rel = [_rel(x, g, create_graph) for x, g in zip(leaves.values(), g_leaves)]
-        else:
-            rels, leaf_acc = [], None
-            for k in range(n):
-                grads = torch.autograd.grad(sel[:, k].sum(), wrt, create_graph=create_graph, allow_unused=True,
-                                            retain_graph=True if k < n - 1 else create_graph)
-                rels.append(_rel(emb, grads[0], create_graph, reduce=True))
-                lr = [_rel(x, g, create_graph) for x, g in zip(leaves.values(), grads[1:])]
-                leaf_acc = lr if leaf_acc is None else [a + c for a, c in zip(leaf_acc, lr)]
-            per_token = torch.stack(rels, dim=1)  # [B, n, S]
-            rel = per_token.sum(1)
-            leaf_rel = leaf_acc
-        mask_b = mask.to(rel.device).bool()
-        rel = torch.where(mask_b, rel, torch.zeros_like(rel))
-        if per_token is not None:
-            per_token = torch.where(mask_b[:, None], per_token, torch.zeros_like(per_token))
-
-        heatmaps = self._heatmaps(ids, spans, rel, dict(zip(leaves.keys(), leaf_rel)), inp)
-        return ModalityResult(
-            token_relevance=rel, spans=spans, target_ids=answers.detach(), logit=sel if create_graph else sel.detach(),
-            heatmaps=heatmaps, input_ids=ids, attention_mask=mask, per_token_relevance=per_token, mode=mode,
-            composite=get_composite(self.composite).name, vision_composite=get_composite(self.vision_composite).name,
-            tokenizer=self.tokenizer,
-        )
+        return sel, answers
 
     # ------------------------------------------------------------------ targets
     @staticmethod
@@ -577,7 +614,7 @@ class ModalityAttribution(Attribution):
             r = leaf_rel.get(key)
             if r is None or not items[kind]:
                 continue
-            blocks = self._split_pixels(r, inp, kind)
+            blocks = split_pixel_relevance(r, inp, self.model.config, kind)
             if len(blocks) != len(items[kind]):
                 log.warning("%d %s inputs but %d %s spans: heatmaps not assigned", len(blocks), kind,
                             len(items[kind]), kind)
@@ -603,38 +640,6 @@ class ModalityAttribution(Attribution):
                                           seconds_per_frame=hop / sr, input=mel))
         return out
 
-    def _split_pixels(self, r: Tensor, inp: dict, kind: str) -> list:
-        vcfg = getattr(self.model.config, "vision_config", None)
-        grid = inp.get("image_grid_thw" if kind == "image" else "video_grid_thw")
-        if grid is not None and r.dim() == 2:  # Qwen2-VL layout: [patches, C*T*P*P]
-            p = int(getattr(vcfg, "patch_size", 14))
-            m = int(getattr(vcfg, "spatial_merge_size", 2))
-            tp = int(getattr(vcfg, "temporal_patch_size", 2))
-            c = int(getattr(vcfg, "in_channels", getattr(vcfg, "in_chans", 3)))
-            blocks, start = [], 0
-            for t, h, w in grid.tolist():
-                n = t * h * w
-                raw = r[start:start + n]
-                start += n
-                x = raw.reshape(t, h // m, w // m, m, m, c, tp, p, p).sum(dim=(5, 6))  # [t, H/m, W/m, m, m, p, p]
-                x = x.permute(0, 1, 3, 5, 2, 4, 6).reshape(t, h * p, w * p).sum(0)
-                patches = x.reshape(h, p, w, p).sum(dim=(1, 3))
-                blocks.append((x, patches, raw))
-            return blocks
-        if r.dim() == 4:  # [images, C, H, W]
-            p = int(getattr(vcfg, "patch_size", 0) or 0)
-            blocks = []
-            for k in range(r.shape[0]):
-                pix = r[k].sum(0)
-                patches = None
-                if p and pix.shape[0] % p == 0 and pix.shape[1] % p == 0:
-                    patches = pix.reshape(pix.shape[0] // p, p, pix.shape[1] // p, p).sum(dim=(1, 3))
-                blocks.append((pix, patches, r[k]))
-            return blocks
-        if r.dim() == 5:  # [batch, tiles, C, H, W] (LLaVA-NeXT style): one block per row, tiles summed
-            return [(r[k].sum(dim=(0, 1)), None, r[k]) for k in range(r.shape[0])]
-        raise ValueError(f"unsupported pixel_values layout {tuple(r.shape)} for heatmaps")
-
     def _image_array(self, pixels: Optional[Tensor], k: int) -> Any:
         if pixels is None or pixels.dim() != 4:
             return None
@@ -646,16 +651,6 @@ class ModalityAttribution(Attribution):
         else:
             x = (x - x.min()) / (x.max() - x.min() + 1e-12)
         return x.clamp(0, 1).permute(1, 2, 0).numpy()
-
-
-def _rel(x: Tensor, g: Optional[Tensor], create_graph: bool, reduce: bool = False) -> Tensor:
-    """``x * g`` (zeros where no gradient arrived); ``reduce`` sums over the last (hidden) dimension."""
-    if g is None:
-        g = torch.zeros_like(x)
-    if not create_graph:
-        x, g = x.detach(), g.detach()
-    r = x * g
-    return r.sum(-1) if reduce else r
 
 
 def _subtract(spans: list, cut: Span) -> list:

@@ -12,6 +12,7 @@ gives the image's relevance for the same output. ``inputs_embeds`` must hold the
 at the image positions (``model.get_input_embeddings()(input_ids)``).
 """
 from .base import HFCanonizer, register_canonizer
+from .facts import FamilyFacts
 
 
 @register_canonizer("llava")
@@ -19,3 +20,6 @@ class LlavaCanonizer(HFCanonizer):
     """``LlavaForConditionalGeneration`` / ``LlavaModel``."""
 
     components = ("vision_config", "text_config")
+    #: image placeholders replaced by ``[images, C, H, W]`` pixel features; the language model takes inputs_embeds
+    facts = FamilyFacts(pixel_layout="images", language_model=("model.language_model", "language_model"),
+                        decoder=("model.language_model", "language_model"), rope="1d")

@@ -7,6 +7,7 @@ passthrough, so its own ops (crop unpadding, ``cat``, ``masked_scatter``) are ch
 Explained as for :mod:`~lime_attr.canonizers.llava`; pass ``image_sizes`` with ``pixel_values``.
 """
 from .base import HFCanonizer, register_canonizer
+from .facts import FamilyFacts
 
 
 @register_canonizer("llava_next")
@@ -15,3 +16,6 @@ class LlavaNextCanonizer(HFCanonizer):
 
     components = ("vision_config", "text_config")
     passthrough = ("LlavaNextModel",)
+    #: any-resolution tiles ``[batch, tiles, C, H, W]``
+    facts = FamilyFacts(pixel_layout="tiles", language_model=("model.language_model", "language_model"),
+                        decoder=("model.language_model", "language_model"), rope="1d")

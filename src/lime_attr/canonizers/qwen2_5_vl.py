@@ -5,6 +5,7 @@ Everything is declared here (the vision and text towers are this family's own cl
 called is the same as for :mod:`~lime_attr.canonizers.qwen2_vl`.
 """
 from .base import GatedMLP, HFCanonizer, register_canonizer
+from .facts import FamilyFacts
 
 
 @register_canonizer("qwen2_5_vl", "qwen2_5_vl_text", "qwen2_5_vl_vision")
@@ -14,3 +15,7 @@ class Qwen2_5_VLCanonizer(HFCanonizer):
     attention = ("Qwen2_5_VLVisionAttention", "Qwen2_5_VLAttention")
     gated_mlps = {"Qwen2_5_VLMLP": GatedMLP(), "Qwen2MLP": GatedMLP()}
     passthrough = ("Qwen2_5_VLRotaryEmbedding", "Qwen2_5_VLVisionRotaryEmbedding")
+    #: ``<|vision_start|>`` .. ``<|vision_end|>`` spans, flattened ``[patches, C*T*P*P]`` pixels with a grid,
+    #: multimodal rotary positions computed by the model (``get_rope_index``)
+    facts = FamilyFacts(pixel_layout="flattened_patches", language_model=("model.language_model",),
+                        decoder=("model.language_model",), rope="mrope")

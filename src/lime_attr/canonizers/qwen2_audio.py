@@ -14,6 +14,7 @@ path, the embedding lookup of ``input_ids`` answered by the given ``inputs_embed
 
 
 from .base import HFCanonizer, register_canonizer
+from .facts import FamilyFacts
 
 
 @register_canonizer("qwen2_audio_encoder")
@@ -29,3 +30,8 @@ class Qwen2AudioCanonizer(HFCanonizer):
 
     components = ("audio_config", "text_config")
     route_embeds = {"Qwen2AudioModel": ("input_features",)}
+    #: audio spans run from ``<|audio_bos|>`` to ``<|audio_eos|>`` (tokenizer tokens, not in the config); the
+    #: mel features need their ``feature_attention_mask``
+    facts = FamilyFacts(audio_marker_tokens=("<|audio_bos|>", "<|audio_eos|>"), audio_markers_required=True,
+                        audio_feature_mask=True, language_model=("model.language_model", "language_model"),
+                        decoder=("model.language_model", "language_model"), rope="1d")

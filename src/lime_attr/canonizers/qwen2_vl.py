@@ -12,6 +12,7 @@ explained embeddings are what the model runs on. The image's relevance: the same
 ``pixels`` as the explained input and ``input_name="pixel_values", inputs_embeds=emb``.
 """
 from .base import GatedMLP, HFCanonizer, register_canonizer
+from .facts import FamilyFacts
 
 
 @register_canonizer("qwen2_vl", "qwen2_vl_text", "qwen2_vl_vision")
@@ -21,3 +22,7 @@ class Qwen2VLCanonizer(HFCanonizer):
     attention = ("VisionAttention", "Qwen2VLAttention")
     gated_mlps = {"Qwen2MLP": GatedMLP()}
     passthrough = ("Qwen2VLRotaryEmbedding", "Qwen2VLVisionRotaryEmbedding")
+    #: ``<|vision_start|>`` .. ``<|vision_end|>`` spans, flattened ``[patches, C*T*P*P]`` pixels with a grid,
+    #: multimodal rotary positions computed by the model (``get_rope_index``)
+    facts = FamilyFacts(pixel_layout="flattened_patches", language_model=("model.language_model",),
+                        decoder=("model.language_model",), rope="mrope")

@@ -127,7 +127,7 @@ class LimeConfig:
         (default, what the reference code computes): autograd differentiates the rule-modified backward
         pass (``create_graph=True``), which is *not* the derivative of the relevance function for AttnLRP
         (rule-modified values enter later backward formulas). ``"exact"``: the exact derivative of the
-        relevance, one reverse-over-forward pass per update (``relevance_vjp`` of
+        relevance, one reverse-over-forward pass per update (the relevance engine's exact second order,
         :mod:`lime_attr.attribution.exact`; docs: rules, "Differentiating relevance"), about 2.8x the CPU
         time per optimised token on the demo model digits-llava. In both settings the KL term's gradient
         is the same: the scope's rule-modified backward of the KL (as in the reference code), not its true

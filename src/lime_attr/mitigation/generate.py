@@ -30,7 +30,9 @@ from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
 from .config import LimeConfig
 from ..model_checks import check_autograd_mode, forward_error
 from ..modality import split_inputs
-from .optimizer import LimeOptimizer, TokenRecord, _switch_attention, language_decoder
+from ..canonizers.facts import uses_mrope
+from .attention import switch_attention
+from .optimizer import LimeOptimizer, TokenRecord, language_decoder
 
 __all__ = ["lime_generate", "LimeOutput", "modality_positions", "check_sampling_params"]
 
@@ -325,7 +327,7 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
     # pass only, so the no-grad prompt pass and cached steps before it compute the same numbers outside
     # it, and a generation whose tokens are all gated never pays for installing it.
     with contextlib.ExitStack() as stack, torch.no_grad():
-        stack.callback(_switch_attention(model, config.attn_implementation))
+        stack.callback(switch_attention(model, config.attn_implementation))
         in_session = [False]
 
         def enter_session() -> None:
@@ -347,7 +349,7 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
         handle = decoder_mod.register_forward_pre_hook(capture, with_kwargs=True)
         try:
             prompt_kwargs = dict(inp)
-            mrope = _uses_mrope(model)
+            mrope = uses_mrope(model)
             if not mrope:
                 prompt_kwargs["position_ids"] = pos2d
             out = model(input_ids=ids, attention_mask=mask, use_cache=fast_cache, **keep1, **prompt_kwargs)
@@ -461,11 +463,3 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
 
 def _modality_full(modality: Tensor, mask: Tensor) -> Tensor:
     return modality.bool() & mask.bool()
-
-
-def _uses_mrope(model: nn.Module) -> bool:
-    """Multimodal rotary positions computed by the model itself (Qwen2-VL family)."""
-    for m in (model, getattr(model, "model", None)):
-        if m is not None and callable(getattr(m, "get_rope_index", None)):
-            return True
-    return False

@@ -3,24 +3,26 @@ r"""``LimeOptimizer``: the inner loop of LIME for one generated token.
 Per token, additive perturbations :math:`\Delta_K, \Delta_V` (zero-initialised leaf tensors, one pair
 per perturbed decoder layer, shape ``[batch, kv_heads, seq, head_dim]``) are added to the keys and values
 of the language model's attention -- after RoPE, before the kernel -- through the attribution scope's
-``attention_transforms``. Each inner step runs one forward of the whole sequence inside the scope, takes
+public ``add_attention_transform``. Each inner step runs one forward of the whole sequence inside the scope, takes
 the relevance
 
 .. math:: R_i = \sum_d x_{id}\,\frac{\partial^{\mathrm{LRP}} z^*}{\partial x_{id}}
 
 at the language model's input embeddings :math:`x` for the logit :math:`z^*` of the token the decoder
-would emit (one rule-modified backward with ``create_graph=True``, exactly what
-``LRP.attribute(..., create_graph=True)`` computes), and minimises
+would emit (the relevance engine, :func:`lime_attr.attribution.engine.relevance`: one rule-modified
+backward with ``create_graph=True``, exactly what ``LRP.attribute(..., create_graph=True)`` computes), and
+minimises
 
 .. math:: L = -\frac{1}{|M|}\sum_{i\in M}\log\operatorname{softmax}(R/\tau)_i + \lambda\,\mathrm{KL}
 
 with the configured optimiser. The gradient of the relevance term is, by default
 (``second_order="autograd"``), autograd's double backward through the rule-modified backward pass, as in
 the reference code; ``second_order="exact"`` replaces it with the exact derivative of the relevance
-(:func:`lime_attr.attribution.exact.relevance_vjp`, one reverse-over-forward pass). The KL term's gradient
+(the engine's ``second_order="exact"``, :func:`lime_attr.attribution.exact.exact_attribute`: one
+reverse-over-forward pass). The KL term's gradient
 is the scope's rule-modified gradient in both settings. LIME never touches rules or canonizers: it uses
 the attribution's scope (composite + canonizer bound to the model) and the scope's public
-attention-transform list.
+attention-transform hook.
 """
 from __future__ import annotations
 
@@ -34,9 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..attribution.engine import relevance
+from ..canonizers.facts import find_decoder
+from ..modality import modality_share
+from .attention import switch_attention
 from .config import LimeConfig
 
-__all__ = ["LimeOptimizer", "TokenRecord", "decoder_layers", "language_decoder", "modality_share"]
+__all__ = ["LimeOptimizer", "TokenRecord", "decoder_layers", "language_decoder"]
 
 log = logging.getLogger(__name__)
 
@@ -97,39 +103,16 @@ class _StepOut:
 
 
 def language_decoder(model: nn.Module) -> nn.Module:
-    """The language model's decoder (the module holding the ``layers`` ModuleList) of an HF model."""
-    candidates = []
-    for name in ("model.language_model", "language_model", "model", "transformer"):
-        mod: Any = model
-        for part in name.split("."):
-            mod = mod._modules.get(part) if isinstance(mod, nn.Module) else None
-        if isinstance(mod, nn.Module):
-            candidates.append(mod)
-    getter = getattr(model, "get_decoder", None)
-    if callable(getter):
-        try:
-            candidates.append(getter())
-        except Exception:  # pragma: no cover - exotic wrappers
-            pass
-    candidates.append(model)
-    for dec in candidates:
-        layers = getattr(dec, "layers", None)
-        if isinstance(layers, nn.ModuleList) and len(layers) and all(hasattr(l, "self_attn") for l in layers):
-            return dec
-    raise TypeError(f"LIME cannot find the decoder layers of {type(model).__name__}: it expects a language model "
-                    "with a `layers` ModuleList whose layers have `self_attn` (Llama, Qwen2, LLaVA, Qwen2-VL, "
-                    "Qwen2-Audio, ...)")
+    """The language model's decoder (the module holding the ``layers`` ModuleList) of an HF model.
+
+    Where it is, is a family fact (:func:`lime_attr.canonizers.facts.find_decoder`).
+    """
+    return find_decoder(model)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The language model's decoder layers."""
     return list(language_decoder(model).layers)
-
-
-def modality_share(relevance: Tensor, modality: Tensor, valid: Tensor) -> Tensor:
-    """``sum_M |R| / sum_valid |R|`` per row (``[B]``)."""
-    a = relevance.detach().abs() * valid
-    return (a * modality).sum(-1) / a.sum(-1).clamp_min(1e-30)
 
 
 def modality_focus(relevance: Tensor, modality: Tensor, valid: Tensor, tau: float) -> Tensor:
@@ -182,7 +165,7 @@ class LimeOptimizer:
             return
         model = self.model
         flags = [(p, p.requires_grad) for p in model.parameters()]
-        restore_attn = _switch_attention(model, self.config.attn_implementation)
+        restore_attn = switch_attention(model, self.config.attn_implementation)
         scope = self.attribution.scope()
         try:
             for p, _ in flags:
@@ -236,36 +219,45 @@ class LimeOptimizer:
     # ------------------------------------------------------------------ one forward + relevance
     def _forward(self, embeds: Tensor, model_kwargs: dict, pick: Callable[[Tensor], Tensor],
                  with_relevance: bool, create_graph: bool, step: Optional[int] = None) -> _StepOut:
-        x = embeds.detach().requires_grad_(with_relevance)
-        scope = self.attribution.scope()
-        with torch.enable_grad():
+        """One forward of the model on ``embeds``; with relevance, the relevance engine's forward + backward.
+
+        The explained output is the logit of the token ``pick`` chooses (fixed at the first call, so that
+        the exact second order's tangent pass explains the same token). With ``second_order="exact"``
+        the relevance is differentiated exactly (the engine's exact path).
+        """
+        seen: dict[str, Tensor] = {}
+
+        def explained(x: Tensor) -> Tensor:
             out = self.model(inputs_embeds=x, **model_kwargs)
-        logits = _work((out.logits if hasattr(out, "logits") else out[0])[:, -1, :])
-        if hasattr(scope, "pop_carriers") and scope.pop_carriers():
-            raise TypeError("LIME takes relevance at the input embeddings; first-layer rules (flat / wsquare / zbox) "
-                            "that need carrier tensors are not supported. Use a composite without them")
-        target = pick(logits.detach())
-        if step is not None:
-            self._event("decode", step)
+            logits = _work((out.logits if hasattr(out, "logits") else out[0])[:, -1, :])
+            if "target" not in seen:
+                seen["logits"], seen["target"] = logits, pick(logits.detach())
+                if step is not None:
+                    self._event("decode", step)
+            z = logits.gather(1, seen["target"][:, None].to(logits.device))[:, 0]
+            if with_relevance and not bool(torch.isfinite(z.detach()).all()):
+                raise FloatingPointError("the explained logit is NaN/inf; check the model's dtype and the perturbation "
+                                         "(lr)")
+            return z
+
         if not with_relevance:
-            return _StepOut(logits, torch.empty(0), target)
-        z = logits.gather(1, target[:, None].to(logits.device)).sum()
-        if not bool(torch.isfinite(z)):
-            raise FloatingPointError("the explained logit is NaN/inf; check the model's dtype and the perturbation "
-                                     "(lr)")
-        if create_graph and self.config.second_order == "exact":
-            # first-order relevance (the same values), differentiated exactly when the loss is: the
-            # backward of _ExactRelevance runs one reverse-over-forward pass (relevance_vjp)
-            (g,) = torch.autograd.grad(z, x, retain_graph=True)  # logits keep their graph (KL term)
-            rel = _work((x * g).sum(-1)).detach()
-            deltas = [d for pair in self._deltas.values() for d in pair if d is not None]
-            rel = _ExactRelevance.apply(self, x.detach(), target.tolist(), model_kwargs, rel, *deltas)
-            return _StepOut(logits, rel, target)
-        (g,) = torch.autograd.grad(z, x, create_graph=create_graph)
-        rel = _work((x * g).sum(-1))
+            with torch.enable_grad():
+                explained(embeds.detach())
+            if self.attribution.scope().pop_carriers():
+                raise TypeError(_NO_CARRIERS)
+            return _StepOut(seen["logits"], torch.empty(0), seen["target"])
+        exact = create_graph and self.config.second_order == "exact"
+        res = relevance(self.attribution.scope(), explained, [embeds.detach()], create_graph=create_graph and not exact,
+                        second_order="exact" if exact else "autograd", retain_graph=exact, carriers="refuse",
+                        wrt=self._perturbations if exact else None)
+        rel = _work(res.inputs[0].sum(-1))
         if not create_graph:
             rel = rel.detach()
-        return _StepOut(logits, rel, target)
+        return _StepOut(seen["logits"], rel, seen["target"])
+
+    def _perturbations(self) -> list[Tensor]:
+        """The current Delta_K / Delta_V tensors (what the exact relevance is differentiated w.r.t.)."""
+        return [d for pair in self._deltas.values() for d in pair if d is not None]
 
     def _event(self, *e: Any) -> None:
         if self.events is not None:
@@ -368,7 +360,7 @@ class LimeOptimizer:
                         log_ref = F.log_softmax(ref_raw, -1)
                     if fixed_target is None and cfg.target_rule == "fixed":
                         fixed_target = out.target
-                    share0 = modality_share(out.relevance, mod_f, valid_f)
+                    share0 = modality_share(out.relevance.detach(), mod_f, valid_f)
                     rec.share_before = share0.tolist()
                     rec.focus_before = modality_focus(out.relevance, mod_f, valid_f, tau).tolist()
                     if cfg.record_relevance:
@@ -378,7 +370,7 @@ class LimeOptimizer:
                 rec.losses.append(loss_rows.detach().tolist())
                 rec.rel_losses.append(rel_loss.detach().tolist())
                 rec.kl.append(kl.detach().tolist())
-                rec.share_after = modality_share(out.relevance, mod_f, valid_f).tolist()
+                rec.share_after = modality_share(out.relevance.detach(), mod_f, valid_f).tolist()
                 rec.focus_after = modality_focus(out.relevance, mod_f, valid_f, tau).tolist()
                 if cfg.record_relevance:
                     rec.relevance_after = out.relevance.detach().cpu()
@@ -440,7 +432,7 @@ class LimeOptimizer:
                 if cfg.final_relevance:
                     # relevance under the perturbation the token is emitted from (first order, no graph)
                     fin = self._forward(embeds, model_kwargs, pick, True, False)
-                    rec.share_after = modality_share(fin.relevance, mod_f, valid_f).tolist()
+                    rec.share_after = modality_share(fin.relevance.detach(), mod_f, valid_f).tolist()
                     rec.focus_after = modality_focus(fin.relevance, mod_f, valid_f, tau).tolist()
                     if cfg.record_relevance:
                         rec.relevance_after = fin.relevance.detach().cpu()
@@ -476,6 +468,10 @@ class LimeOptimizer:
         return rel_loss, kl
 
 
+_NO_CARRIERS = ("LIME takes relevance at the input embeddings; first-layer rules (flat / wsquare / zbox) that need "
+                "carrier tensors are not supported. Use a composite without them")
+
+
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of LIME's own tensors (perturbations, logits, relevance, losses): float32, or float64 for a
     float64 model (so that the loop can be checked against finite differences)."""
@@ -484,35 +480,6 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _work(t: Tensor) -> Tensor:
     return t.to(_work_dtype(t.dtype))
-
-
-class _ExactRelevance(torch.autograd.Function):
-    r"""``second_order="exact"``: forward returns the (precomputed, first-order) relevance ``[B, S]``;
-    backward returns the exact :math:`\partial\langle v, R\rangle / \partial\Delta` for every
-    perturbation tensor, by :func:`lime_attr.attribution.exact.relevance_vjp` (one forward of the model in
-    tangent mode seeded with ``x * v``, then one reverse pass over its output tangent). It runs while the
-    optimiser's session, perturbations and position mask are still those of the forward (the loss is
-    differentiated right after it)."""
-
-    @staticmethod
-    def forward(ctx, lime: "LimeOptimizer", x: Tensor, target: list, model_kwargs: dict, rel: Tensor,
-                *deltas: Tensor) -> Tensor:
-        ctx.lime, ctx.x, ctx.target, ctx.model_kwargs = lime, x, target, model_kwargs
-        ctx.save_for_backward(*deltas)
-        return rel.clone()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, v: Tensor):
-        from ..attribution.exact import relevance_vjp
-
-        lime, x, deltas = ctx.lime, ctx.x, list(ctx.saved_tensors)
-        v_full = v.to(x.dtype)[..., None].expand_as(x).contiguous()
-        with torch.enable_grad():  # (a backward runs with grad mode off)
-            grads = relevance_vjp(lime.attribution, x, v_full, target=ctx.target, wrt=deltas,
-                                  input_name="inputs_embeds", **ctx.model_kwargs)
-        out = [None if g is None else g.to(d.dtype) for g, d in zip(grads[1:], deltas)]
-        return (None, None, None, None, None, *out)
 
 
 class _InnerOptimizer:
@@ -557,38 +524,3 @@ class _InnerOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             p.grad = None
-
-
-def _configs(model: nn.Module) -> list:
-    seen: dict[int, Any] = {}
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
-            seen.setdefault(id(cfg), cfg)
-    stack = list(seen.values())
-    while stack:
-        cfg = stack.pop()
-        for key in getattr(cfg, "sub_configs", {}) or {}:
-            sub = getattr(cfg, key, None)
-            if sub is not None and hasattr(sub, "_attn_implementation_internal") and id(sub) not in seen:
-                seen[id(sub)] = sub
-                stack.append(sub)
-    return list(seen.values())
-
-
-def _switch_attention(model: nn.Module, impl: Optional[str]) -> Callable[[], None]:
-    """Set ``impl`` for the whole model through ``set_attn_implementation``; return the exact restore."""
-    if impl is None or getattr(getattr(model, "config", None), "_attn_implementation", impl) == impl:
-        return lambda: None
-    saved = [(c, c._attn_implementation_internal) for c in _configs(model)]
-    setter = getattr(model, "set_attn_implementation", None)
-    if setter is None:
-        raise TypeError(f"{type(model).__name__} cannot switch its attention implementation; load it with "
-                        f"attn_implementation={impl!r} or set LimeConfig(attn_implementation=None)")
-    setter(impl)
-
-    def restore() -> None:
-        for c, v in saved:
-            c._attn_implementation_internal = v
-
-    return restore

@@ -31,6 +31,8 @@ import torch
 from torch import Tensor, nn
 from transformers import LogitsProcessor
 
+from ..canonizers.facts import uses_mrope
+
 __all__ = ["VCDLogitsProcessor", "vcd_noise", "vcd_noise_level"]
 
 _NOISED_KEYS = ("pixel_values", "pixel_values_videos", "input_features")
@@ -119,6 +121,9 @@ class VCDLogitsProcessor(LogitsProcessor):
         return cls(model, noised, alpha, beta)
 
     def _rope_owner(self) -> Optional[nn.Module]:
+        """The module computing M-RoPE positions (the family's rope fact), or None for 1-D positions."""
+        if not uses_mrope(self.model):
+            return None
         for m in (self.model, getattr(self.model, "model", None)):
             if m is not None and callable(getattr(m, "get_rope_index", None)):
                 return m
