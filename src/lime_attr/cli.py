@@ -235,8 +235,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def _token_shares(model: Any, processor: Any, enc: dict, tokens: list) -> list:
     """Perceptual share of |relevance| of each generated token (one AttnLRP backward per token)."""
     from . import ModalityAttribution
-    from .mitigation.optimizer import modality_share
-    from .modality import PERCEPTUAL, span_mask
+    from .modality import PERCEPTUAL, modality_share, span_mask
 
     if not tokens:
         return []

@@ -297,5 +297,3 @@ def _epsilon_plus(epsilon: float = 1e-6) -> Composite:
         *_TRANSFORMER,
     ])
 
-
-_matches = matcher_matches  # TODO(merge): remove once attribution/modality.py uses matcher_matches

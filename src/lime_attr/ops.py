@@ -103,8 +103,6 @@ def tensors_in(obj: Any, out: Optional[list] = None) -> list:
     return out
 
 
-_tensors = tensors_in  # TODO(merge): remove once attribution/exact.py uses tensors_in
-
 
 class _IdSet:
     """A set of tensors by identity (tensors compare elementwise, so WeakSet cannot hold them)."""

@@ -12,7 +12,7 @@ The exact derivative comes from a forward-mode identity. For a cotangent ``v`` o
     <v, R> = <x * v, J~^T e> = e^T J~ (x * v),
 
 a Jacobian-vector product through the *modified* Jacobians, seeded with ``u = x * v``. The forward is run
-once more with dual tensors in tangent mode (:mod:`lime_attr.rules._tangent`): every primitive's primal is
+once more with dual tensors in tangent mode (:func:`lime_attr.rules.tangent_mode`): every primitive's primal is
 the true value with its true reverse-mode graph, its tangent the rule's modified directional
 derivative, and a rule's "held constant" drops the tangent only. The tangent of the explained output,
 ``e^T J~(Delta) (x * v)``, is then an ordinary function of every tensor ``Delta`` the forward read
@@ -33,7 +33,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from ..rules._tangent import tangent_mode
+from ..rules import tangent_mode
 from .checks import check_finite, validate_inputs
 
 __all__ = ["exact_attribute", "relevance_vjp"]

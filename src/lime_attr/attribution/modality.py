@@ -34,7 +34,7 @@ from captum.attr import Attribution
 from torch import Tensor, nn
 
 from ..canonizers.facts import find_language_model
-from ..composites import Composite, _matches, get_composite
+from ..composites import Composite, get_composite, matcher_matches
 from ..modality import (PERCEPTUAL, ModalitySpec, check_perceptual_inputs, find_spans, modality_share, modality_spec,
                         span_mask, split_inputs, split_pixel_relevance)
 from ..model_checks import check_autograd_mode, forward_error
@@ -322,7 +322,7 @@ def combined_composite(text: Union[str, Composite], vision: Union[str, Composite
         return any(name == p or name.startswith(p + ".") for p in prefixes)
 
     def wrap(matcher: Any):
-        return lambda site: inside(site) and _matches(matcher, site)
+        return lambda site: inside(site) and matcher_matches(matcher, site)
 
     entries = [(wrap(m), r) for m, r in vision_c.entries] + list(text_c.entries)
     return Composite(entries, tuple(text_c.canonizers) + tuple(vision_c.canonizers),
