@@ -52,10 +52,12 @@ def scale_grad(x: Tensor, factor: float, *, copy: bool = True) -> Tensor:
         return x
     # by default a copy (one pass), not ``x`` itself: ``x`` usually has other consumers that an in-place op
     # on the result must not reach
-    return _modified(x, x.detach().clone() if copy else x, _Scale(factor))
+    return _modified(x, x.detach().clone() if copy else x, GradScale(factor))
 
 
-class _Scale:
+class GradScale:
+    """The vector-Jacobian map ``g -> g * factor`` (a constant or a tensor kept from the forward pass)."""
+
     __slots__ = ("factor",)
 
     def __init__(self, factor: float) -> None:

@@ -27,7 +27,7 @@ from ..context import add_carrier
 from ..errors import RuleParameterError
 from ..specs import NormSpec
 from . import _tangent
-from ._grad import Frozen, _Scale, epsilon_factor, epsilon_grad_hook, is_kept, modified_grad, mul_grad_hook, nonnegative, replace_grad, scale_grad, stabilize, stabilize_
+from ._grad import Frozen, GradScale, epsilon_factor, epsilon_grad_hook, is_kept, modified_grad, mul_grad_hook, nonnegative, replace_grad, scale_grad, stabilize, stabilize_
 from ._layer import channel_dim, layer_forward, layer_forward_multi, layer_params, layer_vjp
 from .registry import Rule, register_rule
 
@@ -512,7 +512,7 @@ class Identity(Rule):
         # computed now: the model may write into y in place after the activation (legal for autograd, as
         # the activation saved x); the backward scales the gradient by it (no surrogate x * ratio)
         ratio = torch.div(y.detach(), x.detach()).masked_fill_(x.detach() == 0, 0.0)
-        return modified_grad(x, y, _Scale(ratio))
+        return modified_grad(x, y, GradScale(ratio))
 
     def apply_activation_module(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
         """As :meth:`apply_activation`, with ``f(x) / x`` recomputed in the backward pass from ``x``.
