@@ -6,13 +6,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-__all__ = ["LimeConfig", "PRESETS", "FAST_CONFIDENCE_GATE", "FAST_UPDATES"]
+__all__ = ["LimeConfig", "PRESETS", "FAST_CONFIDENCE_GATE", "FAST_UPDATES", "CHECKPOINT_AUTO_PARAMS"]
 
 #: Fast mode's default confidence gate (``confidence_gate="auto"``): tokens whose unperturbed top
 #: probability is at least this are emitted from the KV cache without optimisation.
 FAST_CONFIDENCE_GATE: float = 0.99
 #: Fast mode's default number of optimiser updates per token (``fast_updates="auto"``).
 FAST_UPDATES: int = 2
+
+#: ``checkpoint="auto"`` turns the activation checkpoint on for language models with at least this many
+#: parameters (the 1B-scale models where LIME's memory would otherwise double greedy decoding's).
+CHECKPOINT_AUTO_PARAMS: int = 500_000_000
 
 #: ``model_type -> (lr, kl_weight)``, paper Table 5 (the reference code's defaults agree).
 PRESETS: dict[str, tuple[float, float]] = {
@@ -31,6 +35,10 @@ _ENUMS = {
     "emit": ("auto", "final", "last_forward", "cached"),
     "target": ("auto", "fixed", "per_step"),
     "second_order": ("autograd", "exact"),
+    "delta_heads": ("auto", "query", "kv"),
+    "delta_placement": ("auto", "after_rule", "before_rule"),
+    "precision": ("float32", "model"),
+    "record": (None, "steps"),
 }
 
 
@@ -132,6 +140,32 @@ class LimeConfig:
         time per optimised token on the demo model digits-llava. In both settings the KL term's gradient
         is the same: the scope's rule-modified backward of the KL (as in the reference code), not its true
         gradient (see ``docs/lime.rst``, "Exact second order").
+    delta_heads : {"auto", "query", "kv"}
+        Layout of :math:`\Delta`: ``"query"`` -- one slice per *query* head, after the grouped-query
+        repeat, shape ``[batch, heads, seq, head_dim]``, as in the released code; ``"kv"`` -- one per
+        key-value head (a smaller parameterisation; the same as ``"query"`` without grouped-query
+        attention). ``"auto"``: ``"query"``.
+    delta_placement : {"auto", "after_rule", "before_rule"}
+        Where :math:`\Delta` is added: ``"after_rule"`` -- after AttnLRP's gradient scaling of q, k, v
+        (1/4, 1/4, 1/2), inside the attention function, so that the gradient reaching :math:`\Delta` is the
+        undivided one, as in the released code; ``"before_rule"`` -- before it (the gradient reaching
+        :math:`\Delta` is then 1/4 for keys and 1/2 for values; Adam cancels that scale except through its
+        eps, SGD does not). ``"auto"``: ``"after_rule"``.
+    precision : {"float32", "model"}
+        ``"float32"`` (default): relevance, log-softmax, KL and :math:`\Delta` in float32 (float64 for a
+        float64 model); ``"model"``: in the model's dtype, as the released code does in bf16.
+    record : {None, "steps"}
+        ``"steps"``: keep per token and inner step the explained token, the relevance of every position,
+        the loss terms, the top-k logits, the norms of :math:`\Delta_K` / :math:`\Delta_V` per layer and
+        the modality share and focus (:class:`~lime_attr.mitigation.records.StepRecord`, JSON through
+        ``TokenRecord.to_dict``). Off by default (it keeps a relevance vector per step).
+    top_k_logits : int
+        How many of the largest logits a step record keeps (``record="steps"``).
+    checkpoint : {False, True, "auto"}
+        Recompute the inner forward's activations in the backward pass instead of keeping them (a
+        LIME-owned activation checkpoint per decoder layer; not transformers' gradient checkpointing, which
+        acts only in train mode and turns the cache off). ``"auto"``: on for language models with at least
+        :data:`CHECKPOINT_AUTO_PARAMS` parameters. Same tokens; costs about one more forward per step.
     """
 
     steps: int = 7
@@ -156,6 +190,12 @@ class LimeConfig:
     attn_implementation: Optional[str] = "eager"
     record_relevance: bool = False
     second_order: str = "autograd"
+    delta_heads: str = "auto"
+    delta_placement: str = "auto"
+    precision: str = "float32"
+    record: Optional[str] = None
+    top_k_logits: int = 5
+    checkpoint: Union[bool, str] = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -217,6 +257,10 @@ class LimeConfig:
         if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 0:
             raise ValueError("LimeConfig.patience must be an int >= 0 (0 disables early stopping), got "
                              f"{self.patience!r}")
+        if isinstance(self.top_k_logits, bool) or not isinstance(self.top_k_logits, int) or self.top_k_logits < 1:
+            raise ValueError(f"LimeConfig.top_k_logits must be an int >= 1, got {self.top_k_logits!r}")
+        if self.checkpoint not in (False, True, "auto"):
+            raise ValueError(f"LimeConfig.checkpoint must be False, True or 'auto', got {self.checkpoint!r}")
         if self.attn_implementation is not None and not isinstance(self.attn_implementation, str):
             raise TypeError("LimeConfig.attn_implementation must be a string or None, got "
                             f"{self.attn_implementation!r}")
@@ -244,6 +288,16 @@ class LimeConfig:
         if self.emit != "auto":
             return self.emit
         return "last_forward" if self.mode == "reference" else "final"
+
+    @property
+    def heads(self) -> str:
+        """``"query"`` or ``"kv"`` after resolving ``"auto"``."""
+        return "query" if self.delta_heads == "auto" else self.delta_heads
+
+    @property
+    def placement(self) -> str:
+        """``"after_rule"`` or ``"before_rule"`` after resolving ``"auto"``."""
+        return "after_rule" if self.delta_placement == "auto" else self.delta_placement
 
     @property
     def target_rule(self) -> str:

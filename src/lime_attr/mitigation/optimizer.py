@@ -41,6 +41,7 @@ from ..canonizers.facts import find_decoder
 from ..modality import modality_share
 from .attention import switch_attention
 from .config import LimeConfig
+from .records import TokenRecord, step_record
 
 __all__ = ["LimeOptimizer", "TokenRecord", "decoder_layers", "language_decoder"]
 
@@ -48,58 +49,35 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class TokenRecord:
-    r"""What the inner loop did for one generated position (one entry per batch row where relevant).
-
-    Attributes
-    ----------
-    index : int
-        Position in the answer (0 = first generated token).
-    tokens : list of int
-        Emitted token per row.
-    unperturbed_tokens : list of int
-        The token the unperturbed model would have emitted (same sampling noise).
-    changed : list of bool
-        Whether LIME changed the token.
-    share_before, share_after : list of float
-        Perceptual share of relevance :math:`\sum_M |R| / \sum |R|` (the paper's "modality reliance")
-        without the perturbation and under the last perturbation whose relevance was computed (``nan``
-        where not computed).
-    focus_before, focus_after : list of float
-        The quantity the objective raises: the mass of :math:`\operatorname{softmax}(R/\tau)` on M.
-    losses, rel_losses, kl : list of list of float
-        Per inner step (outer list) and row (inner list): total loss, relevance loss, KL term.
-    steps : int
-        Optimiser updates applied.
-    skipped : str or None
-        Why the optimisation was skipped or stopped early (``"confidence"``, ``"share"``,
-        ``"early_stop"``, ``"steps=0"``), else None.
-    relevance_before, relevance_after : Tensor or None
-        ``[batch, seq]`` relevance vectors (only with ``record_relevance``).
-    """
-
-    index: int
-    tokens: list = field(default_factory=list)
-    unperturbed_tokens: list = field(default_factory=list)
-    changed: list = field(default_factory=list)
-    share_before: list = field(default_factory=list)
-    share_after: list = field(default_factory=list)
-    focus_before: list = field(default_factory=list)
-    focus_after: list = field(default_factory=list)
-    losses: list = field(default_factory=list)
-    rel_losses: list = field(default_factory=list)
-    kl: list = field(default_factory=list)
-    steps: int = 0
-    skipped: Optional[str] = None
-    relevance_before: Optional[Tensor] = None
-    relevance_after: Optional[Tensor] = None
-
-
-@dataclass
 class _StepOut:
     logits: Tensor  # [B, V] last-position logits (graph attached while optimising)
     relevance: Tensor  # [B, S]
     target: Tensor  # [B]
+
+
+@dataclass
+class _TokenState:
+    """The mutable state of one token's inner loop (see :meth:`LimeOptimizer.optimize`)."""
+
+    rec: TokenRecord
+    pick: Callable[[Tensor], Tensor]
+    valid: Tensor
+    counts: Tensor
+    mod_f: Tensor
+    valid_f: Tensor
+    active: Tensor
+    ref_logits: Optional[Tensor] = None
+    log_ref: Optional[Tensor] = None
+    ref_raw: Optional[Tensor] = None
+    fixed_target: Optional[Tensor] = None
+    params: Any = None
+    opt: Any = None
+    last: Optional[_StepOut] = None
+    fresh: bool = False
+    best: float = math.inf
+    stall: int = 0
+    steps_run: int = 0
+    share0: Optional[Tensor] = None
 
 
 def language_decoder(model: nn.Module) -> nn.Module:
@@ -171,7 +149,7 @@ class LimeOptimizer:
             for p, _ in flags:
                 p.requires_grad_(False)
             with scope:
-                transform = scope.add_attention_transform(self._transform)
+                transform = scope.add_attention_transform(self._transform, stage=self.config.placement)
                 self._in_session = True
                 try:
                     yield self
@@ -186,35 +164,50 @@ class LimeOptimizer:
 
     # ------------------------------------------------------------------ the attention transform
     def _transform(self, module: nn.Module, q: Tensor, k: Tensor, v: Tensor, kwargs: dict):
+        """Add this token's Delta_K / Delta_V to the keys and values of a perturbed layer's attention.
+
+        Runs at the configured stage of the scope's attention bridge (``delta_placement``); with
+        ``delta_heads="query"`` the keys and values are first repeated to one head per query head (the
+        grouped-query repeat), so that Delta has the released code's layout ``[batch, heads, seq, dim]``.
+        """
         idx = self._attn_index.get(id(module))
         if idx is None:
             return q, k, v
+        if self.config.heads == "query" and k.shape[1] != q.shape[1]:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         pair = self._deltas.get(idx)
-        perturb = self.config.perturb
         if pair is None:
             if not self._grad_deltas:
                 return q, k, v
-            dk = dv = None
-            dt = _work_dtype(k.dtype)
-            if "k" in perturb:
-                dk = torch.zeros(k.shape, dtype=dt, device=k.device, requires_grad=True)
-            if "v" in perturb:
-                dv = torch.zeros(v.shape, dtype=dt, device=v.device, requires_grad=True)
-            pair = self._deltas[idx] = (dk, dv)
+            pair = self._deltas[idx] = self._new_deltas(k, v)
         dk, dv = pair
-        mask = self._pos_mask
         if dk is not None:
             if dk.shape != k.shape:
                 raise RuntimeError(f"layer {idx}: key shape {tuple(k.shape)} changed within one token "
                                    f"(Delta_K has {tuple(dk.shape)})")
-            d = dk if self._grad_deltas else dk.detach()
-            d = d * mask if mask is not None else d
-            k = k + d.to(k.dtype)
+            k = k + self._masked(dk).to(k.dtype)
         if dv is not None:
-            d = dv if self._grad_deltas else dv.detach()
-            d = d * mask if mask is not None else d
-            v = v + d.to(v.dtype)
+            v = v + self._masked(dv).to(v.dtype)
         return q, k, v
+
+    def _new_deltas(self, k: Tensor, v: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """Zero-initialised leaf perturbations shaped like ``k`` and ``v`` (those the config perturbs)."""
+        dt = self._dtype(k.dtype)
+        dk = torch.zeros(k.shape, dtype=dt, device=k.device, requires_grad=True) if "k" in self.config.perturb else None
+        dv = torch.zeros(v.shape, dtype=dt, device=v.device, requires_grad=True) if "v" in self.config.perturb else None
+        return dk, dv
+
+    def _masked(self, delta: Tensor) -> Tensor:
+        d = delta if self._grad_deltas else delta.detach()
+        return d * self._pos_mask if self._pos_mask is not None else d
+
+    def _dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of LIME's own tensors for a model computing in ``dtype`` (``precision``)."""
+        return dtype if self.config.precision == "model" else _work_dtype(dtype)
+
+    def _work(self, t: Tensor) -> Tensor:
+        return t.to(self._dtype(t.dtype))
 
     # ------------------------------------------------------------------ one forward + relevance
     def _forward(self, embeds: Tensor, model_kwargs: dict, pick: Callable[[Tensor], Tensor],
@@ -229,7 +222,7 @@ class LimeOptimizer:
 
         def explained(x: Tensor) -> Tensor:
             out = self.model(inputs_embeds=x, **model_kwargs)
-            logits = _work((out.logits if hasattr(out, "logits") else out[0])[:, -1, :])
+            logits = self._work((out.logits if hasattr(out, "logits") else out[0])[:, -1, :])
             if "target" not in seen:
                 seen["logits"], seen["target"] = logits, pick(logits.detach())
                 if step is not None:
@@ -250,7 +243,7 @@ class LimeOptimizer:
         res = relevance(self.attribution.scope(), explained, [embeds.detach()], create_graph=create_graph and not exact,
                         second_order="exact" if exact else "autograd", retain_graph=exact, carriers="refuse",
                         wrt=self._perturbations if exact else None)
-        rel = _work(res.inputs[0].sum(-1))
+        rel = self._work(res.inputs[0].sum(-1))
         if not create_graph:
             rel = rel.detach()
         return _StepOut(seen["logits"], rel, seen["target"])
@@ -298,13 +291,39 @@ class LimeOptimizer:
             ``[B, V]`` unperturbed logits (the given ones, or those of the first inner forward).
         record : TokenRecord
         """
-        cfg = self.config
         if not self._in_session:
             with self.session():
                 return self.optimize(embeds, model_kwargs, modality, valid, pick, ref_logits, active, index, emit_fn)
-        B = embeds.shape[0]
-        if pick is None:
-            pick = lambda logits: logits.argmax(-1)  # noqa: E731
+        st = self._begin(embeds, modality, valid, pick, ref_logits, active, index)
+        n_updates, lr = self.config.schedule
+        try:
+            for s in range(n_updates):
+                out = self._inner_forward(st, embeds, model_kwargs, s, lr)
+                loss_rows = self._record_step(st, out, s)
+                if self._stops(st, loss_rows, s):
+                    break
+                self._update(st, loss_rows, s)
+                del out, loss_rows
+            st.rec.steps = st.steps_run
+            if n_updates == 0 and st.rec.skipped is None:
+                st.rec.skipped = "steps=0"
+            emit = self._emission(st, embeds, model_kwargs, emit_fn)
+            ref = st.ref_logits if st.ref_logits is not None else (st.ref_raw if st.ref_raw is not None else emit)
+            ref = ref.detach().float()
+            inactive = ~st.active
+            if bool(inactive.any()):
+                emit = torch.where(inactive[:, None], ref.to(emit.device), emit)
+            return emit, ref, st.rec
+        finally:
+            st.opt = st.params = None
+            self._deltas.clear()
+            self._pos_mask = None
+            self._grad_deltas = True
+
+    def _begin(self, embeds: Tensor, modality: Tensor, valid: Tensor, pick: Optional[Callable],
+               ref_logits: Optional[Tensor], active: Optional[Tensor], index: int) -> "_TokenState":
+        """The state of one token's inner loop (inputs checked, records initialised, Delta cleared)."""
+        cfg, B = self.config, embeds.shape[0]
         modality = modality.to(embeds.device).bool()
         valid = valid.to(embeds.device).bool()
         counts = (modality & valid).sum(-1)
@@ -312,146 +331,142 @@ class LimeOptimizer:
             rows = (counts == 0).nonzero().flatten().tolist()
             raise ValueError(f"the modality span is empty for batch row(s) {rows}: LIME needs perceptual (image / "
                              "audio) positions to shift relevance to")
-        active = torch.ones(B, dtype=torch.bool, device=embeds.device) if active is None else active.to(embeds.device)
-        rec = TokenRecord(index=index)
-        mod_f, valid_f = modality.float(), valid.float()
+        nan = [float("nan")] * B
+        rec = TokenRecord(index=index, share_before=list(nan), share_after=list(nan), focus_before=list(nan),
+                          focus_after=list(nan))
+        st = _TokenState(rec=rec, pick=pick or (lambda logits: logits.argmax(-1)), valid=valid, counts=counts,
+                         mod_f=modality.float(), valid_f=valid.float(), ref_logits=ref_logits,
+                         active=(torch.ones(B, dtype=torch.bool, device=embeds.device) if active is None
+                                 else active.to(embeds.device)))
+        if ref_logits is not None:
+            st.log_ref = F.log_softmax(self._work(ref_logits.detach()), -1)
+            if cfg.target_rule == "fixed":
+                st.fixed_target = st.pick(ref_logits.detach().float())
         self._pos_mask = modality.float()[:, None, :, None] if cfg.positions == "modality" else None
         self._deltas.clear()
         self._grad_deltas = True
-        params: list[Tensor] = []
-        opt: Any = None
-        log_ref: Optional[Tensor] = None if ref_logits is None else F.log_softmax(ref_logits.detach().float(), -1)
-        fixed_target: Optional[Tensor] = None
-        ref_raw: Optional[Tensor] = None
-        if cfg.target_rule == "fixed" and ref_logits is not None:
-            fixed_target = pick(ref_logits.detach().float())
-        last: Optional[_StepOut] = None
-        best, stall = math.inf, 0
-        nan = [float("nan")] * B
-        rec.share_before, rec.share_after = list(nan), list(nan)
-        rec.focus_before, rec.focus_after = list(nan), list(nan)
-        tau = cfg.temperature
-        steps_run = 0
-        fresh = False
-        n_updates, lr = cfg.schedule
-        try:
-            for s in range(n_updates):
-                self._event("forward", s)
-                if fixed_target is not None:
-                    pick_s = lambda _l, t=fixed_target: t  # noqa: E731
-                else:
-                    pick_s = pick
-                out = self._forward(embeds, model_kwargs, pick_s, with_relevance=True, create_graph=True, step=s)
-                self._event("relevance", s)
-                if s == 0:
-                    params = [d for pair in self._deltas.values() for d in pair if d is not None]
-                    if not params:
-                        raise RuntimeError("no attention call of the perturbed layers went through the scope's "
-                                           "attention bridge: is a canonizer for this model registered?")
-                    if cfg.mode == "fast":
-                        # same arithmetic as torch.optim's single-tensor Adam / plain SGD (tested bit for
-                        # bit) without its per-call machinery, which costs milliseconds per token
-                        opt = _InnerOptimizer(params, lr, cfg.optimizer)
-                    else:
-                        opt = (torch.optim.Adam(params, lr=lr) if cfg.optimizer == "adam"
-                               else torch.optim.SGD(params, lr=lr))
-                    if log_ref is None:
-                        ref_raw = out.logits.detach()
-                        log_ref = F.log_softmax(ref_raw, -1)
-                    if fixed_target is None and cfg.target_rule == "fixed":
-                        fixed_target = out.target
-                    share0 = modality_share(out.relevance.detach(), mod_f, valid_f)
-                    rec.share_before = share0.tolist()
-                    rec.focus_before = modality_focus(out.relevance, mod_f, valid_f, tau).tolist()
-                    if cfg.record_relevance:
-                        rec.relevance_before = out.relevance.detach().cpu()
-                rel_loss, kl = self._losses(out, log_ref, mod_f, valid, counts)
-                loss_rows = rel_loss + cfg.kl_weight * kl
-                rec.losses.append(loss_rows.detach().tolist())
-                rec.rel_losses.append(rel_loss.detach().tolist())
-                rec.kl.append(kl.detach().tolist())
-                rec.share_after = modality_share(out.relevance.detach(), mod_f, valid_f).tolist()
-                rec.focus_after = modality_focus(out.relevance, mod_f, valid_f, tau).tolist()
-                if cfg.record_relevance:
-                    rec.relevance_after = out.relevance.detach().cpu()
-                self._event("loss", s)
-                last = _StepOut(out.logits.detach(), torch.empty(0), out.target)
-                fresh = True  # `last` was computed with the current perturbation
-                if cfg.mode == "fast":
-                    if s == 0 and cfg.share_gate is not None:
-                        active = active & (share0 < cfg.share_gate)
-                    if not bool(active.any()):
-                        rec.skipped = rec.skipped or "share"
-                        break
-                    total = float((loss_rows.detach() * active).sum())
-                    if cfg.patience > 0 and s > 0:
-                        if total > best - cfg.tol * abs(best):
-                            stall += 1
-                            if stall >= cfg.patience:
-                                rec.skipped = "early_stop"
-                                break
-                        else:
-                            stall = 0
-                    best = min(best, total)
-                loss = (loss_rows * active).sum()
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                self._event("backward", s)
-                del out, loss, loss_rows, rel_loss, kl
-                for p, g in zip(params, grads):
-                    p.grad = None if g is None else g.detach()
-                del grads
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                fresh = False
-                steps_run += 1
-                self._event("update", s)
-            rec.steps = steps_run
-            if n_updates == 0 and rec.skipped is None:
-                rec.skipped = "steps=0"
-            # ------------------------------------------------------------ emission
-            if last is None:
-                self._event("emit", "unperturbed")
-                if ref_logits is not None:
-                    emit = ref_logits.detach().float()
-                else:
-                    self._grad_deltas = False
-                    emit = self._forward(embeds, model_kwargs, pick, False, False).logits.detach()
-            elif cfg.emit_from == "last_forward" or steps_run == 0 or fresh:
-                # (fresh: stopped early right after a forward, which already saw the final perturbation)
-                reused = fresh and cfg.emit_from != "last_forward" and steps_run > 0
-                self._event("emit", "reused_final" if reused else "last_forward")
-                emit = last.logits
-            elif cfg.emit_from == "cached" and emit_fn is not None:
-                self._event("emit", "cached")
-                self._grad_deltas = False
-                with torch.enable_grad():  # the scope applies attention transforms only with grad enabled
-                    emit = emit_fn().detach().float()
+        return st
+
+    def _inner_forward(self, st: "_TokenState", embeds: Tensor, model_kwargs: dict, s: int, lr: float) -> _StepOut:
+        """Step ``s``'s forward and relevance (with graph); at step 0 also the optimiser and the references."""
+        self._event("forward", s)
+        pick = (lambda _l, t=st.fixed_target: t) if st.fixed_target is not None else st.pick  # noqa: E731
+        out = self._forward(embeds, model_kwargs, pick, with_relevance=True, create_graph=True, step=s)
+        self._event("relevance", s)
+        if s > 0:
+            return out
+        st.params = [d for pair in self._deltas.values() for d in pair if d is not None]
+        if not st.params:
+            raise RuntimeError("no attention call of the perturbed layers went through the scope's attention bridge: "
+                               "is a canonizer for this model registered?")
+        if self.config.mode == "fast":
+            # the same arithmetic as torch.optim's single-tensor Adam / plain SGD (tested bit for bit) without
+            # its per-call machinery, which costs milliseconds per token
+            st.opt = _InnerOptimizer(st.params, lr, self.config.optimizer)
+        else:
+            st.opt = torch.optim.Adam(st.params, lr=lr) if self.config.optimizer == "adam" else torch.optim.SGD(
+                st.params, lr=lr)
+        if st.log_ref is None:
+            st.ref_raw = out.logits.detach()
+            st.log_ref = F.log_softmax(st.ref_raw, -1)
+        if st.fixed_target is None and self.config.target_rule == "fixed":
+            st.fixed_target = out.target
+        st.share0 = modality_share(out.relevance.detach(), st.mod_f, st.valid_f)
+        st.rec.share_before = st.share0.tolist()
+        st.rec.focus_before = modality_focus(out.relevance, st.mod_f, st.valid_f, self.config.temperature).tolist()
+        if self.config.record_relevance:
+            st.rec.relevance_before = out.relevance.detach().cpu()
+        return out
+
+    def _record_step(self, st: "_TokenState", out: _StepOut, s: int) -> Tensor:
+        """The step's losses per row (with graph), written to the token's record."""
+        cfg, rec = self.config, st.rec
+        rel_loss, kl = self._losses(out, st.log_ref, st.mod_f, st.valid, st.counts)
+        loss_rows = rel_loss + cfg.kl_weight * kl
+        rec.losses.append(loss_rows.detach().tolist())
+        rec.rel_losses.append(rel_loss.detach().tolist())
+        rec.kl.append(kl.detach().tolist())
+        share = modality_share(out.relevance.detach(), st.mod_f, st.valid_f)
+        focus = modality_focus(out.relevance, st.mod_f, st.valid_f, cfg.temperature)
+        rec.share_after, rec.focus_after = share.tolist(), focus.tolist()
+        if cfg.record_relevance:
+            rec.relevance_after = out.relevance.detach().cpu()
+        if cfg.record == "steps":
+            rec.step_records.append(step_record(s, out, (loss_rows, rel_loss, kl), self._deltas, share, focus,
+                                                cfg.top_k_logits))
+        self._event("loss", s)
+        st.last = _StepOut(out.logits.detach(), torch.empty(0), out.target)
+        st.fresh = True  # `last` was computed with the current perturbation
+        return loss_rows
+
+    def _stops(self, st: "_TokenState", loss_rows: Tensor, s: int) -> bool:
+        """Fast mode's share gate (before the first update) and early stopping; records why it stopped."""
+        cfg = self.config
+        if cfg.mode != "fast":
+            return False
+        if s == 0 and cfg.share_gate is not None:
+            st.active = st.active & (st.share0 < cfg.share_gate)
+        if not bool(st.active.any()):
+            st.rec.skipped = st.rec.skipped or "share"
+            st.rec.skip_reason = st.rec.skip_reason or (
+                f"share of relevance {max(st.share0.tolist()):.3g} >= share_gate {cfg.share_gate}")
+            return True
+        total = float((loss_rows.detach() * st.active).sum())
+        if cfg.patience > 0 and s > 0:
+            if total > st.best - cfg.tol * abs(st.best):
+                st.stall += 1
+                if st.stall >= cfg.patience:
+                    st.rec.skipped = "early_stop"
+                    st.rec.skip_reason = f"loss improved by less than tol={cfg.tol} for {cfg.patience} step(s)"
+                    return True
             else:
-                self._event("emit", "final")
-                self._grad_deltas = False
-                if cfg.final_relevance:
-                    # relevance under the perturbation the token is emitted from (first order, no graph)
-                    fin = self._forward(embeds, model_kwargs, pick, True, False)
-                    rec.share_after = modality_share(fin.relevance.detach(), mod_f, valid_f).tolist()
-                    rec.focus_after = modality_focus(fin.relevance, mod_f, valid_f, tau).tolist()
-                    if cfg.record_relevance:
-                        rec.relevance_after = fin.relevance.detach().cpu()
-                    emit = fin.logits.detach()
-                    del fin
-                else:
-                    emit = self._forward(embeds, model_kwargs, pick, False, False).logits.detach()
-            if ref_logits is None:
-                ref_logits = ref_raw if ref_raw is not None else emit
-            ref_logits = ref_logits.detach().float()
-            inactive = ~active
-            if bool(inactive.any()):
-                emit = torch.where(inactive[:, None], ref_logits.to(emit.device), emit)
-            return emit, ref_logits, rec
-        finally:
-            del opt, params
-            self._deltas.clear()
-            self._pos_mask = None
-            self._grad_deltas = True
+                st.stall = 0
+        st.best = min(st.best, total)
+        return False
+
+    def _update(self, st: "_TokenState", loss_rows: Tensor, s: int) -> None:
+        """One optimiser update of Delta on the active rows' loss."""
+        grads = torch.autograd.grad((loss_rows * st.active).sum(), st.params, allow_unused=True)
+        self._event("backward", s)
+        for p, g in zip(st.params, grads):
+            p.grad = None if g is None else g.detach()
+        del grads
+        st.opt.step()
+        st.opt.zero_grad(set_to_none=True)
+        st.fresh = False
+        st.steps_run += 1
+        self._event("update", s)
+
+    def _emission(self, st: "_TokenState", embeds: Tensor, model_kwargs: dict,
+                  emit_fn: Optional[Callable[[], Tensor]]) -> Tensor:
+        """The emission policy: which logits the token comes from (``LimeConfig.emit``)."""
+        cfg, last = self.config, st.last
+        if last is None:
+            self._event("emit", "unperturbed")
+            if st.ref_logits is not None:
+                return st.ref_logits.detach().float()
+            self._grad_deltas = False
+            return self._forward(embeds, model_kwargs, st.pick, False, False).logits.detach()
+        if cfg.emit_from == "last_forward" or st.steps_run == 0 or st.fresh:
+            # (fresh: stopped early right after a forward, which already saw the final perturbation)
+            reused = st.fresh and cfg.emit_from != "last_forward" and st.steps_run > 0
+            self._event("emit", "reused_final" if reused else "last_forward")
+            return last.logits
+        self._grad_deltas = False
+        if cfg.emit_from == "cached" and emit_fn is not None:
+            self._event("emit", "cached")
+            with torch.enable_grad():  # the scope applies attention transforms only with grad enabled
+                return emit_fn().detach().float()
+        self._event("emit", "final")
+        if not cfg.final_relevance:
+            return self._forward(embeds, model_kwargs, st.pick, False, False).logits.detach()
+        # relevance under the perturbation the token is emitted from (first order, no graph)
+        fin = self._forward(embeds, model_kwargs, st.pick, True, False)
+        st.rec.share_after = modality_share(fin.relevance.detach(), st.mod_f, st.valid_f).tolist()
+        st.rec.focus_after = modality_focus(fin.relevance, st.mod_f, st.valid_f, cfg.temperature).tolist()
+        if cfg.record_relevance:
+            st.rec.relevance_after = fin.relevance.detach().cpu()
+        return fin.logits.detach()
 
     def _losses(self, out: _StepOut, log_ref: Tensor, mod_f: Tensor, valid: Tensor, counts: Tensor):
         cfg = self.config
@@ -476,10 +491,6 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of LIME's own tensors (perturbations, logits, relevance, losses): float32, or float64 for a
     float64 model (so that the loop can be checked against finite differences)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _work(t: Tensor) -> Tensor:
-    return t.to(_work_dtype(t.dtype))
 
 
 class _InnerOptimizer:
