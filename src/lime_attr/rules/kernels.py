@@ -36,7 +36,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -405,7 +405,7 @@ def _signed_nonneg(formula: LayerFormula, split: tuple, module: nn.Module, x: Te
     ``None`` where the branches do not have this form.
     """
     base, dp, dn = split
-    (u1, v1), (u2, v2) = dp.x_plus, dn.x_plus
+    (u1, v1), (_, v2) = dp.x_plus, dn.x_plus
     if dp.x_plus != dp.bias or dn.x_plus != dn.bias or u1 != v2:
         return None
     a_pos, a_neg, e = base + v1, base + v2, u1
