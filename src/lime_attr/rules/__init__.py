@@ -6,6 +6,7 @@ formulas.
 from ._grad import replace_grad, scale_grad, stabilize
 from .builtin import (AlphaBeta, Bilinear, CPAttention, Epsilon, Flat, Gamma, Gradient, Identity, Norm,
                       NormSpec, Pass, Softmax, Uniform, WSquare, ZBox, ZPlus)
+from .kernels import Branch, LayerFormula, evaluate, use_fast_kernels
 from .registry import SITES, Rule, available_rules, get_rule, register_rule
 
 __all__ = [
@@ -13,4 +14,5 @@ __all__ = [
     "replace_grad", "scale_grad", "stabilize",
     "Epsilon", "Gradient", "Gamma", "ZPlus", "AlphaBeta", "Flat", "WSquare", "ZBox", "Identity", "Pass",
     "Uniform", "Softmax", "Bilinear", "Norm", "CPAttention",
+    "LayerFormula", "Branch", "evaluate", "use_fast_kernels",
 ]

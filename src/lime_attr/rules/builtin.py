@@ -7,12 +7,13 @@ tensor ``x`` is ``x * g`` with ``g`` the rule-modified gradient of one backward 
 explained output, so relevance at the output equals the explained logit.
 
 For a layer ``y = f(x; W, b)`` with incoming gradient ``g`` (so ``R_out = y * g``), the layer rules
-compute ``g_in = sum_k J_k^T (y * g / z_k)`` with the rule's modified forward passes ``z_k``; each
-modified forward is evaluated once, in the forward pass. Where the layer's transpose is known (Linear,
-Conv1d/2d/3d, HF Conv1D) the backward is exactly the transposed layers the formula needs, with the ratios
-``y / z_k`` kept from the forward pass (:func:`~lime_attr.rules._grad.modified_grad`), so the layer's own
-backward never runs; other layers go through autograd on the re-evaluated layers. Both give the same
-relevance and the same second derivatives (``tests/test_rules.py``).
+compute ``g_in = sum_k J_k^T (y * g / z_k)`` with the rule's modified forward passes ``z_k``. Gamma, z+
+and alpha-beta state only their formula (a :class:`~lime_attr.rules.kernels.LayerFormula`);
+:func:`~lime_attr.rules.kernels.evaluate` computes it, with a fast kernel where the layer's transpose is
+known (the backward is exactly the transposed layers the formula needs, the layer's own backward never
+runs) and the reference evaluation (autograd on the re-evaluated layers) elsewhere or under
+:func:`~lime_attr.rules.kernels.use_fast_kernels` ``(False)``. Both give the same relevance and the same
+second derivatives (``tests/test_rules.py``, ``tests/test_rules_kernels.py``).
 """
 from __future__ import annotations
 

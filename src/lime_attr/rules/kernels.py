@@ -16,7 +16,7 @@ In gradient form (``R = x * g``, ``R_out = y * g``) this is one modified backwar
 
 :func:`evaluate` picks how to compute it: the *reference* evaluation (autograd through the modified
 forward passes, for any layer with a functional forward) or, where the layer's transpose is known
-(:func:`~lime_attr.rules._layer.layer_vjp`), a fast kernel whose backward is exactly the transposed layers
+(``rules._layer.layer_vjp``), a fast kernel whose backward is exactly the transposed layers
 the formula needs, with the ratios kept from the forward pass:
 
 - ``x >= 0`` (after a ReLU): the ``x^-`` terms vanish; all branches are one *stacked* layer evaluation
@@ -99,11 +99,11 @@ class Branch:
 
     Parameters
     ----------
-    x_plus : (float, float)
+    x_plus : tuple of float
         ``A = x_plus[0] W^+ + x_plus[1] W^-``, the weight that ``x^+`` meets (``(1, 1)`` is ``W``).
-    x_minus : (float, float)
+    x_minus : tuple of float
         ``B``, the weight that ``x^-`` meets, likewise.
-    bias : (float, float)
+    bias : tuple of float
         ``c = bias[0] b^+ + bias[1] b^-``.
     where : {"all", "pos", "neg"}
         The outputs whose relevance the branch spreads: all, those with ``y > 0``, those with ``y < 0``.
@@ -228,7 +228,7 @@ def reference(formula: LayerFormula, module: nn.Module, x: Tensor, y: Tensor) ->
 
     ``z^k = f(x^+; A^k, c^k) + f(x^-; B^k)`` re-evaluated with autograd, and the surrogate
     ``sum_k z^k * (s^k [support] y / stab(z^k))`` (the ratio a constant) carries the gradient. For every
-    layer with a functional forward (:func:`~lime_attr.rules._layer.layer_forward`).
+    layer with a functional forward (``rules._layer.layer_forward``).
     """
     w, b = layer_params(module)
     wp, wn = w.clamp(min=0), w.clamp(max=0)
