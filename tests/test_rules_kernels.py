@@ -253,3 +253,23 @@ def test_reference_evaluation_runs_no_transposed_layer():
 def test_branch_rejects_an_unknown_support():
     with pytest.raises(ValueError, match="where"):
         Branch(where="positive")
+
+
+@pytest.mark.parametrize("name", ["gamma", "zplus", "alpha_beta"])
+@pytest.mark.parametrize("positive", [False, True], ids=["mixed-sign x", "x >= 0"])
+def test_grouped_convolution_equals_its_block_diagonal_dense_form(name, positive):
+    """A grouped convolution is a dense one with a block-diagonal weight (zeros have no W^+ or W^- part), so
+    every rule gives the same relevance on both (weight variants must not be stacked across groups)."""
+    grouped = make_layer("grouped", 2, 3, True, 4)
+    dense = nn.Conv2d(4, 6, 3, padding=1).to(DT)
+    with torch.no_grad():
+        dense.weight.zero_()
+        dense.weight[:3, :2], dense.weight[3:, 2:] = grouped.weight[:3], grouped.weight[3:]
+        dense.bias.copy_(grouped.bias)
+    x = make_input(grouped, "conv", 2, 4, positive)
+    g = torch.randn(grouped(x).shape, generator=torch.Generator().manual_seed(3), dtype=DT)
+    rule = get_rule(name, **RULES[name])
+    for fast in (True, False):
+        with use_fast_kernels(fast):
+            torch.testing.assert_close(layer_relevance(grouped, rule, x, g), layer_relevance(dense, rule, x, g),
+                                       rtol=1e-9, atol=1e-12)
