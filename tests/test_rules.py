@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lime_attr import Composite, LRP, available_rules, get_rule, lrp_scope
 from lime_attr.rules import Rule
@@ -321,10 +322,24 @@ def test_conv_rule_matches_written_out_formula(name, positive):
 FAST_RULES = {"gamma": dict(gamma=0.5), "zplus": {}, "alpha_beta": dict(alpha=2.0, beta=1.0)}
 
 
-def _without_transpose(monkeypatch):
-    import lime_attr.rules.builtin as builtin
+def _reference_kernels():
+    """The layer rules' reference evaluation (autograd through the modified forward passes), no fast kernel."""
+    from lime_attr.rules.kernels import use_fast_kernels
 
-    monkeypatch.setattr(builtin, "layer_vjp", lambda module, x: None)
+    return use_fast_kernels(False)
+
+
+class _CountTransposes(TorchDispatchMode):
+    """Counts the layer evaluations (``mm``, ``bmm``, ``convolution``) run while it is active."""
+
+    def __init__(self, calls: list) -> None:
+        super().__init__()
+        self.calls = calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.convolution):
+            self.calls.append(1)
+        return func(*args, **(kwargs or {}))
 
 
 def _make(kind: str, seed: int) -> nn.Module:
@@ -346,7 +361,7 @@ def _make(kind: str, seed: int) -> nn.Module:
 @pytest.mark.parametrize("name", sorted(FAST_RULES))
 @pytest.mark.parametrize("kind", ["linear", "conv", "grouped", "hf_conv1d"])
 @pytest.mark.parametrize("positive", [False, True], ids=["mixed-sign x", "x >= 0"])
-def test_fast_path_matches_autograd_path(name, kind, positive, monkeypatch):
+def test_fast_path_matches_autograd_path(name, kind, positive):
     layer = _make(kind, 3)
     shape = {"linear": (3, 5), "conv": (2, 3, 6, 5), "grouped": (2, 4, 5, 5), "hf_conv1d": (2, 3, 5)}[kind]
     x = torch.randn(shape, generator=torch.Generator().manual_seed(4))
@@ -354,17 +369,15 @@ def test_fast_path_matches_autograd_path(name, kind, positive, monkeypatch):
     g = torch.randn(layer(x).shape, generator=torch.Generator().manual_seed(5))
     rule = get_rule(name, **FAST_RULES[name])
     fast = layer_relevance(layer, rule, x, g)[0]
-    _without_transpose(monkeypatch)
-    slow = layer_relevance(layer, rule, x, g)[0]
+    with _reference_kernels():
+        slow = layer_relevance(layer, rule, x, g)[0]
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("positive", [False, True], ids=["mixed-sign x", "x >= 0"])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_gamma_skips_the_negative_branch_only_when_its_gradient_is_zero(kind, positive, monkeypatch):
+def test_gamma_skips_the_negative_branch_only_when_its_gradient_is_zero(kind, positive):
     """After a ReLU the gradient at outputs y < 0 is 0: gamma then needs one transposed layer, not two."""
-    import lime_attr.rules.builtin as builtin
-
     layer = _make(kind, 6)
     shape = (3, 5) if kind == "linear" else (2, 3, 6, 5)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(7))
@@ -372,17 +385,15 @@ def test_gamma_skips_the_negative_branch_only_when_its_gradient_is_zero(kind, po
     y = layer(x).detach()
     params = dict(gamma=0.5, stabilizer=1e-6)
     calls = []
-    real = builtin.layer_vjp
-
-    def counting(module, inp):
-        vjp = real(module, inp)
-        return lambda grad, w: calls.append(1) or vjp(grad, w)
-
-    monkeypatch.setattr(builtin, "layer_vjp", counting)
     for seed_mask, expected_calls in (((y > 0).to(y.dtype), 1), (torch.ones_like(y), 2)):
         calls.clear()
         g = torch.randn(y.shape, generator=torch.Generator().manual_seed(8)) * seed_mask
-        r_in, r_out = layer_relevance(layer, get_rule("gamma", **params), x, g)
+        model, xr = nn.Sequential(layer), x.clone().requires_grad_(True)
+        with LRPScope(model, Composite([("site:layer", get_rule("gamma", **params))])):
+            out = model(xr)
+            with _CountTransposes(calls):  # the backward pass only: the transposed layers it evaluates
+                (gx,) = torch.autograd.grad(out, xr, g)
+        r_in, r_out = (xr * gx).detach(), (out * g).detach()
         assert len(calls) == (expected_calls if positive else 1)  # mixed x: one stacked call either way
         if kind == "linear":
             expected = reference_dense("gamma", params, x, layer.weight.detach(), layer.bias.detach(), r_out)
@@ -392,7 +403,7 @@ def test_gamma_skips_the_negative_branch_only_when_its_gradient_is_zero(kind, po
 @pytest.mark.parametrize("name", sorted(FAST_RULES))
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 @pytest.mark.parametrize("positive", [False, True], ids=["mixed-sign x", "x >= 0"])
-def test_fast_path_second_order_matches_autograd_path(name, kind, positive, monkeypatch):
+def test_fast_path_second_order_matches_autograd_path(name, kind, positive):
     """create_graph=True: the modified backward is itself differentiable, with the autograd path's derivatives.
 
     The upstream gradient is scaled by a parameter ``p``; d(relevance)/dp differentiates through the rule's
@@ -417,8 +428,8 @@ def test_fast_path_second_order_matches_autograd_path(name, kind, positive, monk
         return (rel.detach(), *torch.autograd.grad((rel * v).sum(), [xr, p]))
 
     fast = second_order()
-    _without_transpose(monkeypatch)
-    slow = second_order()
+    with _reference_kernels():
+        slow = second_order()
     assert fast[2].abs() > 0
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

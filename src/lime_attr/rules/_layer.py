@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -38,25 +37,8 @@ def layer_forward(module: nn.Module, x: Tensor, weight: Tensor, bias: Optional[T
     )
 
 
-def layer_forward_multi(module: nn.Module, x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]]) -> list[Tensor]:
-    """Evaluate several parameter variants on the same input in one call (weights stacked on the output axis)."""
-    if len(weights) == 1:
-        return [layer_forward(module, x, weights[0], biases[0])]
-    if isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed):
-        w = torch.cat(weights, dim=0)
-        if all(b is None for b in biases):
-            b = None
-        else:
-            b = torch.cat([bb if bb is not None else torch.zeros(ww.shape[0], dtype=ww.dtype, device=ww.device)
-                           for ww, bb in zip(weights, biases)])
-        out = layer_forward(module, x, w, b)
-        dim = -1 if isinstance(module, nn.Linear) else 1
-        return list(out.split([ww.shape[0] for ww in weights], dim=dim))
-    return [layer_forward(module, x, w, b) for w, b in zip(weights, biases)]
-
-
 def channel_dim(module: nn.Module) -> int:
-    """The output axis that :func:`layer_forward_multi` stacks weight variants on (1 for conv, -1 otherwise)."""
+    """The output (channel) axis of a layer's output: 1 for convolutions, -1 otherwise."""
     return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
 
 

@@ -7,17 +7,18 @@ tensor ``x`` is ``x * g`` with ``g`` the rule-modified gradient of one backward 
 explained output, so relevance at the output equals the explained logit.
 
 For a layer ``y = f(x; W, b)`` with incoming gradient ``g`` (so ``R_out = y * g``), the layer rules
-compute ``g_in = sum_k J_k^T (y * g / z_k)`` with the rule's modified forward passes ``z_k``; each
-modified forward is evaluated once, in the forward pass. Where the layer's transpose is known (Linear,
-Conv1d/2d/3d, HF Conv1D) the backward is exactly the transposed layers the formula needs, with the ratios
-``y / z_k`` kept from the forward pass (:func:`~lime_attr.rules._grad.modified_grad`), so the layer's own
-backward never runs; other layers go through autograd on the re-evaluated layers. Both give the same
-relevance and the same second derivatives (``tests/test_rules.py``).
+compute ``g_in = sum_k J_k^T (y * g / z_k)`` with the rule's modified forward passes ``z_k``. Gamma, z+
+and alpha-beta state only their formula (a :class:`~lime_attr.rules.kernels.LayerFormula`);
+:func:`~lime_attr.rules.kernels.evaluate` computes it, with a fast kernel where the layer's transpose is
+known (the backward is exactly the transposed layers the formula needs, the layer's own backward never
+runs) and the reference evaluation (autograd on the re-evaluated layers) elsewhere or under
+:func:`~lime_attr.rules.kernels.use_fast_kernels` ``(False)``. Both give the same relevance and the same
+second derivatives (``tests/test_rules.py``, ``tests/test_rules_kernels.py``).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -27,8 +28,9 @@ from ..context import add_carrier
 from ..errors import RuleParameterError
 from ..specs import NormSpec
 from . import _tangent
-from ._grad import Frozen, GradScale, epsilon_factor, epsilon_grad_hook, is_kept, modified_grad, mul_grad_hook, nonnegative, replace_grad, scale_grad, stabilize, stabilize_
-from ._layer import channel_dim, layer_forward, layer_forward_multi, layer_params, layer_vjp
+from ._grad import Frozen, GradScale, epsilon_factor, epsilon_grad_hook, is_kept, modified_grad, mul_grad_hook, replace_grad, scale_grad
+from ._layer import layer_forward, layer_params
+from .kernels import Branch, LayerFormula, evaluate, spread
 from .registry import Rule, register_rule
 
 __all__ = [
@@ -42,68 +44,6 @@ def _check_nonneg(name: str, value: float, rule: str) -> None:
         raise RuleParameterError(f"{rule}: {name} must be a finite number >= 0, got {value!r}")
 
 
-def _plus(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.clamp(min=0)
-
-
-def _minus(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.clamp(max=0)
-
-
-def _is_hf_conv1d(module: Any) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def _pair_axis(module: Any) -> int:
-    """Where ``_pairs`` puts the axis of length 2 that separates two stacked output blocks."""
-    return 1 if channel_dim(module) == 1 else -2
-
-
-def _pairs(t: Tensor, k: int) -> Tensor:
-    """View a layer output with two stacked output-channel blocks as ``[..., 2, C, ...]`` (axis ``k``)."""
-    if k >= 0:
-        return t.view(*t.shape[:k], 2, t.shape[k] // 2, *t.shape[k + 1:])
-    return t.view(*t.shape[:-1], 2, t.shape[-1] // 2)
-
-
-def _unpair(t: Tensor, k: int) -> Tensor:
-    return t.flatten(k, k + 1) if k >= 0 else t.flatten(-2, -1)
-
-
-def _split_input(module: Any, x: Tensor) -> Optional[tuple]:
-    """For a mixed-sign input: ``(xs, vjp, combine)`` with ``xs = [x^+, x^-]`` stacked on the input-channel
-    axis (so that ``x^+ A + x^- B`` is one layer evaluation with the weights ``[A, B]`` stacked on the
-    weights' input axis), the transpose of that stacked layer, and ``combine`` mapping its input gradient
-    back to ``x`` (``x^+``'s part where ``x >= 0``, ``x^-``'s part where ``x <= 0``, as ``clamp``'s
-    gradient). ``None`` for layers where this stacking does not apply (grouped convolutions, HF Conv1D).
-    """
-    if isinstance(module, torch.nn.Linear):
-        dim = -1
-    elif isinstance(module, torch.nn.modules.conv._ConvNd) and module.groups == 1:
-        dim = 1
-    else:
-        return None
-    xd = x.detach()
-    xs = torch.cat([xd.clamp(min=0), xd.clamp(max=0)], dim)
-    vjp = layer_vjp(module, xs)
-    if vjp is None:
-        return None
-    pos, neg = xd >= 0, xd <= 0
-
-    def combine(gs: Tensor) -> Tensor:
-        g_pos, g_neg = gs.chunk(2, dim)
-        return g_pos * pos + g_neg * neg
-
-    return xs, vjp, combine
-
-
-def _cross(a: Tensor, b: Tensor) -> Tensor:
-    """The block weight ``[[a, b], [b, a]]`` (output blocks on dim 0, input blocks on dim 1)."""
-    return torch.cat([torch.cat([a, b], 1), torch.cat([b, a], 1)], 0)
-
-
-def _cat_bias(b: Optional[Tensor], first, second) -> Optional[Tensor]:
-    return None if b is None else torch.cat([first(b), second(b)])
 
 
 # --------------------------------------------------------------------------------------------- layers
@@ -182,9 +122,10 @@ class Gamma(Rule):
     For ``z_j > 0``: ``R_i = [x_i^+ (W + g W^+)_ji + x_i^- (W + g W^-)_ji] / z^>_j * R_j`` with
     ``z^>_j = sum_i x_i^+ (W + g W^+)_ji + x_i^- (W + g W^-)_ji + (b + g b^+)_j``;
     for ``z_j < 0`` the pairings swap (``x^+`` with ``W + g W^-``, ``x^-`` with ``W + g W^+``, bias
-    ``b + g b^-``). Identical to zennit's ``Gamma``; where the input is non-negative (after a ReLU) the
-    ``x^-`` passes are skipped, and the ``z < 0`` transpose is skipped when its incoming gradient is
-    zero (a ReLU after the layer).
+    ``b + g b^-``). Identical to zennit's ``Gamma``. A sign-split formula
+    (:mod:`~lime_attr.rules.kernels`): where the input is non-negative (after a ReLU) one extra layer
+    evaluation gives both denominators, and the ``z < 0`` transpose is skipped when its incoming gradient
+    is zero (a ReLU after the layer).
 
     Parameters
     ----------
@@ -201,77 +142,14 @@ class Gamma(Rule):
         _check_nonneg("gamma", self.gamma, "gamma")
         _check_stabilizer(self.stabilizer, "gamma")
 
+    def formula(self) -> LayerFormula:
+        """The branches ``z^>`` (outputs ``y > 0``) and ``z^<`` (``y < 0``)."""
+        up, down = (1.0 + self.gamma, 1.0), (1.0, 1.0 + self.gamma)  # W + g W^+, W + g W^- (as (W^+, W^-) weights)
+        return LayerFormula((Branch(x_plus=up, x_minus=down, bias=up, where="pos"),
+                             Branch(x_plus=down, x_minus=up, bias=down, where="neg")), self.stabilizer)
+
     def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
-        w, b = layer_params(module)
-        g = self.gamma
-        vjp = layer_vjp(module, x)
-        if vjp is not None and nonnegative(x):
-            # x >= 0 (e.g. after a ReLU). One extra layer evaluation Q = x W^+ + b^+ gives both denominators:
-            # z^> = y + g Q (used where y > 0) and z^< = (1 + g) y - g Q (where y < 0); sign(z) = sign(y) and
-            # |z| = max(y, -(1 + g) y) + g Q in both cases. With t = y / (|z| + eps) (= y / stabilize(z), no
-            # selection by sign needed) the modified gradient is (W + g W^+)^T (t^+ g) - (W + g W^-)^T (t^- g);
-            # the second transposed layer is skipped when its input is all zero (a ReLU after the layer zeroes
-            # the gradient wherever y <= 0).
-            yd = y.detach()
-            den = torch.mul(yd, -(1.0 + g))
-            torch.maximum(yd, den, out=den)
-            den.add_(layer_forward(module, x.detach(), w.clamp(min=0), _plus(b)), alpha=g).add_(self.stabilizer)
-            t = torch.div(yd, den, out=den)
-            w_up, w_dn = w + g * w.clamp(min=0), w + g * w.clamp(max=0)
-
-            def gamma_vjp(grad: Tensor) -> Tensor:
-                neg = t.clamp(max=0).mul_(grad)  # -t g where y < 0 (in place on fresh tensors: fewer allocations)
-                if bool(neg.any()):  # one reduction; NaN counts as nonzero
-                    return vjp(t.clamp(min=0).mul_(grad), w_up) - vjp(neg, w_dn)
-                if grad.requires_grad:  # create_graph: no out= into a tensor of the graph
-                    return vjp(t.clamp(min=0).mul_(grad), w_up)
-                # the usual case (a ReLU after the layer): the zero buffer is reused, one allocation fewer
-                return vjp(torch.clamp(t, min=0, out=neg).mul_(grad), w_up)
-
-            return modified_grad(x, y, gamma_vjp)
-        split = _split_input(module, x) if vjp is not None else None
-        if split is not None:
-            # mixed-sign x (e.g. the first layer): P = x^+ W^+ + x^- W^- + b^+ >= 0 and N = x^+ W^- + x^- W^+ + b^- <= 0
-            # in one evaluation of the stacked layer; z^> = y + g P > 0 where y > 0, z^< = y + g N < 0 where y < 0,
-            # so s^> = y^+ / (|y| + g P + eps) and s^< = y^- / (|y| - g N + eps) need no selection by sign.
-            # Gradient: x^+ gets W_up^T (s^> g) + W_dn^T (s^< g), x^- gets W_dn^T (s^> g) + W_up^T (s^< g).
-            xs, vjp2, combine = split
-            k = _pair_axis(module)
-            zz = _pairs(layer_forward(module, xs, _cross(w.clamp(min=0), w.clamp(max=0)),
-                                      _cat_bias(b, _plus, _minus)), k)
-            zz.select(k, 1).neg_()
-            yd = y.detach()
-            den = zz.mul_(g).add_(yd.abs().unsqueeze(k)).add_(self.stabilizer)
-            c = torch.stack([yd.clamp(min=0), yd.clamp(max=0).neg_()], k).div_(den)  # [s^>, s^<] >= 0
-            del zz, den
-            w_up, w_dn = w + g * w.clamp(min=0), w + g * w.clamp(max=0)
-            w_half, w_full = torch.cat([w_up, w_dn], 1), _cross(w_up, w_dn)
-
-            def gamma_mixed_vjp(grad: Tensor) -> Tensor:
-                h = grad.unsqueeze(k) * c
-                h_neg = h.select(k, 1)
-                if bool(h_neg.any()):
-                    return combine(vjp2(_unpair(h, k), w_full))
-                return combine(vjp2(h.select(k, 0), w_half))
-
-            return modified_grad(x, y, gamma_mixed_vjp)
-        if nonnegative(x):
-            # the same for layers without a known transpose: autograd through the layer and through Q
-            q = layer_forward(module, x, w.clamp(min=0), _plus(b))
-            pos = y > 0
-            s = (y / stabilize(y + g * torch.where(pos, q, y - q), self.stabilizer)).detach()
-            c_q = s * torch.where(pos, s.new_tensor(g), s.new_tensor(-g))
-            qc = q * c_q
-            return mul_grad_hook(y, s * torch.where(pos, s.new_tensor(1.0), s.new_tensor(1.0 + g))) + (qc - qc.detach())
-        w_up, w_dn = w + g * w.clamp(min=0), w + g * w.clamp(max=0)
-        b_up = None if b is None else b + g * b.clamp(min=0)
-        b_dn = None if b is None else b + g * b.clamp(max=0)
-        z_pos, z_neg = layer_forward_multi(module, x.clamp(min=0), [w_up, w_dn], [b_up, b_dn])
-        zn_pos, zn_neg = layer_forward_multi(module, x.clamp(max=0), [w_dn, w_up], [None, None])
-        z_pos, z_neg = z_pos + zn_pos, z_neg + zn_neg
-        m_pos = ((y > 0) * y / stabilize(z_pos, self.stabilizer)).detach()
-        m_neg = ((y < 0) * y / stabilize(z_neg, self.stabilizer)).detach()
-        return replace_grad(y, z_pos * m_pos + z_neg * m_neg)
+        return evaluate(self.formula(), module, x, y)
 
 
 @register_rule("zplus")
@@ -293,33 +171,12 @@ class ZPlus(Rule):
     def __post_init__(self) -> None:
         _check_stabilizer(self.stabilizer, "zplus")
 
+    def formula(self) -> LayerFormula:
+        """One branch: ``x^+`` meets ``W^+``, ``x^-`` meets ``W^-``, bias ``b^+``."""
+        return LayerFormula((Branch(x_plus=(1.0, 0.0), x_minus=(0.0, 1.0), bias=(1.0, 0.0)),), self.stabilizer)
+
     def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
-        w, b = layer_params(module)
-        vjp = layer_vjp(module, x)
-        nonneg = nonnegative(x)
-        if vjp is not None and nonneg:
-            # x >= 0 (e.g. after a ReLU): z^+ = x W^+ + b^+ (one extra layer evaluation), and the modified
-            # gradient is one transposed layer, W^+^T (s g) with s = y / z^+ (the layer's own backward never runs)
-            wp = w.clamp(min=0)
-            # z^+ >= 0 here (x >= 0, W^+ >= 0, b^+ >= 0; a -0.0 sum gives eps as well), so the stabiliser is
-            # a plain + eps: one pass instead of stabilize_'s copysign, bit for bit the same
-            z = layer_forward(module, x.detach(), wp, _plus(b)).add_(self.stabilizer)
-            s = torch.div(y.detach(), z, out=z)  # in place: one output-sized tensor
-            return modified_grad(x, y, lambda grad: vjp(grad * s, wp))
-        split = _split_input(module, x) if vjp is not None and not nonneg else None
-        if split is not None:  # mixed-sign x: z^+ = [x^+, x^-] [W^+, W^-] + b^+, one stacked evaluation each way
-            xs, vjp2, combine = split
-            ws = torch.cat([w.clamp(min=0), w.clamp(max=0)], 1)
-            z = stabilize_(layer_forward(module, xs, ws, _plus(b)), self.stabilizer)
-            s = torch.div(y.detach(), z, out=z)
-            return modified_grad(x, y, lambda grad: combine(vjp2(grad * s, ws)))
-        if nonneg:  # no known transpose: autograd through z^+
-            z = layer_forward(module, x, w.clamp(min=0), _plus(b))
-        else:
-            z = layer_forward(module, x.clamp(min=0), w.clamp(min=0), _plus(b))
-            z = z + layer_forward(module, x.clamp(max=0), w.clamp(max=0), None)
-        m = (y / stabilize(z, self.stabilizer)).detach()
-        return replace_grad(y, z * m)
+        return evaluate(self.formula(), module, x, y)
 
 
 @register_rule("alpha_beta")
@@ -328,7 +185,9 @@ class AlphaBeta(Rule):
     """LRP-alpha-beta (Bach et al., 2015), as zennit's ``AlphaBeta``.
 
     ``R_i = alpha * (x_i^+ W^+ + x_i^- W^-)_ij / z^+_j R_j - beta * (x_i^+ W^- + x_i^- W^+)_ij / z^-_j R_j``
-    with ``z^+ = x^+ W^+ + x^- W^- + b^+`` and ``z^- = x^+ W^- + x^- W^+ + b^-``.
+    with ``z^+ = x^+ W^+ + x^- W^- + b^+`` and ``z^- = x^+ W^- + x^- W^+ + b^-``. (``z^-`` is its own
+    layer evaluation, never ``y - z^+``: where ``z^-`` is exactly 0 the stabilised ``1 / z^-`` is huge, and
+    the difference form would cancel it against the other branch in floating point.)
 
     Parameters
     ----------
@@ -352,46 +211,14 @@ class AlphaBeta(Rule):
                 "common choices are (1, 0) and (2, 1)"
             )
 
+    def formula(self) -> LayerFormula:
+        """The branches ``z^+`` (share ``alpha``) and ``z^-`` (share ``-beta``)."""
+        plus, minus = (1.0, 0.0), (0.0, 1.0)
+        return LayerFormula((Branch(x_plus=plus, x_minus=minus, bias=plus, scale=self.alpha),
+                             Branch(x_plus=minus, x_minus=plus, bias=minus, scale=-self.beta)), self.stabilizer)
+
     def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
-        w, b = layer_params(module)
-        wp, wn = w.clamp(min=0), w.clamp(max=0)
-        # (z^- is evaluated directly, not as y - z^+: where z^- is exactly 0 the stabilised 1 / z^- is huge,
-        # and the difference form would cancel it against the other path in floating point)
-        vjp = layer_vjp(module, x)
-        nonneg = nonnegative(x)
-        split = None
-        if vjp is not None and not nonneg:
-            split = _split_input(module, x)
-        if vjp is not None and not _is_hf_conv1d(module) and (nonneg or split is not None):
-            # z^+ and z^- in one evaluation of a stacked layer: x >= 0: weights [W^+; W^-] (output blocks);
-            # mixed-sign x: inputs [x^+, x^-] and weights [[W^+, W^-], [W^-, W^+]]. The modified gradient
-            # W'^T [alpha s^+ g, -beta s^- g] is one transposed evaluation of the same stacked layer.
-            k = _pair_axis(module)
-            if nonneg:
-                xs, vjp2, combine, w_st = x.detach(), vjp, None, torch.cat([wp, wn])
-            else:
-                (xs, vjp2, combine), w_st = split, _cross(wp, wn)
-            z = stabilize_(layer_forward(module, xs, w_st, _cat_bias(b, _plus, _minus)), self.stabilizer)
-            yd = y.detach()
-            coef = yd.new_tensor([self.alpha, -self.beta]).view(2, *([1] * (yd.dim() - (k % (yd.dim() + 1)))))
-            zp = _pairs(z, k)
-            s = torch.div(yd.unsqueeze(k), zp, out=zp).mul_(coef)  # [alpha s^+, -beta s^-], in place
-            del z, zp
-
-            def ab_vjp(grad: Tensor) -> Tensor:
-                g_in = vjp2(_unpair(grad.unsqueeze(k) * s, k), w_st)
-                return g_in if combine is None else combine(g_in)
-
-            return modified_grad(x, y, ab_vjp)
-        if nonneg:  # x >= 0 (e.g. after a ReLU): no clamped copies of x
-            z_a, z_b = layer_forward_multi(module, x, [wp, wn], [_plus(b), _minus(b)])
-        else:
-            z_a, z_b = layer_forward_multi(module, x.clamp(min=0), [wp, wn], [_plus(b), _minus(b)])
-            a2, b2 = layer_forward_multi(module, x.clamp(max=0), [wn, wp], [None, None])
-            z_a, z_b = z_a + a2, z_b + b2
-        m_a = (self.alpha * y / stabilize(z_a, self.stabilizer)).detach()
-        m_b = (self.beta * y / stabilize(z_b, self.stabilizer)).detach()
-        return replace_grad(y, z_a * m_a - z_b * m_b)
+        return evaluate(self.formula(), module, x, y)
 
 
 class FirstLayerRule(Rule):
@@ -425,9 +252,7 @@ class Flat(FirstLayerRule):
     def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
         w, _ = layer_params(module)
         ones = self._carrier(x, 1.0, x)
-        z = layer_forward(module, ones, torch.ones_like(w), None)
-        m = (y / stabilize(z, self.stabilizer)).detach()
-        return replace_grad(y, z * m)
+        return spread(y, layer_forward(module, ones, torch.ones_like(w), None), self.stabilizer)
 
 
 @register_rule("wsquare")
@@ -446,9 +271,7 @@ class WSquare(FirstLayerRule):
     def apply_layer(self, module: Any, x: Tensor, y: Tensor) -> Tensor:
         w, b = layer_params(module)
         ones = self._carrier(x, 1.0, x)
-        z = layer_forward(module, ones, w * w, None if b is None else b * b)
-        m = (y / stabilize(z, self.stabilizer)).detach()
-        return replace_grad(y, z * m)
+        return spread(y, layer_forward(module, ones, w * w, None if b is None else b * b), self.stabilizer)
 
 
 @register_rule("zbox")
@@ -479,10 +302,10 @@ class ZBox(FirstLayerRule):
         lo = self._carrier(x, torch.as_tensor(self.low).to(x), x)
         hi = self._carrier(x, torch.as_tensor(self.high).to(x), x)
         # the module's own output y = x W + b (and its graph, for x's gradient W^T) is reused, not re-evaluated
-        z = y - layer_forward(module, lo, w.clamp(min=0), _plus(b)) - layer_forward(module, hi, w.clamp(max=0), _minus(b))
-        m = (y / stabilize(z.detach(), self.stabilizer)).detach()
         # carriers enter with a minus sign: their relevance is -l W^+ s and -h W^- s
-        return replace_grad(y, z * m)
+        b_pos, b_neg = (None, None) if b is None else (b.clamp(min=0), b.clamp(max=0))
+        z = y - layer_forward(module, lo, w.clamp(min=0), b_pos) - layer_forward(module, hi, w.clamp(max=0), b_neg)
+        return spread(y, z, self.stabilizer)
 
 
 # ------------------------------------------------------------------------------ elementwise and products
