@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from .metrics import check_result, row_index
 
 __all__ = ["image_arrays", "image_overlay", "audio_arrays", "audio_plot", "text_html", "text_ansi",
-           "visualization_record", "token_strings"]
+           "visualization_record", "token_strings", "lime_trajectory"]
 
 PathLike = Union[str, Path]
 
@@ -302,3 +302,63 @@ def visualization_record(result: Any, row: int = 0, tokenizer: Any = None, colla
     logit = float(result.logit[row].detach().sum())
     return captum_viz.VisualizationDataRecord(scaled, logit, target, true_class if true_class is not None else target,
                                    target, float(rel.sum()), words, 0.0)
+
+
+# ------------------------------------------------------------------------------------ LIME trajectories
+
+
+def lime_trajectory(record: Any, row: int = 0, path: Optional[PathLike] = None, dpi: int = 120) -> Figure:
+    """The inner loop of one generated token, step by step (a :class:`~lime_attr.mitigation.TokenRecord`
+    recorded with ``LimeConfig(record="steps")``, or its ``to_dict()``).
+
+    Four panels against the inner step: the loss terms (total, relevance, KL); the modality share and the
+    objective's focus; the margin between the explained token's logit and the best other logit (the
+    decision the objective should move), with the steps where the explained token changed marked; and the
+    norms of :math:`\\Delta_K` and :math:`\\Delta_V` summed over layers.
+
+    Raises
+    ------
+    ValueError
+        If the record holds no step records (LIME ran without ``record="steps"``, or a gate skipped it).
+    """
+    steps = record.get("step_records") if isinstance(record, dict) else getattr(record, "step_records", None)
+    steps = [s if isinstance(s, dict) else s.to_dict() for s in (steps or [])]
+    if not steps:
+        raise ValueError("this token record has no step records: generate with LimeConfig(record='steps') (a token a "
+                         "gate skipped has none either)")
+    x = [s["step"] for s in steps]
+
+    def col(key: str) -> list:
+        return [np.nan if s[key][row] is None else s[key][row] for s in steps]
+
+    explained = [s["explained"][row] for s in steps]
+    margin = []
+    for s in steps:
+        tokens, logits = s["top_tokens"][row], s["top_logits"][row]
+        own = logits[tokens.index(s["explained"][row])] if s["explained"][row] in tokens else np.nan
+        other = max((v for t, v in zip(tokens, logits) if t != s["explained"][row]), default=np.nan)
+        margin.append(own - other)
+    fig = _figure((10, 6))
+    axes = fig.subplots(2, 2)
+    for key in ("loss", "rel_loss", "kl"):
+        axes[0, 0].plot(x, col(key), marker="o", label=key)
+    axes[0, 0].set_title("loss terms")
+    axes[0, 1].plot(x, col("share"), marker="o", label="share")
+    axes[0, 1].plot(x, col("focus"), marker="o", label="focus")
+    axes[0, 1].set_title("perceptual share / focus")
+    axes[1, 0].plot(x, margin, marker="o")
+    for i in range(1, len(explained)):
+        if explained[i] != explained[i - 1]:
+            axes[1, 0].axvline(x[i], color="red", alpha=0.4)
+    axes[1, 0].set_title("explained logit - best other (red: explained token changed)")
+    for key, label in (("delta_k_norm", "|Delta_K|"), ("delta_v_norm", "|Delta_V|")):
+        axes[1, 1].plot(x, [float(np.nansum(s[key][row])) if s[key][row] else np.nan for s in steps], marker="o",
+                        label=label)
+    axes[1, 1].set_title("perturbation norms (sum over layers)")
+    for ax in axes.flat:
+        ax.set_xlabel("inner step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path, dpi)
+    return fig

@@ -6,17 +6,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-__all__ = ["LimeConfig", "PRESETS", "FAST_CONFIDENCE_GATE", "FAST_UPDATES", "CHECKPOINT_AUTO_PARAMS"]
+__all__ = ["LimeConfig", "PRESETS", "FAST_CONFIDENCE_GATE", "FAST_UPDATES"]
 
 #: Fast mode's default confidence gate (``confidence_gate="auto"``): tokens whose unperturbed top
 #: probability is at least this are emitted from the KV cache without optimisation.
 FAST_CONFIDENCE_GATE: float = 0.99
 #: Fast mode's default number of optimiser updates per token (``fast_updates="auto"``).
 FAST_UPDATES: int = 2
-
-#: ``checkpoint="auto"`` turns the activation checkpoint on for language models with at least this many
-#: parameters (the 1B-scale models where LIME's memory would otherwise double greedy decoding's).
-CHECKPOINT_AUTO_PARAMS: int = 500_000_000
 
 #: ``model_type -> (lr, kl_weight)``, paper Table 5 (the reference code's defaults agree).
 PRESETS: dict[str, tuple[float, float]] = {
@@ -161,11 +157,6 @@ class LimeConfig:
         ``TokenRecord.to_dict``). Off by default (it keeps a relevance vector per step).
     top_k_logits : int
         How many of the largest logits a step record keeps (``record="steps"``).
-    checkpoint : {False, True, "auto"}
-        Recompute the inner forward's activations in the backward pass instead of keeping them (a
-        LIME-owned activation checkpoint per decoder layer; not transformers' gradient checkpointing, which
-        acts only in train mode and turns the cache off). ``"auto"``: on for language models with at least
-        :data:`CHECKPOINT_AUTO_PARAMS` parameters. Same tokens; costs about one more forward per step.
     """
 
     steps: int = 7
@@ -195,7 +186,6 @@ class LimeConfig:
     precision: str = "float32"
     record: Optional[str] = None
     top_k_logits: int = 5
-    checkpoint: Union[bool, str] = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -259,8 +249,6 @@ class LimeConfig:
                              f"{self.patience!r}")
         if isinstance(self.top_k_logits, bool) or not isinstance(self.top_k_logits, int) or self.top_k_logits < 1:
             raise ValueError(f"LimeConfig.top_k_logits must be an int >= 1, got {self.top_k_logits!r}")
-        if self.checkpoint not in (False, True, "auto"):
-            raise ValueError(f"LimeConfig.checkpoint must be False, True or 'auto', got {self.checkpoint!r}")
         if self.attn_implementation is not None and not isinstance(self.attn_implementation, str):
             raise TypeError("LimeConfig.attn_implementation must be a string or None, got "
                             f"{self.attn_implementation!r}")

@@ -32,7 +32,9 @@ from ..model_checks import check_autograd_mode, forward_error
 from ..modality import split_inputs
 from ..canonizers.facts import uses_mrope
 from .attention import switch_attention
-from .optimizer import LimeOptimizer, TokenRecord, language_decoder
+from .cache import cache_kwargs, output_cache
+from .optimizer import LimeOptimizer, language_decoder
+from .records import TokenRecord, jsonable
 
 __all__ = ["lime_generate", "LimeOutput", "modality_positions", "check_sampling_params"]
 
@@ -85,6 +87,12 @@ class LimeOutput:
     def share_after(self) -> Tensor:
         """``[batch, n]`` perceptual share under the last perturbation whose relevance was computed."""
         return torch.tensor([r.share_after for r in self.records], dtype=torch.float64).T
+
+    def to_dict(self) -> dict:
+        """Strict-JSON form: tokens, texts and every token's record (step records included; NaN as null)."""
+        return {"tokens": self.tokens.tolist(), "texts": list(self.texts),
+                "records": [r.to_dict() for r in self.records],
+                "events": None if self.events is None else jsonable(self.events)}
 
 
 def check_sampling_params(top_k: Any = None, top_p: Any = None, repetition_penalty: Any = None,
@@ -277,11 +285,194 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
     if unknown:
         raise TypeError(f"lime_generate got unexpected keyword argument(s) {unknown}; supported: "
                         f"{', '.join(_GEN_KEYS)}")
-    g = generation_kwargs
-    config, max_new = _checked_call(model, config, g.get("max_new_tokens", 32))
+    config, max_new = _checked_call(model, config, generation_kwargs.get("max_new_tokens", 32))
+    loop = _DecodeLoop(model, processor, inputs, config, generation_kwargs)
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        # The attention implementation is switched for the whole generation (the unperturbed logits must come
+        # from the same kernel as the inner forwards). The LRP scope is entered lazily, at the first token that
+        # is optimised: it changes the backward pass only, so the no-grad prompt pass and cached steps before it
+        # compute the same numbers outside it, and a generation whose tokens are all gated never installs it.
+        stack.callback(switch_attention(model, config.attn_implementation))
+        loop.stack = stack
+        if not loop.fast_cache and max_new > 0:
+            loop.enter_session()  # reference mode (and kv_cache=False): every token runs the inner loop
+        loop.prompt_pass()
+        for t in range(max_new):
+            new = loop.next_token(t)
+            loop.append(new)
+            if bool(loop.finished.all()) or t == max_new - 1:
+                break
+            if loop.fast_cache:
+                loop.cached_step()
+    loop.cache = None
+    return loop.output()
+
+
+class _DecodeLoop:
+    """LIME's decode loop: the prompt pass, one inner optimisation per token, the KV cache, stopping, records."""
+
+    def __init__(self, model: nn.Module, processor: Any, inputs: Any, config: LimeConfig, g: dict) -> None:
+        self.model, self.config = model, config
+        self.tok = getattr(processor, "tokenizer", processor)
+        self.eos, self.pad, self.stop_strings = _stopping(model, self.tok, g)
+        self.decoder = _Decoder(bool(g.get("do_sample", False)), 1.0 if g.get("temperature") is None else g["temperature"],
+                                g.get("top_k"), g.get("top_p"), g.get("repetition_penalty"), g.get("generator"))
+        inp, ids, mask = split_inputs({"input_ids": inputs} if isinstance(inputs, Tensor) else inputs, "lime_generate")
+        if bool((mask[:, -1] == 0).any()):
+            raise ValueError("batched generation needs left padding (the last position of a row is padding); set "
+                             "tokenizer.padding_side = 'left'")
+        _check_multimodal_inputs(model, processor, inp, ids, mask)
+        self.inp, self.ids, self.mask = inp, ids, mask
+        self.modality = modality_positions(model, processor, ids, mask, g.get("modality_mask")).to(ids.device)
+        attribution = g.get("attribution")
+        if attribution is None:
+            from ..attribution import LRP
+
+            attribution = LRP(model)
+        self.lime = LimeOptimizer(attribution, config)
+        self.events: Optional[list] = [] if g.get("record_events") else None
+        self.lime.events = self.events
+        self.callback: Optional[Callable] = g.get("callback")
+        self.fast_cache = config.mode == "fast" and config.kv_cache
+        self.gate = config.gate if self.fast_cache else None
+        self.keep1 = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        self.records: list[TokenRecord] = []
+        self.out_tokens: list[list[int]] = []
+        self.finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        self.stack: Any = None
+        self.in_session = self.refeed = False
+        self.cache: Any = None
+        self.ref_logits: Optional[Tensor] = None
+
+    def enter_session(self) -> None:
+        if not self.in_session:
+            self.stack.enter_context(self.lime.session())
+            self.in_session = True
+
+    def prompt_pass(self) -> None:
+        """One no-grad forward of the prompt: the language model's input embeddings and positions, the cache."""
+        model, ids, mask = self.model, self.ids, self.mask
+        captured: dict[str, Any] = {}
+
+        def capture(module: nn.Module, args: tuple, kw: dict) -> None:
+            if "embeds" not in captured:
+                captured["embeds"], captured["position_ids"] = kw.get("inputs_embeds"), kw.get("position_ids")
+
+        pos2d = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        handle = language_decoder(model).register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            kwargs = dict(self.inp) if uses_mrope(model) else {**self.inp, "position_ids": pos2d}
+            out = model(input_ids=ids, attention_mask=mask, use_cache=self.fast_cache, **self.keep1, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the context (lime_attr's own errors unchanged)
+            raise forward_error(exc, "lime_generate: the model's forward failed on these inputs (are they this "
+                                     "model's processor output?)") from exc
+        finally:
+            handle.remove()
+        embeds = captured.get("embeds")
+        embeds = (model.get_input_embeddings()(ids) if embeds is None else embeds).detach()
+        if embeds.shape[1] != ids.shape[1]:
+            raise ValueError(f"the language model received {embeds.shape[1]} positions for {ids.shape[1]} input ids: "
+                             "the model expands its features inside the forward; expand the placeholders in the processor")
+        positions = captured.get("position_ids")
+        self.positions = (pos2d if positions is None or positions.dim() != 3 else positions).detach()
+        self.embeds, self.all_ids = embeds, ids
+        self.cache = output_cache(out) if self.fast_cache else None
+        self.ref_logits = out.logits[:, -1, :].float() if self.fast_cache else None
+        self.vocab = int(out.logits.shape[-1])
+
+    def next_token(self, t: int) -> Tensor:
+        """Decode token ``t`` of every row: gated (emitted from the unperturbed logits) or optimised."""
+        self.decoder.new_token(self.all_ids, self.vocab)
+        active, skipped, reason = ~self.finished, None, None
+        if self.gate is not None and self.ref_logits is not None:
+            conf = torch.softmax(self.decoder.scores(self.ref_logits), -1).max(-1).values
+            active = active & (conf < self.gate)
+            if not bool(active.any()):
+                skipped = "confidence"
+                reason = f"top probability {float(conf.min()):.4g} >= confidence_gate {self.gate}"
+        if skipped is not None or (self.config.schedule[0] == 0 and self.ref_logits is not None):
+            emit = ref = self.ref_logits
+            nan = [float("nan")] * self.ids.shape[0]
+            rec = TokenRecord(index=t, share_before=list(nan), share_after=list(nan), focus_before=list(nan),
+                              focus_after=list(nan), skipped=skipped or "steps=0", skip_reason=reason)
+            if self.events is not None:
+                self.events.append(("emit", "unperturbed"))
+        else:
+            self.enter_session()
+            model_kwargs = {"attention_mask": self.mask, "position_ids": self.positions, "use_cache": False,
+                            **self.keep1}
+            with torch.enable_grad():
+                emit, ref, rec = self.lime.optimize(self.embeds, model_kwargs, _modality_full(self.modality, self.mask),
+                                                    self.mask.bool(), self.decoder, ref_logits=self.ref_logits,
+                                                    active=active, index=t, emit_fn=self._emit_fn())
+        new, base = self.decoder(emit), self.decoder(ref)
+        new = torch.where(self.finished, torch.full_like(new, self.pad), new)
+        rec.tokens, rec.unperturbed_tokens = new.tolist(), base.tolist()
+        rec.changed = ((new != base) & ~self.finished).tolist()
+        self.records.append(rec)
+        if self.callback is not None:
+            self.callback(rec)
+        return new
+
+    def _emit_fn(self) -> Optional[Callable[[], Tensor]]:
+        """For ``emit="cached"``: the last position recomputed over the cache, with the final Delta on K/V."""
+        if not (self.fast_cache and self.config.emit_from == "cached"):
+            return None
+        last, m, p, cache = self.all_ids[:, -1:], self.mask, self.positions, self.cache
+
+        def emit_fn() -> Tensor:
+            cache.crop(-1)
+            o = self.model(input_ids=last, attention_mask=m, use_cache=True, position_ids=p[..., -1:], **self.keep1,
+                           **cache_kwargs(cache))
+            cache.crop(-1)  # drop its perturbed K/V again: the next cached step re-feeds it
+            self.refeed = True
+            return o.logits[:, -1, :]
+
+        return emit_fn
+
+    def append(self, new: Tensor) -> None:
+        """Append the emitted tokens; rows that emitted EOS or a stop string are finished."""
+        self.out_tokens.append(new.tolist())
+        for b in range(new.shape[0]):
+            if not self.finished[b] and int(new[b]) in self.eos:
+                self.finished[b] = True
+        if self.stop_strings:
+            for b in range(new.shape[0]):
+                if not self.finished[b]:
+                    text = self.tok.decode([row[b] for row in self.out_tokens], skip_special_tokens=True)
+                    if any(s in text for s in self.stop_strings):
+                        self.finished[b] = True
+        self.all_ids = torch.cat([self.all_ids, new[:, None]], 1)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
+        emb = self.model.get_input_embeddings()(new[:, None]).detach().to(self.embeds.dtype)
+        self.embeds = torch.cat([self.embeds, emb], 1)
+        self.modality = torch.cat([self.modality, torch.zeros_like(self.modality[:, :1])], 1)
+        self.positions = torch.cat([self.positions, self.positions[..., -1:] + 1], -1)
+
+    def cached_step(self) -> None:
+        """The unperturbed logits of the next position from one incremental step over the KV cache."""
+        n_feed = 2 if self.refeed else 1
+        self.refeed = False
+        # positions of the new tokens: 2-D from the mask, or the model's own 3-D (M-RoPE) positions of the
+        # prompt continued by +1 per text token (what Qwen2-VL computes for text after the prompt)
+        o = self.model(input_ids=self.all_ids[:, -n_feed:], attention_mask=self.mask, use_cache=True,
+                       position_ids=self.positions[..., -n_feed:], **self.keep1, **cache_kwargs(self.cache))
+        self.cache = output_cache(o)
+        self.ref_logits = o.logits[:, -1, :].float()
+
+    def output(self) -> LimeOutput:
+        B, device = self.ids.shape[0], self.ids.device
+        tokens = (torch.tensor(self.out_tokens, dtype=torch.long, device=device).T.contiguous() if self.out_tokens
+                  else torch.zeros(B, 0, dtype=torch.long, device=device))
+        texts = [self.tok.decode(tokens[b].tolist(), skip_special_tokens=True) if self.tok is not None else ""
+                 for b in range(B)]
+        return LimeOutput(tokens=tokens, texts=texts, records=self.records, events=self.events)
+
+
+def _stopping(model: nn.Module, tok: Any, g: dict) -> tuple[set, int, list]:
+    """``(eos ids, pad id, stop strings)`` from the call's arguments and the model's generation config."""
     gen_cfg = getattr(model, "generation_config", None)
     eos = set(_ids_list(g.get("eos_token_id", getattr(gen_cfg, "eos_token_id", None))))
-    tok = getattr(processor, "tokenizer", processor)
     pad = g.get("pad_token_id", getattr(gen_cfg, "pad_token_id", None))
     if pad is None:
         pad = getattr(tok, "pad_token_id", None)
@@ -291,174 +482,7 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
     stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
     if stop_strings and tok is None:
         raise ValueError("stop_strings need a processor / tokenizer to decode the answer")
-    decoder = _Decoder(bool(g.get("do_sample", False)), 1.0 if g.get("temperature") is None else g["temperature"], g.get("top_k"),
-                       g.get("top_p"), g.get("repetition_penalty"), g.get("generator"))
-
-    inp, ids, mask = split_inputs({"input_ids": inputs} if isinstance(inputs, Tensor) else inputs, "lime_generate")
-    if bool((mask[:, -1] == 0).any()):
-        raise ValueError("batched generation needs left padding (the last position of a row is padding); set "
-                         "tokenizer.padding_side = 'left'")
-    _check_multimodal_inputs(model, processor, inp, ids, mask)
-    device = ids.device
-    B, S = ids.shape
-    modality = modality_positions(model, processor, ids, mask, g.get("modality_mask")).to(device)
-
-    attribution = g.get("attribution")
-    if attribution is None:
-        from ..attribution import LRP
-
-        attribution = LRP(model)
-    lime = LimeOptimizer(attribution, config)
-    events: Optional[list] = [] if g.get("record_events") else None
-    lime.events = events
-    callback: Optional[Callable] = g.get("callback")
-    fast_cache = config.mode == "fast" and config.kv_cache
-    decoder_mod = language_decoder(model)
-    embed = model.get_input_embeddings()
-    keep1 = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-
-    records: list[TokenRecord] = []
-    out_tokens: list[list[int]] = []
-    n_updates = config.schedule[0]
-    gate = config.gate if fast_cache else None
-    # The attention implementation is switched for the whole generation (cheap, and the unperturbed logits
-    # must come from the same kernel as the inner forwards). The LRP scope (hooks, canonizer, frozen
-    # parameters) is entered lazily, at the first token that is optimised: the scope changes the backward
-    # pass only, so the no-grad prompt pass and cached steps before it compute the same numbers outside
-    # it, and a generation whose tokens are all gated never pays for installing it.
-    with contextlib.ExitStack() as stack, torch.no_grad():
-        stack.callback(switch_attention(model, config.attn_implementation))
-        in_session = [False]
-
-        def enter_session() -> None:
-            if not in_session[0]:
-                stack.enter_context(lime.session())
-                in_session[0] = True
-
-        if not fast_cache and max_new > 0:
-            enter_session()  # reference mode (and kv_cache=False): every token runs the inner loop
-        # ---------------------------------------------------------------- prompt pass (no grad)
-        captured: dict[str, Any] = {}
-
-        def capture(module: nn.Module, args: tuple, kw: dict):
-            if "embeds" not in captured:
-                captured["embeds"] = kw.get("inputs_embeds")
-                captured["position_ids"] = kw.get("position_ids")
-
-        pos2d = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        handle = decoder_mod.register_forward_pre_hook(capture, with_kwargs=True)
-        try:
-            prompt_kwargs = dict(inp)
-            mrope = uses_mrope(model)
-            if not mrope:
-                prompt_kwargs["position_ids"] = pos2d
-            out = model(input_ids=ids, attention_mask=mask, use_cache=fast_cache, **keep1, **prompt_kwargs)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the context (lime_attr's own errors unchanged)
-            raise forward_error(exc, "lime_generate: the model's forward failed on these inputs (are they this "
-                                     "model's processor output?)") from exc
-        finally:
-            handle.remove()
-        embeds = captured.get("embeds")
-        if embeds is None:
-            embeds = embed(ids)
-        embeds = embeds.detach()
-        if embeds.shape[1] != S:
-            raise ValueError(f"the language model received {embeds.shape[1]} positions for {S} input ids: the model "
-                             "expands its features inside the forward; expand the placeholders in the processor")
-        positions = captured.get("position_ids")
-        if positions is None or positions.dim() != 3:
-            positions = pos2d
-        positions = positions.detach()
-        cache = getattr(out, "past_key_values", None) if fast_cache else None
-        ref_logits = out.logits[:, -1, :].float() if fast_cache else None
-        vocab = int(out.logits.shape[-1])
-        del out
-
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        refeed = [False]  # the cached emission left the cache one position short
-        all_ids = ids
-        for t in range(max_new):
-            decoder.new_token(all_ids, vocab)
-            active = ~finished
-            skipped = None
-            if gate is not None and ref_logits is not None:
-                conf = torch.softmax(decoder.scores(ref_logits), -1).max(-1).values
-                active = active & (conf < gate)
-                if not bool(active.any()):
-                    skipped = "confidence"
-            model_kwargs = {"attention_mask": mask, "position_ids": positions, "use_cache": False, **keep1}
-            if skipped is not None or n_updates == 0 and ref_logits is not None:
-                nan = [float("nan")] * B
-                emit, ref = ref_logits, ref_logits
-                rec = TokenRecord(index=t, share_before=list(nan), share_after=list(nan), focus_before=list(nan),
-                                  focus_after=list(nan))
-                rec.skipped = skipped or "steps=0"
-                if events is not None:
-                    events.append(("emit", "unperturbed"))
-            else:
-                emit_fn = None
-                if fast_cache and config.emit_from == "cached":
-                    def emit_fn(last=all_ids[:, -1:], m=mask, p=positions):
-                        cache.crop(-1)  # recompute the last position over the cache, with Delta on K/V
-                        o = model(input_ids=last, attention_mask=m, past_key_values=cache, use_cache=True,
-                                  position_ids=p[..., -1:], **keep1)
-                        cache.crop(-1)  # drop its perturbed K/V again: the next cached step re-feeds it
-                        refeed[0] = True
-                        return o.logits[:, -1, :]
-                enter_session()
-                with torch.enable_grad():
-                    emit, ref, rec = lime.optimize(embeds, model_kwargs, _modality_full(modality, mask),
-                                                   mask.bool(), decoder, ref_logits=ref_logits, active=active,
-                                                   index=t, emit_fn=emit_fn)
-            new = decoder(emit)
-            base = decoder(ref)
-            new = torch.where(finished, torch.full_like(new, pad), new)
-            rec.tokens = new.tolist()
-            rec.unperturbed_tokens = base.tolist()
-            rec.changed = ((new != base) & ~finished).tolist()
-            records.append(rec)
-            if callback is not None:
-                callback(rec)
-            del emit, ref
-            out_tokens.append(new.tolist())
-            for b in range(B):
-                if not finished[b] and int(new[b]) in eos:
-                    finished[b] = True
-            if stop_strings:
-                for b in range(B):
-                    if not finished[b]:
-                        text = tok.decode([row[b] for row in out_tokens], skip_special_tokens=True)
-                        if any(s in text for s in stop_strings):
-                            finished[b] = True
-            # ------------------------------------------------------------ append the token
-            all_ids = torch.cat([all_ids, new[:, None]], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            embeds = torch.cat([embeds, embed(new[:, None]).detach().to(embeds.dtype)], 1)
-            modality = torch.cat([modality, torch.zeros_like(modality[:, :1])], 1)
-            positions = torch.cat([positions, positions[..., -1:] + 1], -1)
-            if bool(finished.all()) or t == max_new - 1:
-                break
-            if fast_cache:
-                n_feed = 2 if refeed[0] else 1
-                refeed[0] = False
-                # positions of the new tokens: 2-D from the mask, or the model's own 3-D (M-RoPE) positions of
-                # the prompt continued by +1 per text token (what Qwen2-VL computes for text after the prompt)
-                o = model(input_ids=all_ids[:, -n_feed:], attention_mask=mask, past_key_values=cache, use_cache=True,
-                          position_ids=positions[..., -n_feed:], **keep1)
-                cache = o.past_key_values
-                ref_logits = o.logits[:, -1, :].float()
-                del o
-    del cache
-    tokens = (torch.tensor(out_tokens, dtype=torch.long, device=device).T.contiguous() if out_tokens
-              else torch.zeros(B, 0, dtype=torch.long, device=device))
-    texts = []
-    for b in range(B):
-        row = tokens[b].tolist()
-        if tok is not None:
-            texts.append(tok.decode(row, skip_special_tokens=True))
-        else:
-            texts.append("")
-    return LimeOutput(tokens=tokens, texts=texts, records=records, events=events)
+    return eos, pad, stop_strings
 
 
 def _modality_full(modality: Tensor, mask: Tensor) -> Tensor:

@@ -43,7 +43,7 @@ from .attention import switch_attention
 from .config import LimeConfig
 from .records import TokenRecord, step_record
 
-__all__ = ["LimeOptimizer", "TokenRecord", "decoder_layers", "language_decoder"]
+__all__ = ["LimeOptimizer", "decoder_layers", "language_decoder"]
 
 log = logging.getLogger(__name__)
 
