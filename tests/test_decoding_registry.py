@@ -94,6 +94,10 @@ def test_configs_are_frozen_picklable_and_strict_json():
             for m in ("greedy", "sample", "vcd", "lime")]
     assert [type(c) for c in cfgs] == [GreedyConfig, SampleConfig, VCDConfig, LimeMethodConfig]
     assert cfgs[3].mode == "fast" and cfgs[3].overrides == {"lr": 0.5} and cfgs[2].alpha == 1.0
+    assert DecodingConfig("vcd", vcd_alpha=2.0, method_options={"beta": 0.2}).method_config() == \
+        VCDConfig(alpha=2.0, beta=0.2)
+    assert DecodingConfig("lime", method_options={"mode": "reference"}).method_config().mode == "reference"
+    assert "method_options" not in DecodingConfig("lime").to_dict()
     for c in cfgs:
         assert pickle.loads(pickle.dumps(c)) == c
         assert json.loads(json.dumps(c.to_dict(), allow_nan=False)) == c.to_dict()
@@ -183,6 +187,16 @@ def test_custom_method_runs_through_generate(toy, digits):
     assert res.tokens == [[yes, yes]] and res.seconds > 0
     assert DecodingConfig("toy", max_new_tokens=2).to_dict() == {"method": "toy", "max_new_tokens": 2,
                                                                  "do_sample": False, "seed": 0}
+    no = processor.tokenizer.encode("no", add_special_tokens=False)[0]
+    cfg = DecodingConfig("toy", max_new_tokens=2, method_options={"word": "no", "bias": float("inf")})
+    assert cfg.method_config() == AlwaysConfig(max_new_tokens=2, word="no", bias=float("inf"))
+    assert cfg.to_dict()["method_options"] == {"word": "no", "bias": None}  # strict JSON
+    cfg = DecodingConfig("toy", max_new_tokens=2, method_options={"word": "no"})
+    assert generate(model, processor, enc, cfg).tokens == [[no, no]]
+    with pytest.raises(ValueError, match=r"method_options \['wrod'\] are not fields of AlwaysConfig"):
+        DecodingConfig("toy", method_options={"wrod": "no"})
+    with pytest.raises(ValueError, match="word must be a non-empty str"):
+        DecodingConfig("toy", method_options={"word": ""})
     unbiased = decode(model, processor, enc, "toy", AlwaysConfig(max_new_tokens=2, bias=0.0))
     assert unbiased.tokens == generate(model, processor, enc, DecodingConfig("greedy", max_new_tokens=2)).tokens
 

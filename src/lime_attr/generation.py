@@ -10,14 +10,14 @@ into a method's internals.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from .mitigation.decoding import GenerationResult, decode, get_decoding_method
+from .mitigation.decoding import GenerationResult, config_to_dict, decode, get_decoding_method
 from .mitigation.sampling import check_sampling
 
 __all__ = ["METHODS", "DecodingConfig", "GenerationResult", "generate", "prepare_inputs"]
@@ -49,6 +49,10 @@ class DecodingConfig:
     lime_mode : {"fast", "reference"}
     lime_overrides : dict
         Further :class:`~lime_attr.mitigation.LimeConfig` fields.
+    method_options : dict
+        Fields of the method's own config (its :attr:`~lime_attr.mitigation.DecodingMethod.config_type`)
+        that the flat fields above do not set, e.g. those of a method you registered; they win over the
+        flat fields.
 
     Raises
     ------
@@ -69,6 +73,7 @@ class DecodingConfig:
     vcd_noise_step: int = 500
     lime_mode: str = "fast"
     lime_overrides: dict = field(default_factory=dict)
+    method_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         get_decoding_method(self.method)
@@ -84,14 +89,28 @@ class DecodingConfig:
         return self.method == "sample" or self.do_sample
 
     def options(self) -> dict:
-        """The flat fields other than ``method``, from which a method builds its config."""
+        """The flat fields other than ``method``, with ``method_options`` merged in, from which a method
+        builds its config."""
         d = asdict(self)
         d.pop("method")
+        d.update(d.pop("method_options"))
         return d
 
     def method_config(self) -> Any:
-        """The registered method's own config (:meth:`~lime_attr.mitigation.DecodingMethod.make_config`)."""
-        return get_decoding_method(self.method).make_config(self.options())
+        """The registered method's own config (:meth:`~lime_attr.mitigation.DecodingMethod.make_config`).
+
+        Raises
+        ------
+        ValueError
+            A ``method_options`` key that is not a field of the method's config, or a value it refuses.
+        """
+        spec = get_decoding_method(self.method)
+        known = {f.name for f in fields(spec.config_type)}
+        unknown = sorted(str(k) for k in self.method_options if k not in known)
+        if unknown:
+            raise ValueError(f"method_options {unknown} are not fields of {spec.config_type.__name__} (the "
+                             f"{self.method!r} method's config); its fields: {', '.join(sorted(known))}")
+        return spec.make_config(self.options())
 
     def to_dict(self) -> dict:
         """JSON-serialisable form (only the fields that matter for the method)."""
@@ -105,6 +124,11 @@ class DecodingConfig:
         if not self.sampling:
             for k in ("temperature", "top_k", "top_p"):
                 d.pop(k)
+        if self.method_options:  # as the method's config holds them (strict JSON: NaN is None)
+            own = config_to_dict(self.method_config())
+            d["method_options"] = {k: own[k] for k in self.method_options}
+        else:
+            d.pop("method_options")
         return d
 
 

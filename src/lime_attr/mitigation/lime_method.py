@@ -76,12 +76,11 @@ def lime_method_generate(model: nn.Module, processor: Any, inputs: Mapping[str, 
 
 
 def _from_options(options: Mapping[str, Any]) -> LimeMethodConfig:
-    names = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "do_sample")
-    kw = {k: options[k] for k in names if k in options}
-    if "lime_mode" in options:
-        kw["mode"] = options["lime_mode"]
-    if "lime_overrides" in options:
-        kw["overrides"] = options["lime_overrides"]
+    names = {f.name for f in dataclasses.fields(LimeMethodConfig)}
+    kw = {k: v for k, v in options.items() if k in names}
+    for flat, name in (("lime_mode", "mode"), ("lime_overrides", "overrides")):
+        if flat in options and name not in options:
+            kw[name] = options[flat]
     return LimeMethodConfig(**kw)
 
 

@@ -2,6 +2,7 @@
 with the :class:`~lime_attr.mitigation.VCDLogitsProcessor` (the contrast itself is in :mod:`.vcd`)."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -63,9 +64,10 @@ def vcd_generate(model: nn.Module, processor: Any, inputs: Mapping[str, Any], co
 
 
 def _from_options(options: Mapping[str, Any]) -> VCDConfig:
-    names = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "do_sample")
-    kw = {k: options[k] for k in names if k in options}
-    kw.update({k[4:]: options[k] for k in ("vcd_alpha", "vcd_beta", "vcd_noise_step") if k in options})
+    names = {f.name for f in dataclasses.fields(VCDConfig)}
+    kw = {k: v for k, v in options.items() if k in names}
+    kw.update({k[4:]: options[k] for k in ("vcd_alpha", "vcd_beta", "vcd_noise_step")
+               if k in options and k[4:] not in options})
     return VCDConfig(**kw)
 
 
