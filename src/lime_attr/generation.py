@@ -50,9 +50,9 @@ class DecodingConfig:
     lime_overrides : dict
         Further :class:`~lime_attr.mitigation.LimeConfig` fields.
     method_options : dict
-        Fields of the method's own config (its :attr:`~lime_attr.mitigation.DecodingMethod.config_type`)
-        that the flat fields above do not set, e.g. those of a method you registered; they win over the
-        flat fields.
+        Fields of the method's own config (the ``config_type`` of its
+        :class:`~lime_attr.mitigation.DecodingMethod`) that the flat fields above do not set, e.g. those of
+        a method you registered; they win over the flat fields.
 
     Raises
     ------
