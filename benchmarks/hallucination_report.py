@@ -237,21 +237,36 @@ def load_items(model_name: str, condition: str, settings: Settings, corruption: 
 # --------------------------------------------------------------------------------------------------
 # decoding
 # --------------------------------------------------------------------------------------------------
+def registered_method(method: str) -> str:
+    """The decoding-method registry name of a report method (``lime-reference-lr10x`` -> ``lime``).
+
+    Raises
+    ------
+    lime_attr.mitigation.UnknownDecodingMethodError
+        When the part before the first ``-`` is not registered (the message lists the registered ones).
+    """
+    from lime_attr.mitigation import get_decoding_method
+
+    return get_decoding_method(method.split("-", 1)[0]).name
+
+
 def decoding_config(method: str, settings: Settings, max_new_tokens: int):
-    """The :class:`~lime_attr.generation.DecodingConfig` of a method (LIME: its mode only)."""
+    """The :class:`~lime_attr.generation.DecodingConfig` of a method (LIME: its mode only).
+
+    The method's first ``-``-separated part names a registered decoding method
+    (:func:`lime_attr.mitigation.available_decoding_methods`); a method without settings here runs with its
+    defaults.
+    """
     from lime_attr.generation import DecodingConfig
 
-    if method == "greedy":
-        return DecodingConfig("greedy", max_new_tokens)
-    if method == "sample":
-        return DecodingConfig("sample", max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
-                              seed=settings.seed)
-    if method == "vcd":
-        return DecodingConfig("vcd", max_new_tokens, seed=settings.seed, vcd_alpha=settings.vcd_alpha,
-                              vcd_beta=settings.vcd_beta, vcd_noise_step=settings.vcd_noise_step)
-    if method.startswith("lime-"):
-        return DecodingConfig("lime", max_new_tokens, lime_mode=lime_mode_of(method))
-    raise ValueError(f"unknown method {method!r}; choose from {METHOD_NAMES}")
+    base = registered_method(method)
+    options: dict[str, Any] = {
+        "sample": dict(temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed),
+        "vcd": dict(seed=settings.seed, vcd_alpha=settings.vcd_alpha, vcd_beta=settings.vcd_beta,
+                    vcd_noise_step=settings.vcd_noise_step),
+        "lime": dict(lime_mode=lime_mode_of(method)) if base == "lime" and "-" in method else {},
+    }.get(base, {})
+    return DecodingConfig(base, max_new_tokens, **options)
 
 
 def lime_mode_of(method: str) -> str:
@@ -835,6 +850,13 @@ METHOD_DESCRIPTIONS = {
 }
 
 
+def method_description(method: str) -> str:
+    """The page's description of a method (:data:`METHOD_DESCRIPTIONS`, else the registered method's)."""
+    from lime_attr.mitigation import get_decoding_method
+
+    return METHOD_DESCRIPTIONS.get(method) or get_decoding_method(registered_method(method)).description
+
+
 def run_report(settings: Settings, out_dir: Path | str, page: Optional[Path | str] = None,
                figures: bool = True) -> dict[str, Any]:
     """Run everything and write ``hallucination.json`` (and the figures and the page).
@@ -881,7 +903,7 @@ def run_report(settings: Settings, out_dir: Path | str, page: Optional[Path | st
     }
     for method in settings.methods:
         report["methods"][method] = {
-            "description": METHOD_DESCRIPTIONS[method],
+            "description": method_description(method),
             "decoding_pope": decoding_config(method, settings, settings.max_new_tokens_pope).to_dict(),
             "decoding_chair": decoding_config(method, settings, settings.max_new_tokens_chair).to_dict(),
         }

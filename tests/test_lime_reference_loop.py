@@ -5,17 +5,17 @@ Llama forward with AttnLRP in gradient form, no lime_attr scope, no hooks. It ru
 models (CLIP tower + projector + Llama) in float64, with multi-head (4 / 4) and grouped-query (4 / 2)
 attention, at the paper's lr and at an lr that changes the emitted tokens.
 
-* With the switch that reproduces where lime_attr puts Delta today (before AttnLRP's 1/4, 1/2 gradient
-  division, one slice per key-value head) the loop agrees with ``lime_generate(mode="reference")`` on every
-  quantity lime_attr exposes: this shows that the loop is right and that the differences below are exactly
-  the two known ones.
-* With the released code's placement (after the division, one slice per query head) the comparisons that
-  differ today are marked ``xfail(strict=True)``: they turn into failures the day the implementation is
-  fixed, and then the marks go.
+* ``mode="reference"`` with its defaults (``delta_heads="query"``, ``delta_placement="after_rule"``: the
+  released code's placement) agrees with the loop's released placement on the emitted tokens, the explained
+  token of every inner step, and every per-step quantity (losses, KL, relevance of every position, the top
+  logits, the norms of Delta_K and Delta_V per layer) to 1e-6 relative, at both learning rates, with
+  multi-head and with grouped-query attention.
+* The options ``delta_heads="kv", delta_placement="before_rule"`` (lime_attr's placement before issue 14:
+  one slice per key-value head, added before AttnLRP's 1/4, 1/2 gradient division) agree with the loop's
+  switch for that placement: the loop's switches are exactly the two differences.
 
-lime_attr does not expose the explained token of each inner step (issue 14, item 2); the relevance loss
-of every step identifies it (the runner-up token's loss differs by orders of magnitude more than the
-tolerance, checked), so the explained tokens are compared through the current-placement loop.
+The relevance loss of every step also pins the explained token (the runner-up token's loss differs by
+orders of magnitude more than the tolerance, checked).
 """
 from __future__ import annotations
 
@@ -44,16 +44,7 @@ HEADS = {"mha": 4, "gqa": 2}  # key-value heads of a 4-query-head Llama
 
 CURRENT = dict(delta_heads="kv", delta_before_rule=True)  # lime_attr before issue 14
 RELEASED = dict(delta_heads="query", delta_before_rule=False)  # ItaiAllouche/lime
-
-DIVISION = ("issue 14: lime_attr adds Delta before AttnLRP's 1/4 (keys), 1/2 (values) gradient division; the "
-            "released code adds it after, inside the attention function")
-KV_DELTA = ("issue 14: lime_attr keeps one Delta per key-value head (the released code: one per query head, after "
-            "the grouped-query repeat), and adds it before the 1/4, 1/2 gradient division")
-
-
-def _xfail(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=reason)
-
+EARLIER_OPTIONS = dict(delta_heads="kv", delta_placement="before_rule")  # reproduces CURRENT in lime_attr
 
 @functools.lru_cache(maxsize=None)
 def _case(name: str) -> tuple:
@@ -76,9 +67,11 @@ def _case(name: str) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def _lime_attr(name: str, lr: float, eos=None):
+def _lime_attr(name: str, lr: float, eos=None, placement: str = "released"):
     model, inputs, _, _ = _case(name)
-    cfg = LimeConfig(mode="reference", steps=STEPS, lr=lr, kl_weight=KL_WEIGHT, temperature=TAU, record_relevance=True)
+    options = EARLIER_OPTIONS if placement == "current" else {}
+    cfg = LimeConfig(mode="reference", steps=STEPS, lr=lr, kl_weight=KL_WEIGHT, temperature=TAU, record_relevance=True,
+                     record="steps", **options)
     return lime_generate(model, None, inputs, cfg, max_new_tokens=N_TOKENS, eos_token_id=eos)
 
 
@@ -130,7 +123,18 @@ def _errors(name: str, out, loop) -> dict:
             e[k] = max(e[k], _err(a, b, KL_ATOL if k == "kl" else 0.0))
         e["relevance_before"] = max(e["relevance_before"], _vec_err(rec.relevance_before[0], first.relevance))
         e["relevance_after"] = max(e["relevance_after"], _vec_err(rec.relevance_after[0], last.relevance))
+        for mine, theirs in zip(rec.step_records, tok.steps):  # record="steps": every inner step
+            for key, a, b in (("relevance", mine.relevance[0], theirs.relevance),
+                              ("top_logits", mine.top_logits[0][:len(theirs.top_logits)], theirs.top_logits),
+                              ("delta_k_norm", mine.delta_k_norm[0], theirs.dk_norms),
+                              ("delta_v_norm", mine.delta_v_norm[0], theirs.dv_norms)):
+                err = _vec_err(a, b) if key == "relevance" else _err(a, b)
+                e[key] = max(e.get(key, 0.0), err)
     return e
+
+
+def _lime_attr_explained(out) -> list:
+    return [[s.explained[0] for s in rec.step_records] for rec in out.records]
 
 
 def _modality(name: str, length: int) -> torch.Tensor:
@@ -218,6 +222,7 @@ def test_token_changing_lr_changes_the_tokens(name):
     assert _tokens(_loop(name, PAPER_LR, "released")) == greedy  # on these random models the paper's lr changes none
     assert _tokens(_loop(name, TOKEN_LR, "released")) != greedy
     assert _lime_attr(name, TOKEN_LR).tokens[0].tolist() != greedy
+    assert _lime_attr(name, TOKEN_LR, placement="current").tokens[0].tolist() != greedy
 
 
 @pytest.mark.parametrize("name, lr", CASES, ids=IDS)
@@ -225,8 +230,9 @@ def test_current_placement_loop_agrees_with_lime_attr(name, lr):
     """The switch reproducing lime_attr's placement (before the division, per kv head): emitted and unperturbed
     tokens identical, every recorded per-step quantity within 1e-6, and the relevance loss pins the explained
     token (the runner-up's differs by far more than the tolerance)."""
-    out, loop = _lime_attr(name, lr), _loop(name, lr, "current")
+    out, loop = _lime_attr(name, lr, placement="current"), _loop(name, lr, "current")
     assert out.tokens[0].tolist() == _tokens(loop)
+    assert _lime_attr_explained(out) == _explained(loop)
     assert [r.unperturbed_tokens[0] for r in out.records] == [t.unperturbed for t in loop]
     errors = _errors(name, out, loop)
     assert max(errors.values()) <= RTOL, errors
@@ -253,29 +259,21 @@ def test_eos_stops_both():
     assert _tokens(loop) == out.tokens[0].tolist() == _tokens(_loop(name, PAPER_LR, "released"))[:2]
 
 
-@pytest.mark.parametrize("name, lr", [
-    ("mha", PAPER_LR), ("mha", TOKEN_LR), ("gqa", PAPER_LR),
-    pytest.param("gqa", TOKEN_LR, marks=_xfail(KV_DELTA)),
-], ids=IDS)
+@pytest.mark.parametrize("name, lr", CASES, ids=IDS)
 def test_released_loop_emits_the_same_tokens(name, lr):
     assert _lime_attr(name, lr).tokens[0].tolist() == _tokens(_loop(name, lr, "released"))
 
 
-@pytest.mark.parametrize("name, lr", [
-    ("mha", PAPER_LR), ("mha", TOKEN_LR), ("gqa", PAPER_LR),
-    pytest.param("gqa", TOKEN_LR, marks=_xfail(KV_DELTA)),
-], ids=IDS)
+@pytest.mark.parametrize("name, lr", CASES, ids=IDS)
 def test_released_loop_explains_the_same_tokens(name, lr):
-    """lime_attr's explained tokens are the current-placement loop's (its relevance losses agree, above)."""
-    assert _explained(_loop(name, lr, "current")) == _explained(_loop(name, lr, "released"))
+    """The explained token of every inner step (``record="steps"``) is the released loop's."""
+    assert _lime_attr_explained(_lime_attr(name, lr)) == _explained(_loop(name, lr, "released"))
 
 
-@pytest.mark.parametrize("name, lr", [
-    pytest.param("mha", PAPER_LR, marks=_xfail(DIVISION)), pytest.param("mha", TOKEN_LR, marks=_xfail(DIVISION)),
-    pytest.param("gqa", PAPER_LR, marks=_xfail(KV_DELTA)), pytest.param("gqa", TOKEN_LR, marks=_xfail(KV_DELTA)),
-], ids=IDS)
+@pytest.mark.parametrize("name, lr", CASES, ids=IDS)
 def test_released_loop_agrees_with_lime_attr_per_step(name, lr):
-    """Losses, relevance loss, KL, relevance (first and last step), share and focus within 1e-6 relative."""
+    """Losses, relevance loss, KL, relevance (every step), share, focus, top logits and the Delta norms per layer
+    within 1e-6 relative."""
     out, loop = _lime_attr(name, lr), _loop(name, lr, "released")
     errors = _errors(name, out, loop)
     assert max(errors.values()) <= RTOL, errors

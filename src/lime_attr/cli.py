@@ -418,8 +418,12 @@ def _add_model_args(p: argparse.ArgumentParser, media: bool = True) -> None:
 
 
 def _add_decoding_args(p: argparse.ArgumentParser, method_required: bool = False) -> None:
-    p.add_argument("--method", default="greedy", choices=["greedy", "sample", "vcd", "lime"],
-                   help="decoding method (default greedy)")
+    from .mitigation import available_decoding_methods, get_decoding_method
+
+    names = available_decoding_methods()  # the registry: a registered method is a choice here
+    described = [f"{n}: {get_decoding_method(n).description}" for n in names if get_decoding_method(n).description]
+    p.add_argument("--method", default="greedy", choices=names,
+                   help="; ".join(["decoding method (default greedy)", *described]).replace("%", "%%"))
     p.add_argument("--lime-mode", default="fast", choices=["fast", "reference"])
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -454,7 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="lime_attr_explain")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("generate", help="answer a multimodal prompt with greedy / sample / vcd / lime decoding")
+    from .mitigation import available_decoding_methods
+
+    p = sub.add_parser("generate", help="answer a multimodal prompt with a registered decoding method: "
+                       + " / ".join(available_decoding_methods()))
     _add_model_args(p)
     _add_decoding_args(p)
     p.add_argument("--output", default=None, help="JSON file for the answer and its configuration")

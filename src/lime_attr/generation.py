@@ -1,21 +1,29 @@
-"""One generation entry point for every decoding method the evaluation compares.
+"""One generation entry point for every registered decoding method.
 
-``greedy`` and ``sample`` are transformers' own ``generate()``; ``vcd`` adds the
-:class:`~lime_attr.mitigation.VCDLogitsProcessor`; ``lime`` runs :func:`~lime_attr.mitigation.lime_generate`.
-Evaluation and the CLI call :func:`generate` and never reach into a method's internals.
+:class:`DecodingConfig` is the flat configuration the CLI, the evaluation harness and the reports store;
+:func:`generate` looks its ``method`` up in the decoding-method registry
+(:func:`~lime_attr.mitigation.available_decoding_methods`: ``greedy`` and ``sample`` are transformers'
+own ``generate()``, ``vcd`` adds the :class:`~lime_attr.mitigation.VCDLogitsProcessor`, ``lime`` runs
+:func:`~lime_attr.mitigation.lime_generate`, and any method a user registers), builds the method's own
+config from the flat fields and runs it. Evaluation and the CLI call :func:`generate` and never reach
+into a method's internals.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from .mitigation.decoding import GenerationResult, config_to_dict, decode, get_decoding_method
+from .mitigation.sampling import check_sampling
+
 __all__ = ["METHODS", "DecodingConfig", "GenerationResult", "generate", "prepare_inputs"]
 
+#: The built-in decoding methods; every registered one is in
+#: :func:`~lime_attr.mitigation.available_decoding_methods`.
 METHODS = ("greedy", "sample", "vcd", "lime")
 
 
@@ -25,7 +33,9 @@ class DecodingConfig:
 
     Parameters
     ----------
-    method : {"greedy", "sample", "vcd", "lime"}
+    method : str
+        A registered decoding method (:func:`~lime_attr.mitigation.available_decoding_methods`; built in:
+        ``"greedy"``, ``"sample"``, ``"vcd"``, ``"lime"``).
     max_new_tokens : int
     temperature, top_k, top_p : float, int or None, float or None
         Sampling parameters (``method="sample"``, or VCD / LIME with ``do_sample``); ``top_k >= 1`` and
@@ -39,6 +49,16 @@ class DecodingConfig:
     lime_mode : {"fast", "reference"}
     lime_overrides : dict
         Further :class:`~lime_attr.mitigation.LimeConfig` fields.
+    method_options : dict
+        Fields of the method's own config (the ``config_type`` of its
+        :class:`~lime_attr.mitigation.DecodingMethod`) that the flat fields above do not set, e.g. those of
+        a method you registered; they win over the flat fields.
+
+    Raises
+    ------
+    ValueError
+        An unregistered method (:class:`~lime_attr.mitigation.UnknownDecodingMethodError`, listing the
+        registered ones) or a field the method's own config refuses.
     """
 
     method: str = "greedy"
@@ -53,21 +73,44 @@ class DecodingConfig:
     vcd_noise_step: int = 500
     lime_mode: str = "fast"
     lime_overrides: dict = field(default_factory=dict)
+    method_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown decoding method {self.method!r}; choose one of {', '.join(METHODS)}")
+        get_decoding_method(self.method)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.lime_mode not in ("fast", "reference"):
             raise ValueError(f"lime_mode must be 'fast' or 'reference', got {self.lime_mode!r}")
-        from .mitigation.generate import check_sampling_params
-
-        check_sampling_params(self.top_k, self.top_p, temperature=self.temperature)
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        self.method_config()
 
     @property
     def sampling(self) -> bool:
         return self.method == "sample" or self.do_sample
+
+    def options(self) -> dict:
+        """The flat fields other than ``method``, with ``method_options`` merged in, from which a method
+        builds its config."""
+        d = asdict(self)
+        d.pop("method")
+        d.update(d.pop("method_options"))
+        return d
+
+    def method_config(self) -> Any:
+        """The registered method's own config (:meth:`~lime_attr.mitigation.DecodingMethod.make_config`).
+
+        Raises
+        ------
+        ValueError
+            A ``method_options`` key that is not a field of the method's config, or a value it refuses.
+        """
+        spec = get_decoding_method(self.method)
+        known = {f.name for f in fields(spec.config_type)}
+        unknown = sorted(str(k) for k in self.method_options if k not in known)
+        if unknown:
+            raise ValueError(f"method_options {unknown} are not fields of {spec.config_type.__name__} (the "
+                             f"{self.method!r} method's config); its fields: {', '.join(sorted(known))}")
+        return spec.make_config(self.options())
 
     def to_dict(self) -> dict:
         """JSON-serialisable form (only the fields that matter for the method)."""
@@ -81,72 +124,32 @@ class DecodingConfig:
         if not self.sampling:
             for k in ("temperature", "top_k", "top_p"):
                 d.pop(k)
+        if self.method_options:  # as the method's config holds them (strict JSON: NaN is None)
+            own = config_to_dict(self.method_config())
+            d["method_options"] = {k: own[k] for k in self.method_options}
+        else:
+            d.pop("method_options")
         return d
 
 
-@dataclass
-class GenerationResult:
-    """Answers of one batch: ``texts``, generated ``tokens`` (lists of ids), wall ``seconds``, and
-    method-specific ``details`` (LIME: per-token modality shares before/after)."""
-
-    texts: list
-    tokens: list
-    seconds: float
-    details: dict = field(default_factory=dict)
-
-
-def _sampling_kwargs(cfg: DecodingConfig) -> dict:
-    if not cfg.sampling:
-        return {"do_sample": False}
-    kw: dict[str, Any] = {"do_sample": True, "temperature": cfg.temperature}
-    if cfg.top_k is not None:
-        kw["top_k"] = cfg.top_k
-    if cfg.top_p is not None:
-        kw["top_p"] = cfg.top_p
-    return kw
-
-
 def generate(model: nn.Module, processor: Any, inputs: Mapping[str, Any], cfg: DecodingConfig) -> GenerationResult:
-    """Generate answers for a (left-padded) batch of processor outputs with the configured method."""
-    tok = getattr(processor, "tokenizer", processor)
-    enc = {k: v for k, v in inputs.items()}
-    n_prompt = enc["input_ids"].shape[1]
-    start = time.perf_counter()
-    details: dict = {}
-    if cfg.method in ("greedy", "sample", "vcd"):
-        kw = _sampling_kwargs(cfg)
-        if kw["do_sample"]:
-            torch.manual_seed(cfg.seed)
-        if cfg.method == "vcd":
-            from .mitigation import VCDLogitsProcessor
+    """Generate answers for a (left-padded) batch of processor outputs with the configured method.
 
-            noise_gen = torch.Generator().manual_seed(cfg.seed)
-            proc = VCDLogitsProcessor.from_inputs(model, enc, alpha=cfg.vcd_alpha, beta=cfg.vcd_beta,
-                                                  noise_step=cfg.vcd_noise_step, generator=noise_gen)
-            kw["logits_processor"] = [proc]
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, **kw)
-        new = out[:, n_prompt:]
-        texts = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
-        tokens = [row.tolist() for row in new]
-    else:
-        from .mitigation import LimeConfig, lime_generate
+    Parameters
+    ----------
+    model, processor
+        The model and its processor (or tokenizer).
+    inputs : Mapping
+        Processor outputs (:func:`prepare_inputs`).
+    cfg : DecodingConfig
+        The method (a registered name) and its settings.
 
-        lime_cfg = LimeConfig.for_model(model, mode=cfg.lime_mode, **cfg.lime_overrides)
-        gen = dict(max_new_tokens=cfg.max_new_tokens)
-        if cfg.sampling:
-            g = torch.Generator().manual_seed(cfg.seed)
-            gen.update(do_sample=True, temperature=cfg.temperature, generator=g)
-            if cfg.top_k is not None:
-                gen["top_k"] = cfg.top_k
-            if cfg.top_p is not None:
-                gen["top_p"] = cfg.top_p
-        res = lime_generate(model, processor, enc, lime_cfg, **gen)
-        texts = [t.strip() for t in res.texts]
-        tokens = [row.tolist() for row in res.tokens]
-        details = {"share_before": res.share_before.tolist(), "share_after": res.share_after.tolist(),
-                   "changed": res.changed.tolist()}
-    return GenerationResult(texts, tokens, time.perf_counter() - start, details)
+    Returns
+    -------
+    GenerationResult
+        The answers, their tokens, the wall-clock seconds and the method's details.
+    """
+    return decode(model, processor, inputs, cfg.method, cfg.method_config())
 
 
 def prepare_inputs(model: nn.Module, processor: Any, prompts: list, images: Optional[list] = None,

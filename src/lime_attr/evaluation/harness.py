@@ -113,7 +113,7 @@ def run_benchmark(benchmark: str, model_spec: str, decoding: Any, split: str = "
     model_spec : str
         ``builtin:<name>``, a checkpoint folder or a hub id (recorded in the config).
     decoding : DecodingConfig
-        Decoding method and settings.
+        Decoding method (a name of :func:`~lime_attr.mitigation.available_decoding_methods`) and settings.
     split : str
         One of the benchmark's splits (``random``, ``popular``, ``adversarial`` for POPE and audio-QA)
         or ``all``; ignored by a benchmark without splits (CHAIR).
@@ -147,10 +147,13 @@ def run_benchmark(benchmark: str, model_spec: str, decoding: Any, split: str = "
     ------
     ValueError
         Unknown benchmark (:class:`~lime_attr.evaluation.UnknownBenchmarkError`, listing the registered
-        ones) or split, missing files, a bad corruption spec, or a corruption for a non-builtin model.
+        ones) or decoding method (:class:`~lime_attr.mitigation.UnknownDecodingMethodError`) or split, missing files, a bad corruption spec, or a corruption for a non-builtin model.
     """
     files = dict(files or {})
     check_benchmark_args(model_spec, limit, files)
+    from ..mitigation import get_decoding_method
+
+    get_decoding_method(decoding.method)  # an unregistered method fails here, listing the registered ones
     bench = get_benchmark(benchmark)
     splits = bench.resolve_splits(split)
     builtin = model_spec.split(":", 1)[1] if model_spec.startswith("builtin:") else None

@@ -28,6 +28,7 @@ import math
 from typing import Any, Mapping, Optional
 
 import torch
+from .cache import cache_kwargs, output_cache
 from torch import Tensor, nn
 from transformers import LogitsProcessor
 
@@ -160,12 +161,12 @@ class VCDLogitsProcessor(LogitsProcessor):
         pos = self._position_ids(mask, new.shape[1], first)
         if pos is not None:
             kwargs["position_ids"] = pos
-        out = self.model(input_ids=new, attention_mask=mask, past_key_values=self.cache, use_cache=True, **kwargs)
+        out = self.model(input_ids=new, attention_mask=mask, use_cache=True, **cache_kwargs(self.cache), **kwargs)
         if first:
             owner = self._rope_owner()
             deltas = getattr(owner, "rope_deltas", None) if owner is not None else None
             self.rope_deltas = deltas.detach().clone() if isinstance(deltas, Tensor) else None
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
         self.seen = input_ids.shape[1]
         logits = out.logits[:, -1, :].float()
         self.last_noised_logits = logits

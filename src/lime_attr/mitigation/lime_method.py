@@ -1,0 +1,90 @@
+"""LIME (Allouche and Keshet, 2026) as a decoding method, registered as ``"lime"``.
+
+It calls LIME's public API only: :meth:`LimeConfig.for_model <lime_attr.mitigation.LimeConfig.for_model>`
+and :func:`~lime_attr.mitigation.lime_generate`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LimeConfig
+from .decoding import DecodingMethod, GenerationResult, register_decoding_method
+from .generate import lime_generate
+from .sampling import SamplingParams
+
+__all__ = ["LimeMethodConfig", "lime_method_generate", "LIME_MODES", "LIME"]
+
+#: The modes of :class:`~lime_attr.mitigation.LimeConfig` a decoding config may choose.
+LIME_MODES = ("fast", "reference")
+
+
+@dataclass(frozen=True)
+class LimeMethodConfig(SamplingParams):
+    """LIME decoding: the model family's preset (:meth:`LimeConfig.for_model
+    <lime_attr.mitigation.LimeConfig.for_model>`) in ``mode``, with ``overrides``.
+
+    Parameters
+    ----------
+    mode : {"fast", "reference"}
+    overrides : mapping
+        Further :class:`~lime_attr.mitigation.LimeConfig` fields (stored as a plain ``dict``).
+    do_sample : bool
+        Sample the emitted token with the :class:`~lime_attr.mitigation.sampling.SamplingParams`
+        (default: greedy).
+    """
+
+    mode: str = "fast"
+    overrides: Mapping = field(default_factory=dict)
+    do_sample: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in LIME_MODES:
+            raise ValueError(f"LIME mode must be 'fast' or 'reference', got {self.mode!r}")
+        if not isinstance(self.overrides, Mapping):
+            raise TypeError(f"LIME overrides must be a mapping of LimeConfig fields, got "
+                            f"{type(self.overrides).__name__}")
+        known = {f.name for f in dataclasses.fields(LimeConfig)}
+        unknown = sorted(str(k) for k in self.overrides if k not in known)
+        if unknown:
+            raise ValueError(f"LIME overrides {unknown} are not LimeConfig fields; known: {', '.join(sorted(known))}")
+        object.__setattr__(self, "overrides", dict(self.overrides))
+
+    def lime_config(self, model: nn.Module) -> LimeConfig:
+        """The :class:`~lime_attr.mitigation.LimeConfig` this decoding runs on ``model``."""
+        return LimeConfig.for_model(model, mode=self.mode, **self.overrides)
+
+
+def lime_method_generate(model: nn.Module, processor: Any, inputs: Mapping[str, Any],
+                         config: LimeMethodConfig) -> GenerationResult:
+    """LIME answers of a left-padded batch; ``details`` holds the per-token modality shares before and
+    after the optimisation (``share_before``, ``share_after``) and where LIME changed the token
+    (``changed``)."""
+    gen: dict[str, Any] = {"max_new_tokens": config.max_new_tokens}
+    if config.do_sample:
+        gen.update(config.generate_kwargs(), generator=torch.Generator().manual_seed(config.seed))
+    res = lime_generate(model, processor, dict(inputs.items()), config.lime_config(model), **gen)
+    details = {"share_before": res.share_before.tolist(), "share_after": res.share_after.tolist(),
+               "changed": res.changed.tolist()}
+    return GenerationResult([t.strip() for t in res.texts], [row.tolist() for row in res.tokens], details=details)
+
+
+def _from_options(options: Mapping[str, Any]) -> LimeMethodConfig:
+    names = {f.name for f in dataclasses.fields(LimeMethodConfig)}
+    kw = {k: v for k, v in options.items() if k in names}
+    for flat, name in (("lime_mode", "mode"), ("lime_overrides", "overrides")):
+        if flat in options and name not in options:
+            kw[name] = options[flat]
+    return LimeMethodConfig(**kw)
+
+
+LIME = register_decoding_method(DecodingMethod(
+    "lime", LimeMethodConfig, lime_method_generate,
+    description="LIME: relevance-guided key/value perturbation (Allouche and Keshet, 2026)",
+    from_options=_from_options))
