@@ -28,11 +28,11 @@ import math
 from typing import Any, Mapping, Optional
 
 import torch
-from .cache import cache_kwargs, output_cache
 from torch import Tensor, nn
 from transformers import LogitsProcessor
 
 from ..canonizers.facts import uses_mrope
+from .cache import cache_kwargs, output_cache
 
 __all__ = ["VCDLogitsProcessor", "vcd_noise", "vcd_noise_level"]
 
