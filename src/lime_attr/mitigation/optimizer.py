@@ -243,7 +243,7 @@ class LimeOptimizer:
         res = relevance(self.attribution.scope(), explained, [embeds.detach()], create_graph=create_graph and not exact,
                         second_order="exact" if exact else "autograd", retain_graph=exact, carriers="refuse",
                         wrt=self._perturbations if exact else None)
-        rel = self._work(res.inputs[0].sum(-1))
+        rel = self._work(res.inputs[0]).sum(-1)  # (float32: the sum over the hidden dimension upcast too)
         if not create_graph:
             rel = rel.detach()
         return _StepOut(seen["logits"], rel, seen["target"])
