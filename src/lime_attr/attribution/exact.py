@@ -33,23 +33,11 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from ..ops import tensors_in
 from ..rules import tangent_mode
 from .checks import check_finite, validate_inputs
 
 __all__ = ["exact_attribute", "relevance_vjp"]
-
-
-def _tensors(obj: Any, out: list) -> list:
-    """The tensors in ``obj`` (nested lists, tuples and dicts), appended to ``out``."""
-    if isinstance(obj, Tensor):
-        out.append(obj)
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            _tensors(o, out)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            _tensors(o, out)
-    return out
 
 
 class _ExternalRecorder(TorchFunctionMode):
@@ -74,7 +62,7 @@ class _ExternalRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for t in _tensors(args, []) + _tensors(kwargs, []):
+        for t in tensors_in(args) + tensors_in(kwargs):
             k = id(t)
             if k not in self.external and k not in self._exclude and self._outer(t):
                 self.external[k] = t
