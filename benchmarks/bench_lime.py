@@ -15,7 +15,9 @@ own), on one CPU thread, and every ratio is to greedy measured in the same run.
 * ``lime-fast-v1``: fast mode as it was before the compressed schedule (7 updates at ``lr``, fixed
   target, no gate);
 * ``lime-fast-cached``: ``lime-fast-nogate`` with the incremental (approximate) emission;
-* ``lime-fast-1``: ``lime-fast`` with one update (``fast_updates=1``) carrying the same total step.
+* ``lime-fast-1``: ``lime-fast`` with one update (``fast_updates=1``) carrying the same total step;
+* ``lime-reference-ckpt``, ``lime-fast-nogate-ckpt``: those decoders with LIME's activation checkpoint
+  (``activation_checkpoint=True``).
 
 ``--lr-factor K`` also runs the decoders named by ``--lr-decoders`` (default ``lime-reference`` and
 ``lime-fast``) at K times the preset learning rate.
@@ -60,7 +62,7 @@ import torch
 from benchmarks._common import Stopwatch, machine_line, max_rss_mb, rss_mb, write_json
 
 DECODERS = ("greedy", "vcd", "lime-reference", "lime-fast", "lime-fast-nogate", "lime-fast-v1", "lime-fast-cached",
-            "lime-fast-1")
+            "lime-fast-1", "lime-reference-ckpt", "lime-fast-nogate-ckpt")
 TASK_DECODERS = ("greedy", "lime-reference", "lime-fast", "lime-fast-nogate")
 TASK_MODELS = ("digits-llava", "tones-qwen2audio")
 
@@ -79,6 +81,8 @@ def lime_configs(model: Any = None, lr_factor: float = 1.0) -> dict:
         "lime-fast-v1": base.replace(mode="fast", confidence_gate=None, fast_updates=None, target="fixed"),
         "lime-fast-cached": base.replace(mode="fast", confidence_gate=None, emit="cached"),
         "lime-fast-1": base.replace(mode="fast", fast_updates=1),  # one update at (steps - 1) x lr
+        "lime-reference-ckpt": base.replace(mode="reference", activation_checkpoint=True),
+        "lime-fast-nogate-ckpt": base.replace(mode="fast", confidence_gate=None, activation_checkpoint=True),
     }
     if lr_factor != 1.0:
         for k in ("lime-reference", "lime-fast", "lime-fast-1"):

@@ -39,6 +39,10 @@ class ForwardState(Protocol):
     def transform_attention(self, module: Any, q: Tensor, k: Tensor, v: Tensor, kwargs: dict) -> tuple:
         """``(q, k, v)`` after the scope's attention transforms (LIME's key/value perturbations)."""
 
+    @property
+    def checking_ops(self) -> bool:
+        """Whether the op mode (op rules and the op-coverage check) runs in the current forward."""
+
     def enter_covered(self) -> None:
         """Ops from here on are covered by a rule (until :meth:`exit_covered`)."""
 

@@ -74,6 +74,16 @@ class LRPScope(ScopeState):
         self._product_modules: list[nn.Module] = []
         self._checked = self._needs_op_rules = False
 
+    @property
+    def op_check_pending(self) -> bool:
+        """Whether the next forward with gradients runs the op-coverage check (``check_ops``)."""
+        return self.check_ops == "always" or (self.check_ops == "first" and not self._checked)
+
+    @property
+    def applies_op_rules(self) -> bool:
+        """Whether a checked forward found op sites the composite rules (every forward then runs the op mode)."""
+        return self._needs_op_rules
+
     # ------------------------------------------------------------------ enter / exit
     def __enter__(self) -> nn.Module:
         if self._active:

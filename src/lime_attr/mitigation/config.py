@@ -157,6 +157,12 @@ class LimeConfig:
         ``TokenRecord.to_dict``). Off by default (it keeps a relevance vector per step).
     top_k_logits : int
         How many of the largest logits a step record keeps (``record="steps"``).
+    activation_checkpoint : bool
+        Checkpoint each decoder layer of the inner forward *and* of its relevance backward
+        (:mod:`lime_attr.mitigation.checkpoint`): at most one layer's graphs are kept at a time, so the peak
+        memory of an inner step no longer grows with the whole sequence's graphs, at the cost of
+        recomputing each layer (``docs/lime.rst``, "Memory"). Needs ``second_order="autograd"``. The
+        numbers are the same as without it. Off by default.
     """
 
     steps: int = 7
@@ -186,6 +192,7 @@ class LimeConfig:
     precision: str = "float32"
     record: Optional[str] = None
     top_k_logits: int = 5
+    activation_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -249,6 +256,11 @@ class LimeConfig:
                              f"{self.patience!r}")
         if isinstance(self.top_k_logits, bool) or not isinstance(self.top_k_logits, int) or self.top_k_logits < 1:
             raise ValueError(f"LimeConfig.top_k_logits must be an int >= 1, got {self.top_k_logits!r}")
+        if not isinstance(self.activation_checkpoint, bool):
+            raise TypeError(f"LimeConfig.activation_checkpoint must be a bool, got {self.activation_checkpoint!r}")
+        if self.activation_checkpoint and self.second_order == "exact":
+            raise ValueError("LimeConfig.activation_checkpoint supports second_order='autograd' only (the exact "
+                             "second order differentiates its own forward-mode pass); set one of them differently")
         if self.attn_implementation is not None and not isinstance(self.attn_implementation, str):
             raise TypeError("LimeConfig.attn_implementation must be a string or None, got "
                             f"{self.attn_implementation!r}")

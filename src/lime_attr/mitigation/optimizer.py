@@ -40,6 +40,7 @@ from ..attribution.engine import relevance
 from ..canonizers.facts import find_decoder
 from ..modality import modality_share
 from .attention import switch_attention
+from .checkpoint import LayerCheckpoint
 from .config import LimeConfig
 from .records import TokenRecord, step_record
 
@@ -124,7 +125,15 @@ class LimeOptimizer:
         self.attribution = attribution
         self.model = model
         self.config = (config or LimeConfig()).validate()
-        layers = decoder_layers(model)
+        try:
+            layers = decoder_layers(model)
+        except TypeError as exc:
+            if self.config.activation_checkpoint:
+                raise ValueError(f"LimeConfig.activation_checkpoint checkpoints the language model's decoder layers, "
+                                 f"and {type(model).__name__} has none LIME can find ({exc}). Set "
+                                 "activation_checkpoint=False, or pass a model with a decoder") from exc
+            raise
+        self._layers = layers
         self.num_layers = len(layers)
         self.layer_ids = self.config.validate_for(self.num_layers)
         self._attn_index = {id(layers[i].self_attn): i for i in self.layer_ids}
@@ -132,6 +141,7 @@ class LimeOptimizer:
         self._pos_mask: Optional[Tensor] = None
         self._grad_deltas = True
         self._in_session = False
+        self._checkpoint: Optional[LayerCheckpoint] = None
         self.events: Optional[list] = None  # set to a list to record the step order
 
     # ------------------------------------------------------------------ session
@@ -148,14 +158,18 @@ class LimeOptimizer:
         try:
             for p, _ in flags:
                 p.requires_grad_(False)
-            with scope:
+            with scope, contextlib.ExitStack() as stack:
                 transform = scope.add_attention_transform(self._transform, stage=self.config.placement)
+                stack.callback(transform.remove)
+                if self.config.activation_checkpoint:
+                    self._checkpoint = stack.enter_context(LayerCheckpoint(
+                        decoder_layers(model), self.layer_ids, self, scope).installed())
                 self._in_session = True
                 try:
                     yield self
                 finally:
                     self._in_session = False
-                    transform.remove()
+                    self._checkpoint = None
                     self._deltas.clear()
         finally:
             for p, f in flags:
@@ -190,6 +204,38 @@ class LimeOptimizer:
         if dv is not None:
             v = v + self._masked(dv).to(v.dtype)
         return q, k, v
+
+    def delta_pair(self, layer: int, hidden_states: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """``(Delta_K, Delta_V)`` of decoder layer ``layer`` for the current token, created (zero) for
+        ``hidden_states`` ``[batch, seq, hidden]`` from the attention module's head counts if not yet (the
+        activation checkpoint needs them before the layer runs)."""
+        pair = self._deltas.get(layer)
+        if pair is None:
+            attn = self._layers[layer].self_attn
+            cfg, head_dim = getattr(attn, "config", None), getattr(attn, "head_dim", None)
+            heads = getattr(cfg, "num_attention_heads" if self.config.heads == "query" else "num_key_value_heads",
+                            None)
+            if not isinstance(heads, int) or not isinstance(head_dim, int):
+                raise TypeError(f"LimeConfig.activation_checkpoint: cannot read the head count and head_dim of "
+                                f"{type(attn).__name__} (layer {layer}). Set activation_checkpoint=False")
+            b, n = hidden_states.shape[:2]
+            shape = torch.empty(b, heads, n, head_dim, dtype=hidden_states.dtype, device=hidden_states.device)
+            pair = self._deltas[layer] = self._new_deltas(shape, shape)
+        return pair
+
+    @contextlib.contextmanager
+    def substitute_deltas(self, layer: int, pair: tuple[Optional[Tensor], Optional[Tensor]]) -> Iterator[None]:
+        """While active, the attention transform adds ``pair`` to layer ``layer`` (the activation checkpoint's
+        recomputation differentiates with respect to its own copies)."""
+        previous = self._deltas.get(layer)
+        self._deltas[layer] = pair
+        try:
+            yield
+        finally:
+            if previous is None:
+                self._deltas.pop(layer, None)
+            else:
+                self._deltas[layer] = previous
 
     def _new_deltas(self, k: Tensor, v: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """Zero-initialised leaf perturbations shaped like ``k`` and ``v`` (those the config perturbs)."""
@@ -351,7 +397,8 @@ class LimeOptimizer:
         """Step ``s``'s forward and relevance (with graph); at step 0 also the optimiser and the references."""
         self._event("forward", s)
         pick = (lambda _l, t=st.fixed_target: t) if st.fixed_target is not None else st.pick  # noqa: E731
-        out = self._forward(embeds, model_kwargs, pick, with_relevance=True, create_graph=True, step=s)
+        with self._checkpointing(embeds, model_kwargs):
+            out = self._forward(embeds, model_kwargs, pick, with_relevance=True, create_graph=True, step=s)
         self._event("relevance", s)
         if s > 0:
             return out
@@ -377,6 +424,32 @@ class LimeOptimizer:
         if self.config.record_relevance:
             st.rec.relevance_before = out.relevance.detach().cpu()
         return out
+
+    @contextlib.contextmanager
+    def _checkpointing(self, embeds: Tensor, model_kwargs: dict) -> Iterator[None]:
+        """The activation checkpoint active (``LimeConfig.activation_checkpoint``); before its first use the
+        scope's op-coverage check runs on a short prefix, so that the check sees every op."""
+        if self._checkpoint is None:
+            yield
+            return
+        scope = self.attribution.scope()
+        if scope.check_ops == "always":
+            raise ValueError("LimeConfig.activation_checkpoint: the attribution's scope runs the op-coverage check on "
+                             "every forward (check_ops='always'), which sees each layer's ops only without the "
+                             "checkpoint. Use check_ops='first' or set activation_checkpoint=False")
+        if scope.op_check_pending:
+            n = min(embeds.shape[1], 4)
+            with torch.enable_grad():
+                self.model(inputs_embeds=embeds[:, :n].detach().requires_grad_(True), **_prefix(model_kwargs,
+                                                                                                embeds.shape[1], n))
+            scope.pop_carriers()
+            self._deltas.clear()  # (the prefix's perturbations)
+        if scope.applies_op_rules:
+            raise ValueError(f"LimeConfig.activation_checkpoint: the composite applies op rules "
+                             f"({', '.join(sorted(scope.ruled_ops))}) in this model's forward, which a layer checkpoint "
+                             "cannot replay. Set activation_checkpoint=False")
+        with self._checkpoint.active():
+            yield
 
     def _record_step(self, st: "_TokenState", out: _StepOut, s: int) -> Tensor:
         """The step's losses per row (with graph), written to the token's record."""
@@ -485,6 +558,19 @@ class LimeOptimizer:
 
 _NO_CARRIERS = ("LIME takes relevance at the input embeddings; first-layer rules (flat / wsquare / zbox) that need "
                 "carrier tensors are not supported. Use a composite without them")
+
+
+def _prefix(model_kwargs: dict, length: int, n: int) -> dict:
+    """``model_kwargs`` for the first ``n`` of ``length`` positions (tensors sliced along their last dimension,
+    and the one before it for square masks)."""
+    out = {}
+    for key, value in model_kwargs.items():
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[-1] == length:
+            value = value[..., :n]
+            if value.dim() > 1 and value.shape[-2] == length:
+                value = value[..., :n, :]
+        out[key] = value
+    return out
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
