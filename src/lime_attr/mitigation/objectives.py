@@ -67,6 +67,7 @@ __all__ = [
     "objective_name",
     "checked_lr_scale",
     "target_logit",
+    "stable_logsumexp",
     "softmax_focus_loss",
     "DEFAULT_OBJECTIVE",
 ]
@@ -106,6 +107,17 @@ def softmax_focus_loss(relevance: Tensor, modality: Tensor, valid: Tensor, tempe
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     counts = (modality & valid).sum(-1)
     return -(logp * modality.to(logp.dtype)).sum(-1) / counts.to(logp.dtype)
+
+
+def stable_logsumexp(logits: Tensor) -> Tensor:
+    r""":math:`\log\sum_j e^{z_j}` over the last dimension, written out (shifted by the detached maximum).
+
+    The same value as ``torch.logsumexp``; written with out-of-place ops because the exact second order
+    differentiates it in reverse over forward mode, which ``torch.logsumexp``'s forward-mode formula does
+    not support (it modifies a saved tensor in place).
+    """
+    shift = logits.detach().amax(-1, keepdim=True)
+    return (logits - shift).exp().sum(-1).log() + shift[..., 0]
 
 
 def _rms(t: Tensor) -> float:
@@ -235,7 +247,7 @@ class LogProbObjective(Objective):
     name: ClassVar[str] = "logprob"
 
     def explained(self, logits: Tensor, target: Tensor) -> Tensor:
-        return target_logit(logits, target) - torch.logsumexp(logits, dim=-1)
+        return target_logit(logits, target) - stable_logsumexp(logits)
 
 
 @dataclass(frozen=True, repr=False)
