@@ -340,14 +340,17 @@ def register_objective(name: str, objective: Any = None, *, overwrite: bool = Fa
     ----------
     name : str
         The name for ``LimeConfig(objective=name)`` and :func:`get_objective`.
-    objective : Objective, Objective subclass or None
-        An instance, or a subclass (instantiated without arguments). ``None``: return a decorator.
+    objective : Objective, type or None
+        An instance, or a subclass of :class:`Objective` (instantiated without arguments). ``None``:
+        return a decorator.
     overwrite : bool
         Replace an objective already registered under ``name`` (otherwise ``ValueError``).
 
     Returns
     -------
-    The registered instance (call form), or the decorated class / instance unchanged (decorator form).
+    Objective or callable
+        The registered instance (call form), or a decorator that registers the class / instance it
+        decorates and returns it unchanged.
 
     Examples
     --------
