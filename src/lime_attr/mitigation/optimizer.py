@@ -23,6 +23,10 @@ reverse-over-forward pass). The KL term's gradient
 is the scope's rule-modified gradient in both settings. LIME never touches rules or canonizers: it uses
 the attribution's scope (composite + canonizer bound to the model) and the scope's public
 attention-transform hook.
+
+What is explained (:math:`z^*` above), the relevance term of :math:`L` and a per-tensor scale of the
+learning rate come from ``LimeConfig.objective`` (:mod:`lime_attr.mitigation.objectives`); the formulas
+above are the default, ``"paper"``.
 """
 from __future__ import annotations
 
