@@ -539,7 +539,8 @@ class _InnerOptimizer:
     """Adam (betas 0.9 / 0.999, eps 1e-8, no weight decay) or plain SGD over a few tensors, with exactly the
     operations of ``torch.optim.Adam(foreach=False)`` / ``torch.optim.SGD`` (their single-tensor path,
     the default on CPU): the same numbers bit for bit, without the optimiser framework's per-step
-    overhead. Used by fast mode; reference mode keeps ``torch.optim``."""
+    overhead. Used by fast mode; reference mode keeps ``torch.optim``. ``lr`` is one learning rate, or a
+    list of one per tensor (an objective's ``lr_scale``)."""
 
     def __init__(self, params: list, lr: Any, kind: str = "adam", betas: tuple = (0.9, 0.999),
                  eps: float = 1e-8) -> None:
