@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 from .objectives import DEFAULT_OBJECTIVE, Objective, available_objectives, get_objective, objective_name
+from .recommended import NOT_EVALUATED, RECOMMENDATIONS, Recommendation, model_key
 
 __all__ = ["LimeConfig", "PRESETS", "FAST_CONFIDENCE_GATE", "FAST_UPDATES"]
 
@@ -381,6 +383,37 @@ class LimeConfig:
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ presets
+    @classmethod
+    def recommended(cls, model: Any, **overrides: Any) -> "LimeConfig":
+        """The configuration the docs recommend for ``model`` (``docs/lime_evaluation.rst``).
+
+        For the demo models the evaluation selected it on the prior probes' validation split and judged it
+        on the test split; every other model gets the paper's settings (:meth:`for_model`). The evidence
+        (or that caveat) is logged at INFO; :meth:`recommendation` returns it with the configuration.
+
+        Parameters
+        ----------
+        model : PreTrainedModel, PretrainedConfig or str
+            A model, its config, a demo model name (``"digits-llava"``) or a ``model_type``.
+        **overrides
+            Any :class:`LimeConfig` field.
+        """
+        rec = cls.recommendation(model, **overrides)
+        logging.getLogger(__name__).info("LimeConfig.recommended: %s", rec.evidence)
+        return rec.config
+
+    @classmethod
+    def recommendation(cls, model: Any, **overrides: Any) -> Recommendation:
+        """:meth:`recommended`'s configuration with its evidence
+        (:class:`~lime_attr.mitigation.recommended.Recommendation`)."""
+        key = model_key(model)
+        if key in RECOMMENDATIONS:
+            model_type, settings, evidence = RECOMMENDATIONS[key]
+            return Recommendation(cls.for_model(model_type, **{**settings, **overrides}), evidence, True)
+        mt = model if isinstance(model, str) else getattr(getattr(model, "config", model), "model_type", None)
+        config = cls.for_model(mt, **overrides) if mt in PRESETS else cls(**overrides)
+        return Recommendation(config, NOT_EVALUATED, False)
+
     @classmethod
     def for_model(cls, model_or_model_type: Any, **overrides: Any) -> "LimeConfig":
         """The paper's hyper-parameters for a model family, with ``overrides`` applied.

@@ -1,0 +1,294 @@
+"""The pre-registered evaluation of LIME's objectives on the prior testbed (``docs/lime_evaluation.rst``).
+
+Two stages, each a run of this script:
+
+* ``--split validation``: every objective x lr factor x second order (the grid) and greedy, on the
+  validation probes; writes the rows and the settings the selection rule picks.
+* ``--split test --selection V.json``: greedy, the published algorithm, every objective's selected setting
+  (and the recommended one) on the test probes, with sign tests and Holm's correction, gate rates, reliance,
+  KL and cost.
+
+Run (one process per model, so that two cores run both models):
+``python -m benchmarks.lime_objectives_eval --split validation --models digits-llava --json V_digits.json``
+then ``python -m benchmarks.lime_objectives_eval --split test --models digits-llava --selection V_digits.json
+--json T_digits.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from benchmarks import _common
+from benchmarks._report import holm, sign_test
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("paper", "decision", "logprob", "evidence", "scaled")
+LR_FACTORS = (1.0, 10.0, 100.0)
+SECOND_ORDERS = ("autograd", "exact")
+CONDITIONS = ("conflict", "consistent_yes", "consistent_no", "control")
+TARGETS = ("conflict", "control")  # where net fixes are counted
+CONSISTENT = ("consistent_yes", "consistent_no")
+N_ITEMS = {"validation": 60, "test": 200}
+CONFIDENCE_GATE = 0.99
+SHARE_GATES = (0.25, 0.5)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One LIME configuration of the grid (or the published algorithm, ``mode="reference"``)."""
+
+    objective: str
+    lr_factor: float
+    second_order: str
+    mode: str = "fast"
+
+    @property
+    def name(self) -> str:
+        base = f"{self.objective}@x{self.lr_factor:g}/{self.second_order}"
+        return base if self.mode == "fast" else f"published-{self.mode}"
+
+    def config(self, model: Any) -> Any:
+        from lime_attr.mitigation import LimeConfig
+
+        base = LimeConfig.for_model(model)
+        if self.mode == "reference":
+            return base.replace(mode="reference")
+        extra = {"temperature": 1.0} if self.objective == "scaled" else {}  # (relative; docs/lime_evaluation.rst)
+        return base.replace(mode="fast", confidence_gate=None, objective=self.objective, lr=base.lr * self.lr_factor,
+                            second_order=self.second_order, **extra)
+
+
+PUBLISHED = Setting("paper", 1.0, "autograd", mode="reference")
+
+
+def grid() -> list[Setting]:
+    """The validation grid: objectives x lr factors x second orders (``docs/lime_evaluation.rst``)."""
+    return [Setting(o, f, s) for o in OBJECTIVES for f in LR_FACTORS for s in SECOND_ORDERS]
+
+
+@dataclass
+class Row:
+    """One item under one method."""
+
+    answer: str
+    correct: bool
+    cpu: float
+    p_top: Optional[float] = None
+    share_before: Optional[float] = None
+    share_after: Optional[float] = None
+    kl: Optional[float] = None
+
+
+def _load(model_name: str) -> tuple[Any, Any]:
+    from lime_attr.models import load_builtin
+
+    model, processor = load_builtin(model_name, attn_implementation="eager")
+    return model.eval(), processor
+
+
+def encoded_items(model: Any, processor: Any, model_name: str, split: str, n: int) -> dict[str, list]:
+    """``{condition: [(item, processor outputs)]}`` of the prior probes."""
+    from benchmarks.hallucination_report import encode
+    from lime_attr.models import prior_probe
+
+    return {c: [(it, encode(model, processor, it)) for it in prior_probe(model_name, c, n=n, split=split)]
+            for c in CONDITIONS}
+
+
+def greedy_rows(model: Any, processor: Any, model_name: str, items: list) -> list[Row]:
+    """Greedy's one-token answers (one forward: the argmax of the last logits) and its top probability."""
+    from benchmarks.hallucination_report import _correct_yes_no
+
+    tok = getattr(processor, "tokenizer", processor)
+    rows = []
+    for item, enc in items:
+        with _common.Stopwatch() as clock, torch.no_grad():
+            logits = model(**enc).logits[:, -1, :].float()
+            token = int(logits.argmax(-1))
+        text = tok.decode([token], skip_special_tokens=True).strip()
+        rows.append(Row(text, _correct_yes_no(model_name, item, text), clock.cpu,
+                        p_top=float(torch.softmax(logits, -1).max())))
+    return rows
+
+
+def lime_rows(model: Any, processor: Any, model_name: str, items: list, setting: Setting) -> list[Row]:
+    """One-token answers of a LIME setting, with the answer token's reliance before / after and final KL."""
+    from benchmarks.hallucination_report import _correct_yes_no
+    from lime_attr.mitigation import lime_generate
+
+    cfg = setting.config(model)
+    rows = []
+    for item, enc in items:
+        with _common.Stopwatch() as clock:
+            res = lime_generate(model, processor, enc, cfg, max_new_tokens=1)
+        text = res.texts[0].strip()
+        rec = res.records[0]
+        rows.append(Row(text, _correct_yes_no(model_name, item, text), clock.cpu, share_before=rec.share_before[0],
+                        share_after=rec.share_after[0], kl=rec.kl[-1][0] if rec.kl else None))
+    return rows
+
+
+def counts(greedy: Sequence[Row], rows: Sequence[Row]) -> dict[str, Any]:
+    """Fixed / introduced against greedy, accuracy, and means of reliance, KL and CPU time."""
+    fixed = sum(r.correct and not g.correct for g, r in zip(greedy, rows))
+    introduced = sum(g.correct and not r.correct for g, r in zip(greedy, rows))
+
+    def mean(values: list) -> Optional[float]:
+        values = [v for v in values if v is not None and v == v]
+        return sum(values) / len(values) if values else None
+
+    return {"n": len(rows), "fixed": fixed, "introduced": introduced, "net": fixed - introduced,
+            "accuracy": mean([float(r.correct) for r in rows]), "greedy_accuracy": mean([float(g.correct) for g in greedy]),
+            "share_before": mean([r.share_before for r in rows]), "share_after": mean([r.share_after for r in rows]),
+            "kl": mean([r.kl for r in rows]), "cpu_per_token": mean([r.cpu for r in rows]),
+            "cpu_ratio": mean([r.cpu for r in rows]) / mean([g.cpu for g in greedy])}
+
+
+def select(per_setting: dict[str, dict[str, dict]], settings: Sequence[Setting]) -> Optional[Setting]:
+    """The pre-registered selection rule over ``settings`` (one objective's grid) on validation counts."""
+    def eligible(s: Setting) -> bool:
+        return all(per_setting[s.name][c]["net"] >= -1 for c in CONSISTENT)
+
+    def key(s: Setting) -> tuple:
+        net = sum(per_setting[s.name][c]["net"] for c in TARGETS)
+        return (-net, s.lr_factor, SECOND_ORDERS.index(s.second_order))
+
+    candidates = sorted((s for s in settings if eligible(s)), key=key)
+    if not candidates or -key(candidates[0])[0] <= 0:
+        return None
+    return candidates[0]
+
+
+def recommend(per_setting: dict[str, dict[str, dict]], selected: dict[str, Optional[Setting]]) -> Optional[Setting]:
+    """The selected setting with the largest validation net fixes (ties: cheaper, then list order)."""
+    chosen = [s for s in (selected[o] for o in OBJECTIVES) if s is not None]
+    if not chosen:
+        return None
+
+    def key(s: Setting) -> tuple:
+        c = per_setting[s.name]
+        net = sum(c[t]["net"] for t in TARGETS)
+        cost = sum(c[k]["cpu_per_token"] for k in CONDITIONS)
+        return (-net, cost, OBJECTIVES.index(s.objective))
+
+    return min(chosen, key=key)
+
+
+def gate_rates(greedy: dict[str, list[Row]], published: dict[str, list[Row]]) -> dict[str, Any]:
+    """How often the confidence gate and the share gates would skip hallucinated and correct answer tokens."""
+    out: dict[str, Any] = {}
+    rows = [(g, p, c) for c in CONDITIONS for g, p in zip(greedy[c], published[c])]
+    groups = {"hallucinated (conflict, greedy wrong)": [(g, p) for g, p, c in rows if c == "conflict" and not g.correct],
+              "wrong (all conditions)": [(g, p) for g, p, c in rows if not g.correct],
+              "correct (all conditions)": [(g, p) for g, p, c in rows if g.correct]}
+    for label, pairs in groups.items():
+        n = len(pairs)
+        entry: dict[str, Any] = {"n": n, f"confidence>={CONFIDENCE_GATE}": sum(g.p_top >= CONFIDENCE_GATE for g, _ in pairs)}
+        for t in SHARE_GATES:
+            entry[f"share>={t}"] = sum(p.share_before is not None and p.share_before >= t for _, p in pairs)
+        out[label] = entry
+    return out
+
+
+def add_tests(results: dict[str, dict[str, dict]]) -> None:
+    """Two-sided sign test per (method, condition) and Holm's correction over all of them, in place."""
+    cells = [(m, c) for m in results for c in results[m]]
+    raw = [sign_test(results[m][c]["fixed"], results[m][c]["introduced"]) for m, c in cells]
+    for (m, c), p, q in zip(cells, raw, holm(raw)):
+        results[m][c].update(sign_p=p, holm_p=q, holm_family=len(cells))
+
+
+def _rows_dict(rows: Sequence[Row]) -> list[dict]:
+    return [r.__dict__ for r in rows]
+
+
+def run_validation(model_name: str, n: int) -> dict[str, Any]:
+    """Greedy and the whole grid on the validation probes; the selected settings and the recommendation."""
+    model, processor = _load(model_name)
+    items = encoded_items(model, processor, model_name, "validation", n)
+    greedy = {c: greedy_rows(model, processor, model_name, items[c]) for c in CONDITIONS}
+    per_setting: dict[str, dict[str, dict]] = {}
+    for setting in tqdm(grid(), desc=f"{model_name} grid"):
+        per_setting[setting.name] = {c: counts(greedy[c], lime_rows(model, processor, model_name, items[c], setting))
+                                     for c in CONDITIONS}
+        log.info("%s %s: %s", model_name, setting.name,
+                 {c: (v["fixed"], v["introduced"]) for c, v in per_setting[setting.name].items()})
+    selected = {o: select(per_setting, [s for s in grid() if s.objective == o]) for o in OBJECTIVES}
+    best = recommend(per_setting, selected)
+    return {"model": model_name, "split": "validation", "n_per_condition": n, "machine": _common.machine_info(),
+            "greedy_accuracy": {c: counts(greedy[c], greedy[c])["accuracy"] for c in CONDITIONS},
+            "grid": per_setting, "selected": {o: (s.__dict__ if s else None) for o, s in selected.items()},
+            "recommended": best.__dict__ if best else None}
+
+
+def run_test(model_name: str, n: int, validation: dict, extra: Sequence[Setting] = ()) -> dict[str, Any]:
+    """Greedy, the published algorithm and every selected setting on the test probes."""
+    model, processor = _load(model_name)
+    items = encoded_items(model, processor, model_name, "test", n)
+    greedy = {c: greedy_rows(model, processor, model_name, items[c]) for c in CONDITIONS}
+    methods = {PUBLISHED.name: PUBLISHED}
+    for o, s in validation["selected"].items():
+        if s is not None:
+            setting = Setting(**s)
+            methods[setting.name] = setting
+    for setting in extra:
+        methods[setting.name] = setting
+    results: dict[str, dict[str, dict]] = {}
+    rows: dict[str, dict[str, list[Row]]] = {}
+    for name, setting in tqdm(methods.items(), desc=f"{model_name} test"):
+        rows[name] = {c: lime_rows(model, processor, model_name, items[c], setting) for c in CONDITIONS}
+        results[name] = {c: counts(greedy[c], rows[name][c]) for c in CONDITIONS}
+    rec = validation.get("recommended")
+    return {"model": model_name, "split": "test", "n_per_condition": n, "machine": _common.machine_info(),
+            "greedy": {c: counts(greedy[c], greedy[c]) for c in CONDITIONS}, "results": results,
+            "recommended": Setting(**rec).name if rec else None, "selected_from": "validation",
+            "gates": gate_rates(greedy, rows[PUBLISHED.name]),
+            "answers": {m: {c: _rows_dict(r) for c, r in per.items()} for m, per in rows.items()},
+            "greedy_answers": {c: _rows_dict(r) for c, r in greedy.items()}}
+
+
+def merge_tests(parts: Sequence[dict]) -> dict[str, Any]:
+    """Both models' test results, with Holm's correction over every (model x method x condition)."""
+    results = {f"{p['model']}|{m}": per for p in parts for m, per in p["results"].items()}
+    add_tests(results)
+    return {"parts": list(parts), "holm_family": sum(len(v) for v in results.values())}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    import json
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--split", choices=("validation", "test"))
+    ap.add_argument("--models", nargs="+", default=["digits-llava", "tones-qwen2audio"])
+    ap.add_argument("--n", type=int, help="items per condition (default: 60 validation, 200 test)")
+    ap.add_argument("--selection", help="the validation json of the same model (test stage)")
+    ap.add_argument("--extra", nargs="*", default=[], help="more settings for the test stage, as objective:lr:order:mode")
+    ap.add_argument("--merge", nargs="*", help="test jsons to merge (Holm over both models)")
+    ap.add_argument("--json", required=True)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.merge:
+        parts = [json.load(open(p)) for p in args.merge]
+        _common.write_json(args.json, merge_tests(parts))
+        return
+    out = []
+    for name in args.models:
+        n = args.n or N_ITEMS[args.split]
+        if args.split == "validation":
+            out.append(run_validation(name, n))
+        else:
+            validation = json.load(open(args.selection))
+            extra = [Setting(o, float(f), s, m) for o, f, s, m in (e.split(":") for e in args.extra)]
+            out.append(run_test(name, n, validation, extra))
+    _common.write_json(args.json, out[0] if len(out) == 1 else out)
+
+
+if __name__ == "__main__":
+    main()

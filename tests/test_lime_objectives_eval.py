@@ -1,0 +1,77 @@
+"""The pre-registered evaluation's rules (``benchmarks/lime_objectives_eval.py``, ``docs/lime_evaluation.rst``):
+the selection rule, the recommendation, the counts and the corrections, on made-up counts where the
+answer is known; and one item end to end on a demo model."""
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import lime_objectives_eval as ev
+from benchmarks._report import sign_test
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _cell(net_conflict=0, net_control=0, net_yes=0, net_no=0, cost=1.0) -> dict:
+    nets = {"conflict": net_conflict, "control": net_control, "consistent_yes": net_yes, "consistent_no": net_no}
+    return {c: {"net": n, "cpu_per_token": cost} for c, n in nets.items()}
+
+
+def test_selection_takes_the_largest_net_fixes_among_settings_that_keep_the_consistent_conditions():
+    settings = [s for s in ev.grid() if s.objective == "decision"]
+    per = {s.name: _cell() for s in settings}
+    a, b, c = settings[0], settings[2], settings[4]  # x1, x10, x100 (autograd)
+    per[a.name] = _cell(net_conflict=2, net_control=1)
+    per[b.name] = _cell(net_conflict=5, net_control=3, net_yes=-1)  # allowed: -1
+    per[c.name] = _cell(net_conflict=20, net_control=9, net_no=-2)  # excluded: -2 on consistent_no
+    assert ev.select(per, settings) == b
+
+
+def test_selection_breaks_ties_by_smaller_lr_then_autograd_and_refuses_no_gain():
+    settings = [s for s in ev.grid() if s.objective == "paper"]
+    per = {s.name: _cell(net_conflict=3) for s in settings}
+    chosen = ev.select(per, settings)
+    assert chosen.lr_factor == 1.0 and chosen.second_order == "autograd"
+    per = {s.name: _cell(net_conflict=1, net_control=-1) for s in settings}  # net 0: nothing to select
+    assert ev.select(per, settings) is None
+
+
+def test_recommendation_is_the_selected_setting_with_most_net_fixes():
+    grid = ev.grid()
+    per = {s.name: _cell(cost=1.0) for s in grid}
+    sel = {o: None for o in ev.OBJECTIVES}
+    sel["paper"] = ev.Setting("paper", 10.0, "autograd")
+    sel["evidence"] = ev.Setting("evidence", 1.0, "exact")
+    per[sel["paper"].name] = _cell(net_conflict=4, cost=1.0)
+    per[sel["evidence"].name] = _cell(net_conflict=6, cost=3.0)
+    assert ev.recommend(per, sel) == sel["evidence"]
+    per[sel["evidence"].name] = _cell(net_conflict=4, cost=3.0)  # a tie goes to the cheaper
+    assert ev.recommend(per, sel) == sel["paper"]
+    assert ev.recommend(per, {o: None for o in ev.OBJECTIVES}) is None
+
+
+def test_counts_and_holm_over_every_cell():
+    g = [ev.Row("no", True, 1.0), ev.Row("yes", False, 1.0), ev.Row("yes", False, 1.0)]
+    m = [ev.Row("yes", False, 2.0, kl=0.1), ev.Row("no", True, 4.0, kl=0.3), ev.Row("no", True, 3.0)]
+    c = ev.counts(g, m)
+    assert (c["fixed"], c["introduced"], c["net"]) == (2, 1, 1)
+    assert c["accuracy"] == pytest.approx(2 / 3) and c["greedy_accuracy"] == pytest.approx(1 / 3)
+    assert c["cpu_ratio"] == pytest.approx(3.0) and c["kl"] == pytest.approx(0.2)
+    results = {"a": {"conflict": {"fixed": 9, "introduced": 0}}, "b": {"control": {"fixed": 1, "introduced": 1}}}
+    ev.add_tests(results)
+    p = sign_test(9, 0)
+    assert results["a"]["conflict"]["holm_p"] == pytest.approx(min(1.0, 2 * p))
+    assert results["b"]["control"]["holm_p"] == 1.0 and results["a"]["conflict"]["holm_family"] == 2
+
+
+def test_one_item_end_to_end_on_the_demo_model():
+    from lime_attr.models import available_builtins
+
+    if "digits-llava" not in available_builtins():
+        pytest.skip("demo weights not installed")
+    model, processor = ev._load("digits-llava")
+    items = ev.encoded_items(model, processor, "digits-llava", "validation", 1)
+    greedy = ev.greedy_rows(model, processor, "digits-llava", items["conflict"])
+    none = ev.lime_rows(model, processor, "digits-llava", items["conflict"], ev.Setting("decision", 0.0, "exact"))
+    assert greedy[0].answer in ("yes", "no") and 0 < greedy[0].p_top <= 1
+    assert none[0].answer == greedy[0].answer  # lr 0: the greedy answer
+    assert 0 <= none[0].share_before <= 1
