@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import logging
 import math
 import time
@@ -528,8 +529,9 @@ def figure_flow(report: dict, path: Path) -> Path:
         ax.set_yticks(range(len(rows)), [f"{c} {o} (n={summary[c][o]['n']})" for c, o in rows], fontsize=7)
         ax.set_xlabel("share of positive R(z_yes - z_no)")
         ax.set_title(name)
-    axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=len(FLOW_GROUPS))
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     return path
 
@@ -634,17 +636,21 @@ def table_trajectories(entry: dict) -> list[str]:
 def render_tables(report: dict) -> str:
     """The rst fragment with every table and the run's conditions."""
     m, s = report["machine"], report["settings"]
-    lines = [f"Run {report['generated']}; {m.get('cpu', m.get('cpu_model', ''))}, torch threads "
-             f"{m.get('torch_threads', 'n/a')}; load average at start {m.get('load_average_start')}, at end "
-             f"{m.get('load_average_end')}; wall {report['runtime']['wall_seconds']:.0f} s, CPU "
+    def load(key: str) -> str:
+        return ", ".join(f"{v:.2f}" for v in m.get(key) or []) or "n/a"
+
+    lines = [f"Run {report['generated']}; {m.get('cpu', '')} ({m.get('cpu_cores_visible', 'n/a')} visible cores, "
+             f"torch threads {m.get('torch_threads', 'n/a')}, {m.get('platform', '')}); load average (1, 5, 15 min) "
+             f"at the start {load('load_average_start')}, at the end {load('load_average_end')}; wall {report['runtime']['wall_seconds']:.0f} s, CPU "
              f"{report['runtime']['cpu_seconds']:.0f} s. Settings: {s['n_items']} items per condition, "
              f"{s['n_trajectory']} per trajectory condition, split ``{s['split']}``, seed {s['seed']}, tau {s['tau']}.",
              ""]
     for name, entry in report["models"].items():
         lin = entry["linearity"]
         lines += _common.heading(f"{name}: relevance of the answer and of the decision", "~")
-        lines += [f"Linearity check: max |R(z_yes - z_no) - (R(z_yes) - R(z_no))| = {lin['max_abs_diff']:.1e} over "
-                  f"{lin['n']} items (largest |R| {lin['max_abs']:.2f}).", ""]
+        lines += [f"Linearity check: the largest absolute difference between ``R(z_yes - z_no)`` (one backward pass of "
+                  f"the difference) and ``R(z_yes) - R(z_no)`` is {lin['max_abs_diff']:.1e} over {lin['n']} items "
+                  f"(largest absolute relevance {lin['max_abs']:.2f}; float32).", ""]
         lines += table_relevance(entry)
         lines += _common.heading(f"{name}: where the decision relevance toward \"yes\" lies", "~")
         lines += table_flow(entry)
@@ -669,8 +675,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default docs/benchmarks)")
     parser.add_argument("--n-items", type=int, default=None)
     parser.add_argument("--n-trajectory", type=int, default=None)
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the tables and figures from the json already in --out (no measurement)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.render_only:
+        out = args.out or DEFAULT_OUT
+        report = json.loads((out / JSON_NAME).read_text(encoding="utf-8"))
+        write_figures(report, out)
+        (out / TABLES_NAME).write_text(render_tables(report), encoding="utf-8")
+        return 0
     overrides = {k: v for k, v in (("n_items", args.n_items), ("n_trajectory", args.n_trajectory)) if v is not None}
     settings = Settings.quick_run(**overrides) if args.quick else Settings.preset("full", **overrides)
     out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)

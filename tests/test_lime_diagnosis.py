@@ -115,7 +115,7 @@ def test_first_adam_step_is_at_most_lr(digits: tuple) -> None:
     """One Adam update moves every entry of Delta by at most lr, so its RMS is at most lr."""
     model, processor, _, _, enc = digits
     kv = ld.layer_kv_rms(model, processor, [enc])
-    cfg = ld.lime_config(model, 100.0, "autograd", 8)
+    cfg = ld.lime_config(model, 100.0, "autograd", 8).replace(steps=2)
     steps = ld.trajectory(model, processor, enc, cfg, kv)["steps"]
     for ratio, rms in zip(steps[1]["delta_k_ratio_per_layer"], kv["key"]):
         assert 0.5 * cfg.lr < ratio * rms <= cfg.lr * (1 + 1e-6)
