@@ -153,7 +153,7 @@ def build(name: str, device: str) -> tuple[Any, dict, Any]:
     return model, inputs, span
 
 
-def run_one(name: str, decoder: str, tokens: int, device: str) -> dict:
+def run_one(name: str, decoder: str, tokens: int, device: str, warmup: int = 2) -> dict:
     """Run one decoder on one model in this process; returns the measurements."""
     from transformers import LogitsProcessorList
 
@@ -186,7 +186,8 @@ def run_one(name: str, decoder: str, tokens: int, device: str) -> dict:
         info["share_before"], info["share_after"] = sb, sa
         return res.tokens[0].tolist(), info
 
-    go(2)  # warm-up (first scope entry runs the op-coverage check)
+    if warmup > 0:
+        go(warmup)  # warm-up (first scope entry runs the op-coverage check)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -363,6 +364,8 @@ def machine() -> str:
 def main(argv: Any = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="tokens of the untimed warm-up generation before the measured one (0: none)")
     ap.add_argument("--models", nargs="*", default=["llama", "llava"])
     ap.add_argument("--decoders", nargs="+", default=list(DECODERS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -381,7 +384,7 @@ def main(argv: Any = None) -> None:
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], args.tokens, args.device)))
+        print(json.dumps(run_one(args.one[0], args.one[1], args.tokens, args.device, args.warmup)))
         return
     if args.one_task:
         m, kind, cond, dec = args.one_task
@@ -424,7 +427,7 @@ def main(argv: Any = None) -> None:
             if dec == "vcd" and "llava" not in name:
                 continue
             cmd = [sys.executable, "-m", "benchmarks.bench_lime", "--one", name, dec, "--tokens", str(args.tokens),
-                   "--device", args.device]
+                   "--device", args.device, "--warmup", str(args.warmup)]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
                 os.path.abspath(__file__))))
             if proc.returncode != 0:

@@ -51,7 +51,9 @@ class Setting:
     @property
     def name(self) -> str:
         base = f"{self.objective}@x{self.lr_factor:g}/{self.second_order}"
-        return base if self.mode == "fast" else f"published-{self.mode}"
+        if self.mode == "reference":
+            return "published-reference"
+        return base if self.mode == "fast" else f"{self.mode}:{base}"
 
     def config(self, model: Any) -> Any:
         from lime_attr.mitigation import LimeConfig
@@ -60,16 +62,18 @@ class Setting:
         if self.mode == "reference":
             return base.replace(mode="reference")
         extra = {"temperature": 1.0} if self.objective == "scaled" else {}  # (relative; docs/lime_evaluation.rst)
-        return base.replace(mode="fast", confidence_gate=None, objective=self.objective, lr=base.lr * self.lr_factor,
+        return base.replace(mode=self.mode, confidence_gate=None, objective=self.objective, lr=base.lr * self.lr_factor,
                             second_order=self.second_order, **extra)
 
 
 PUBLISHED = Setting("paper", 1.0, "autograd", mode="reference")
 
 
-def grid() -> list[Setting]:
-    """The validation grid: objectives x lr factors x second orders (``docs/lime_evaluation.rst``)."""
-    return [Setting(o, f, s) for o in OBJECTIVES for f in LR_FACTORS for s in SECOND_ORDERS]
+def grid(mode: str = "fast") -> list[Setting]:
+    """The validation grid: objectives x lr factors x second orders (``docs/lime_evaluation.rst``); the cheap
+    ``"incremental"`` mode has the autograd second order only."""
+    orders = SECOND_ORDERS if mode == "fast" else ("autograd",)
+    return [Setting(o, f, s, mode) for o in OBJECTIVES for f in LR_FACTORS for s in orders]
 
 
 @dataclass
@@ -208,35 +212,39 @@ def _rows_dict(rows: Sequence[Row]) -> list[dict]:
     return [r.__dict__ for r in rows]
 
 
-def run_validation(model_name: str, n: int) -> dict[str, Any]:
+def run_validation(model_name: str, n: int, mode: str = "fast") -> dict[str, Any]:
     """Greedy and the whole grid on the validation probes; the selected settings and the recommendation."""
     model, processor = _load(model_name)
     items = encoded_items(model, processor, model_name, "validation", n)
     greedy = {c: greedy_rows(model, processor, model_name, items[c]) for c in CONDITIONS}
     per_setting: dict[str, dict[str, dict]] = {}
-    for setting in tqdm(grid(), desc=f"{model_name} grid"):
+    for setting in tqdm(grid(mode), desc=f"{model_name} grid"):
         per_setting[setting.name] = {c: counts(greedy[c], lime_rows(model, processor, model_name, items[c], setting))
                                      for c in CONDITIONS}
         log.info("%s %s: %s", model_name, setting.name,
                  {c: (v["fixed"], v["introduced"]) for c, v in per_setting[setting.name].items()})
-    selected = {o: select(per_setting, [s for s in grid() if s.objective == o]) for o in OBJECTIVES}
+    selected = {o: select(per_setting, [s for s in grid(mode) if s.objective == o]) for o in OBJECTIVES}
     best = recommend(per_setting, selected)
-    return {"model": model_name, "split": "validation", "n_per_condition": n, "machine": _common.machine_info(),
+    return {"model": model_name, "split": "validation", "mode": mode, "n_per_condition": n,
+            "machine": _common.machine_info(),
             "greedy_accuracy": {c: counts(greedy[c], greedy[c])["accuracy"] for c in CONDITIONS},
             "grid": per_setting, "selected": {o: (s.__dict__ if s else None) for o, s in selected.items()},
             "recommended": best.__dict__ if best else None}
 
 
-def run_test(model_name: str, n: int, validation: dict, extra: Sequence[Setting] = ()) -> dict[str, Any]:
-    """Greedy, the published algorithm and every selected setting on the test probes."""
+def run_test(model_name: str, n: int, validations: Sequence[dict], extra: Sequence[Setting] = (),
+             published: bool = True) -> dict[str, Any]:
+    """Greedy, the published algorithm and every selected setting of each validation run on the test probes
+    (the first validation run's recommendation is the recommended configuration)."""
     model, processor = _load(model_name)
     items = encoded_items(model, processor, model_name, "test", n)
     greedy = {c: greedy_rows(model, processor, model_name, items[c]) for c in CONDITIONS}
-    methods = {PUBLISHED.name: PUBLISHED}
-    for o, s in validation["selected"].items():
-        if s is not None:
-            setting = Setting(**s)
-            methods[setting.name] = setting
+    methods = {PUBLISHED.name: PUBLISHED} if published else {}
+    for validation in validations:
+        for s in validation["selected"].values():
+            if s is not None:
+                setting = Setting(**s)
+                methods[setting.name] = setting
     for setting in extra:
         methods[setting.name] = setting
     results: dict[str, dict[str, dict]] = {}
@@ -244,11 +252,11 @@ def run_test(model_name: str, n: int, validation: dict, extra: Sequence[Setting]
     for name, setting in tqdm(methods.items(), desc=f"{model_name} test"):
         rows[name] = {c: lime_rows(model, processor, model_name, items[c], setting) for c in CONDITIONS}
         results[name] = {c: counts(greedy[c], rows[name][c]) for c in CONDITIONS}
-    rec = validation.get("recommended")
+    rec = validations[0].get("recommended")
     return {"model": model_name, "split": "test", "n_per_condition": n, "machine": _common.machine_info(),
             "greedy": {c: counts(greedy[c], greedy[c]) for c in CONDITIONS}, "results": results,
             "recommended": Setting(**rec).name if rec else None, "selected_from": "validation",
-            "gates": gate_rates(greedy, rows[PUBLISHED.name]),
+            "gates": gate_rates(greedy, rows[PUBLISHED.name]) if published else None,
             "answers": {m: {c: _rows_dict(r) for c, r in per.items()} for m, per in rows.items()},
             "greedy_answers": {c: _rows_dict(r) for c, r in greedy.items()}}
 
@@ -257,7 +265,86 @@ def merge_tests(parts: Sequence[dict]) -> dict[str, Any]:
     """Both models' test results, with Holm's correction over every (model x method x condition)."""
     results = {f"{p['model']}|{m}": per for p in parts for m, per in p["results"].items()}
     add_tests(results)
-    return {"parts": list(parts), "holm_family": sum(len(v) for v in results.values())}
+    merged = {"parts": list(parts), "results": results, "holm_family": sum(len(v) for v in results.values())}
+    merged["verdict"] = verdict(merged)
+    return merged
+
+
+def _fi(c: dict) -> str:
+    return f"{c['fixed']}/{c['introduced']}"
+
+
+def _p(x: Optional[float]) -> str:
+    return "" if x is None else (f"{x:.1e}" if x < 1e-3 else f"{x:.3f}")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    out = [".. list-table::", "   :header-rows: 1", ""]
+    for row in [header, *rows]:
+        out += [f"   * - {row[0]}"] + [f"     - {v}" for v in row[1:]]
+    return out + [""]
+
+
+def render_validation(v: dict) -> list[str]:
+    """The validation grid of one model as an rst table (selected settings marked)."""
+    chosen = {Setting(**s).name for s in v["selected"].values() if s}
+    rec = Setting(**v["recommended"]).name if v["recommended"] else None
+    rows = []
+    for name, per in v["grid"].items():
+        net = sum(per[t]["net"] for t in TARGETS)
+        ok = all(per[c]["net"] >= -1 for c in CONSISTENT)
+        mark = "**recommended**" if name == rec else ("selected" if name in chosen else "")
+        rows.append([f"``{name}``", *(_fi(per[c]) for c in CONDITIONS), net, "yes" if ok else "no",
+                     f"{per['conflict']['cpu_ratio']:.1f}", mark])
+    head = ["setting", *(f"{c} f/i" for c in CONDITIONS), "net (conflict+control)", "consistent kept", "CPU x greedy",
+            ""]
+    return [f"**{v['model']}**, validation, {v['n_per_condition']} items per condition; greedy accuracy "
+            + ", ".join(f"{c} {a:.3f}" for c, a in v["greedy_accuracy"].items()) + ".", "", *_table(head, rows)]
+
+
+def render_test(merged: dict) -> list[str]:
+    """Every test-split result of both models as rst tables, with the mechanical success verdict."""
+    lines: list[str] = []
+    for part in merged["parts"]:
+        model = part["model"]
+        rows = []
+        for name, per in part["results"].items():
+            cells = merged["results"][f"{model}|{name}"]
+            mark = " (recommended)" if name == part["recommended"] else ""
+            rows.append([f"``{name}``{mark}", *(f"{_fi(cells[c])} p={_p(cells[c]['holm_p'])} acc "
+                                                 f"{cells[c]['greedy_accuracy']:.3f}->{cells[c]['accuracy']:.3f}"
+                                                 for c in CONDITIONS),
+                         f"{cells['conflict']['share_before']:.3f}->{cells['conflict']['share_after']:.3f}",
+                         _p(cells["conflict"]["kl"]),
+                         f"{sum(cells[c]['cpu_ratio'] for c in CONDITIONS) / len(CONDITIONS):.1f}"])
+        head = ["method", *(f"{c}: fixed/introduced, Holm p, accuracy" for c in CONDITIONS),
+                "reliance (conflict)", "KL (conflict)", "CPU x greedy"]
+        lines += [f"**{model}**, test, {part['n_per_condition']} items per condition.", "", *_table(head, rows)]
+        if part.get("gates"):
+            lines += ["Gates (greedy's answer token, test split; ``share`` from the published run's unperturbed "
+                      "relevance):", "", *_table(["answers", "n", *list(next(iter(part["gates"].values())))[1:]],
+                                                 [[k, *v.values()] for k, v in part["gates"].items()])]
+    return lines
+
+
+def verdict(merged: dict) -> dict[str, Any]:
+    """The pre-registered success criterion, per model, for the recommended configuration."""
+    out: dict[str, Any] = {}
+    for part in merged["parts"]:
+        rec = part["recommended"]
+        if rec is None:
+            out[part["model"]] = {"recommended": None, "success": False}
+            continue
+        cells = merged["results"][f"{part['model']}|{rec}"]
+        sig = {c: cells[c]["fixed"] > cells[c]["introduced"] and cells[c]["holm_p"] < 0.01 for c in TARGETS}
+        drop = {c: cells[c]["greedy_accuracy"] - cells[c]["accuracy"] for c in CONSISTENT}
+        out[part["model"]] = {"recommended": rec, "significant": sig, "consistent_drop": drop,
+                              "keeps_consistent": all(d <= 0.01 + 1e-12 for d in drop.values())}
+    both_control = all(v.get("significant", {}).get("control", False) for v in out.values())
+    any_conflict = any(v.get("significant", {}).get("conflict", False) for v in out.values())
+    keeps = all(v.get("keeps_consistent", False) for v in out.values())
+    out["success"] = bool(both_control and any_conflict and keeps)
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -268,12 +355,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--split", choices=("validation", "test"))
     ap.add_argument("--models", nargs="+", default=["digits-llava", "tones-qwen2audio"])
     ap.add_argument("--n", type=int, help="items per condition (default: 60 validation, 200 test)")
-    ap.add_argument("--selection", help="the validation json of the same model (test stage)")
+    ap.add_argument("--selection", nargs="+", help="the validation jsons of the same model (test stage; the first "
+                    "one's recommendation is the recommended configuration)")
     ap.add_argument("--extra", nargs="*", default=[], help="more settings for the test stage, as objective:lr:order:mode")
     ap.add_argument("--merge", nargs="*", help="test jsons to merge (Holm over both models)")
+    ap.add_argument("--render", nargs="*", help="validation jsons, then the merged test json: writes --json as rst")
+    ap.add_argument("--no-published", action="store_true", help="test stage: leave out the published algorithm")
+    ap.add_argument("--mode", default="fast", choices=("fast", "incremental"), help="the validation grid's mode")
     ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.render:
+        *vals, merged = [json.load(open(p)) for p in args.render]
+        lines = [line for v in vals for line in render_validation(v)] + render_test(merged)
+        open(args.json, "w").write("\n".join(lines) + "\n")
+        return
     if args.merge:
         parts = [json.load(open(p)) for p in args.merge]
         _common.write_json(args.json, merge_tests(parts))
@@ -282,11 +378,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for name in args.models:
         n = args.n or N_ITEMS[args.split]
         if args.split == "validation":
-            out.append(run_validation(name, n))
+            out.append(run_validation(name, n, args.mode))
         else:
-            validation = json.load(open(args.selection))
+            validations = [json.load(open(p)) for p in args.selection]
             extra = [Setting(o, float(f), s, m) for o, f, s, m in (e.split(":") for e in args.extra)]
-            out.append(run_test(name, n, validation, extra))
+            out.append(run_test(name, n, validations, extra, published=not args.no_published))
     _common.write_json(args.json, out[0] if len(out) == 1 else out)
 
 
