@@ -2,6 +2,13 @@
 the decoding-method registry (greedy, sample, VCD and LIME are registered, one module each)."""
 from .config import PRESETS, LimeConfig
 from .generate import LimeOutput, lime_generate, modality_positions
+from .objectives import (
+    Objective,
+    available_objectives,
+    get_objective,
+    register_objective,
+    unregister_objective,
+)
 from .optimizer import LimeOptimizer
 from .records import StepRecord, TokenRecord
 from .vcd import VCDLogitsProcessor, vcd_noise
@@ -27,4 +34,5 @@ __all__ = ["LimeConfig", "PRESETS", "LimeOptimizer", "TokenRecord", "StepRecord"
            "DecodingMethod", "DecodingMethodConfig", "GenerationResult", "UnknownDecodingMethodError",
            "register_decoding_method", "unregister_decoding_method", "get_decoding_method",
            "available_decoding_methods", "decode", "config_to_dict",
-           "GreedyConfig", "SamplingParams", "SampleConfig", "VCDConfig", "LimeMethodConfig"]
+           "GreedyConfig", "SamplingParams", "SampleConfig", "VCDConfig", "LimeMethodConfig",
+           "Objective", "register_objective", "unregister_objective", "get_objective", "available_objectives"]

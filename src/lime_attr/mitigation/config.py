@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
+from .objectives import DEFAULT_OBJECTIVE, Objective, available_objectives, get_objective, objective_name
+
 __all__ = ["LimeConfig", "PRESETS", "FAST_CONFIDENCE_GATE", "FAST_UPDATES", "INCREMENTAL_UPDATES"]
 
 #: Fast mode's default confidence gate (``confidence_gate="auto"``): tokens whose unperturbed top
@@ -168,6 +170,14 @@ class LimeConfig:
         ``TokenRecord.to_dict``). Off by default (it keeps a relevance vector per step).
     top_k_logits : int
         How many of the largest logits a step record keeps (``record="steps"``).
+    objective : str or Objective
+        What is explained, which relevance loss is minimised and how the inner lr is scaled
+        (:mod:`lime_attr.mitigation.objectives`): a name of
+        :func:`~lime_attr.mitigation.objectives.available_objectives` (``"paper"``, the default, is
+        exactly the released objective above; ``"decision"``, ``"logprob"``, ``"evidence"``,
+        ``"scaled"``; docs: ``lime_objectives``) or an
+        :class:`~lime_attr.mitigation.objectives.Objective` instance. :meth:`to_dict` writes an instance
+        as its name.
     """
 
     steps: int = 7
@@ -197,6 +207,7 @@ class LimeConfig:
     precision: str = "float32"
     record: Optional[str] = None
     top_k_logits: int = 5
+    objective: Union[str, Objective] = DEFAULT_OBJECTIVE
 
     def __post_init__(self) -> None:
         self.validate()
@@ -265,6 +276,7 @@ class LimeConfig:
         if self.attn_implementation is not None and not isinstance(self.attn_implementation, str):
             raise TypeError("LimeConfig.attn_implementation must be a string or None, got "
                             f"{self.attn_implementation!r}")
+        self._validate_objective()
         return self
 
     def _check_incremental(self) -> None:
@@ -283,6 +295,17 @@ class LimeConfig:
             if bad:
                 raise ValueError(f"LimeConfig.{name}={getattr(self, name)!r} is not supported with mode='incremental': "
                                  f"{fix}")
+
+    def _validate_objective(self) -> None:
+        if isinstance(self.objective, Objective):
+            return
+        if not isinstance(self.objective, str):
+            raise TypeError(f"LimeConfig.objective must be a registered name ({', '.join(available_objectives())}) "
+                            f"or an Objective instance, got {type(self.objective).__name__}")
+        if self.objective not in available_objectives():
+            raise ValueError(f"LimeConfig.objective {self.objective!r} is not registered; available objectives: "
+                             f"{', '.join(available_objectives())} (register your own with "
+                             "lime_attr.mitigation.register_objective)")
 
     def validate_for(self, num_layers: int) -> list[int]:
         """The perturbed layer indices for a language model with ``num_layers`` layers (clear error if
@@ -353,6 +376,25 @@ class LimeConfig:
         if n == 0:
             return 0, self.lr
         return n, self.lr * budget / n
+
+    @property
+    def objective_impl(self) -> Objective:
+        """The :class:`~lime_attr.mitigation.objectives.Objective` that ``objective`` names (or is)."""
+        return get_objective(self.objective)
+
+    def to_dict(self) -> dict:
+        """Every field as strict JSON: tuples as lists, the objective as its name, non-finite floats as None."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "objective":
+                v = objective_name(v)
+            elif isinstance(v, tuple):
+                v = list(v)
+            elif isinstance(v, float) and not math.isfinite(v):
+                v = None
+            out[f.name] = v
+        return out
 
     def replace(self, **changes: Any) -> "LimeConfig":
         """A validated copy with ``changes`` applied."""

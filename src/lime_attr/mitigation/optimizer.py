@@ -41,6 +41,7 @@ from ..canonizers.facts import find_decoder
 from ..modality import modality_share
 from .attention import switch_attention
 from .config import LimeConfig
+from .objectives import Objective, checked_lr_scale
 from .records import TokenRecord, step_record
 
 __all__ = ["LimeOptimizer", "decoder_layers", "language_decoder"]
@@ -53,6 +54,7 @@ class _StepOut:
     logits: Tensor  # [B, V] last-position logits (graph attached while optimising)
     relevance: Tensor  # [B, S]
     target: Tensor  # [B]
+    explained: Optional[Tensor] = None  # [B] the objective's explained scalar (detached)
 
 
 @dataclass
@@ -127,6 +129,8 @@ class LimeOptimizer:
         layers = decoder_layers(model)
         self.num_layers = len(layers)
         self.layer_ids = self.config.validate_for(self.num_layers)
+        self.objective: Objective = self.config.objective_impl
+        self._lr_scales: dict[int, tuple[float, float]] = {}  # per layer, from its unperturbed keys / values
         self._attn_index = {id(layers[i].self_attn): i for i in self.layer_ids}
         self._deltas: dict[int, tuple[Optional[Tensor], Optional[Tensor]]] = {}
         self._pos_mask: Optional[Tensor] = None
@@ -181,6 +185,8 @@ class LimeOptimizer:
             if not self._grad_deltas:
                 return q, k, v
             pair = self._deltas[idx] = self._new_deltas(k, v)
+            if self.objective.scales_lr():
+                self._lr_scales[idx] = checked_lr_scale(self.objective, k.detach(), v.detach())
         dk, dv = pair
         if dk is not None:
             if dk.shape != k.shape:
@@ -214,9 +220,10 @@ class LimeOptimizer:
                  with_relevance: bool, create_graph: bool, step: Optional[int] = None) -> _StepOut:
         """One forward of the model on ``embeds``; with relevance, the relevance engine's forward + backward.
 
-        The explained output is the logit of the token ``pick`` chooses (fixed at the first call, so that
-        the exact second order's tangent pass explains the same token). With ``second_order="exact"``
-        the relevance is differentiated exactly (the engine's exact path).
+        The explained output is the objective's scalar (:meth:`Objective.explained
+        <lime_attr.mitigation.objectives.Objective.explained>`; ``"paper"``: the logit) for the token ``pick``
+        chooses (fixed at the first call, so that the exact second order's tangent pass explains the same
+        token). With ``second_order="exact"`` the relevance is differentiated exactly (the engine's exact path).
         """
         seen: dict[str, Tensor] = {}
 
@@ -227,7 +234,7 @@ class LimeOptimizer:
                 seen["logits"], seen["target"] = logits, pick(logits.detach())
                 if step is not None:
                     self._event("decode", step)
-            z = logits.gather(1, seen["target"][:, None].to(logits.device))[:, 0]
+            z = self._explained(logits, seen["target"].to(logits.device))
             if with_relevance and not bool(torch.isfinite(z.detach()).all()):
                 raise FloatingPointError("the explained logit is NaN/inf; check the model's dtype and the perturbation "
                                          "(lr)")
@@ -246,7 +253,16 @@ class LimeOptimizer:
         rel = self._work(res.inputs[0]).sum(-1)  # (float32: the sum over the hidden dimension upcast too)
         if not create_graph:
             rel = rel.detach()
-        return _StepOut(seen["logits"], rel, seen["target"])
+        return _StepOut(seen["logits"], rel, seen["target"], res.output.detach())
+
+    def _explained(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The objective's explained scalar per row, checked to be ``[B]`` floating point."""
+        z = self.objective.explained(logits, target)
+        if not isinstance(z, Tensor) or z.shape != target.shape or not z.is_floating_point():
+            got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise ValueError(f"objective {self.objective!r}: explained(logits, target) must return a floating "
+                             f"tensor of shape {tuple(target.shape)} (one scalar per row), got {got}")
+        return z
 
     def _perturbations(self) -> list[Tensor]:
         """The current Delta_K / Delta_V tensors (what the exact relevance is differentiated w.r.t.)."""
@@ -317,6 +333,7 @@ class LimeOptimizer:
         finally:
             st.opt = st.params = None
             self._deltas.clear()
+            self._lr_scales.clear()
             self._pos_mask = None
             self._grad_deltas = True
 
@@ -359,13 +376,7 @@ class LimeOptimizer:
         if not st.params:
             raise RuntimeError("no attention call of the perturbed layers went through the scope's attention bridge: "
                                "is a canonizer for this model registered?")
-        if self.config.mode == "fast":
-            # the same arithmetic as torch.optim's single-tensor Adam / plain SGD (tested bit for bit) without
-            # its per-call machinery, which costs milliseconds per token
-            st.opt = _InnerOptimizer(st.params, lr, self.config.optimizer)
-        else:
-            st.opt = torch.optim.Adam(st.params, lr=lr) if self.config.optimizer == "adam" else torch.optim.SGD(
-                st.params, lr=lr)
+        st.opt = self._make_optimizer(st.params, lr)
         if st.log_ref is None:
             st.ref_raw = out.logits.detach()
             st.log_ref = F.log_softmax(st.ref_raw, -1)
@@ -377,6 +388,27 @@ class LimeOptimizer:
         if self.config.record_relevance:
             st.rec.relevance_before = out.relevance.detach().cpu()
         return out
+
+    def _param_lrs(self, lr: float) -> Optional[list[float]]:
+        """Per Delta tensor (the order of ``st.params``), ``lr`` times the objective's ``lr_scale``; None when
+        the objective does not scale the lr."""
+        if not self.objective.scales_lr():
+            return None
+        lrs = []
+        for idx, pair in self._deltas.items():
+            scales = self._lr_scales[idx]
+            lrs += [lr * sc for d, sc in zip(pair, scales) if d is not None]
+        return lrs
+
+    def _make_optimizer(self, params: list, lr: float) -> Any:
+        """The inner optimiser over ``params`` (one lr per tensor where the objective scales it)."""
+        lrs = self._param_lrs(lr)
+        if self.config.mode == "fast":
+            # the same arithmetic as torch.optim's single-tensor Adam / plain SGD (tested bit for bit) without
+            # its per-call machinery, which costs milliseconds per token
+            return _InnerOptimizer(params, lr if lrs is None else lrs, self.config.optimizer)
+        groups: Any = params if lrs is None else [{"params": [p], "lr": r} for p, r in zip(params, lrs)]
+        return torch.optim.Adam(groups, lr=lr) if self.config.optimizer == "adam" else torch.optim.SGD(groups, lr=lr)
 
     def _record_step(self, st: "_TokenState", out: _StepOut, s: int) -> Tensor:
         """The step's losses per row (with graph), written to the token's record."""
@@ -468,13 +500,19 @@ class LimeOptimizer:
             st.rec.relevance_after = fin.relevance.detach().cpu()
         return fin.logits.detach()
 
-    def _losses(self, out: _StepOut, log_ref: Tensor, mod_f: Tensor, valid: Tensor, counts: Tensor):
+    def _losses(self, out: _StepOut, log_ref: Tensor, mod_f: Tensor, valid: Tensor, counts: Optional[Tensor] = None):
+        """``(relevance loss, KL)`` per row: the objective's relevance loss and the KL to the reference.
+
+        ``mod_f``: the perceptual positions (0 / 1); ``counts`` is not needed (the objective counts
+        :math:`|M|` itself) and kept for callers that pass it.
+        """
         cfg = self.config
-        r = out.relevance / cfg.temperature
-        r = r.masked_fill(~valid, float("-inf"))
-        logp = F.log_softmax(r, dim=-1)
-        logp = torch.where(valid, logp, torch.zeros_like(logp))
-        rel_loss = -(logp * mod_f).sum(-1) / counts.to(logp.dtype)
+        valid = valid.bool()
+        rel_loss = self.objective.relevance_loss(out.relevance, mod_f.bool(), valid, cfg.temperature)
+        if not isinstance(rel_loss, Tensor) or rel_loss.shape != out.relevance.shape[:1]:
+            got = tuple(rel_loss.shape) if isinstance(rel_loss, Tensor) else type(rel_loss).__name__
+            raise ValueError(f"objective {self.objective!r}: relevance_loss must return a tensor of shape "
+                             f"{tuple(out.relevance.shape[:1])} (one loss per row), got {got}")
         log_delta = F.log_softmax(out.logits, -1)
         if cfg.kl_direction == "ref||delta":
             kl = (log_ref.exp() * (log_ref - log_delta)).sum(-1)
@@ -499,10 +537,13 @@ class _InnerOptimizer:
     the default on CPU): the same numbers bit for bit, without the optimiser framework's per-step
     overhead. Used by fast mode; reference mode keeps ``torch.optim``."""
 
-    def __init__(self, params: list, lr: float, kind: str = "adam", betas: tuple = (0.9, 0.999),
+    def __init__(self, params: list, lr: Any, kind: str = "adam", betas: tuple = (0.9, 0.999),
                  eps: float = 1e-8) -> None:
         self.params = list(params)
-        self.lr, self.kind, self.betas, self.eps = float(lr), kind, betas, eps
+        self.lrs = [float(r) for r in lr] if isinstance(lr, (list, tuple)) else [float(lr)] * len(self.params)
+        if len(self.lrs) != len(self.params):
+            raise ValueError(f"_InnerOptimizer: {len(self.lrs)} learning rates for {len(self.params)} tensors")
+        self.lr, self.kind, self.betas, self.eps = self.lrs[0] if self.lrs else 0.0, kind, betas, eps
         self.steps = [0] * len(self.params)
         self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params] \
             if kind == "adam" else []
@@ -513,9 +554,9 @@ class _InnerOptimizer:
     def step(self) -> None:
         grads = [p.grad for p in self.params]
         if self.kind != "adam":
-            for p, g in zip(self.params, grads):
+            for p, g, lr in zip(self.params, grads, self.lrs):
                 if g is not None:
-                    p.add_(g, alpha=-self.lr)
+                    p.add_(g, alpha=-lr)
             return
         beta1, beta2 = self.betas
         for i, (p, g, m, v) in enumerate(zip(self.params, grads, self.exp_avg, self.exp_avg_sq)):
@@ -525,7 +566,7 @@ class _InnerOptimizer:
             step = float(self.steps[i])
             bias_correction1 = 1 - beta1 ** step
             bias_correction2 = 1 - beta2 ** step
-            step_size = self.lr / bias_correction1
+            step_size = self.lrs[i] / bias_correction1
             bias_correction2_sqrt = bias_correction2 ** 0.5
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)

@@ -41,6 +41,10 @@ class StepRecord:
         Inner step (0: the forward with :math:`\Delta = 0`).
     explained : list of int
         The token whose logit the step's relevance explains (the one the decoder would emit now).
+    explained_value : list of float
+        The scalar the relevance explains, per row: the objective's
+        :meth:`~lime_attr.mitigation.objectives.Objective.explained` (``"paper"``: that token's logit;
+        ``"decision"``: its margin over the runner-up).
     relevance : list of list of float
         :math:`R_i` of every position.
     loss, rel_loss, kl : list of float
@@ -57,6 +61,7 @@ class StepRecord:
 
     step: int
     explained: list = field(default_factory=list)
+    explained_value: list = field(default_factory=list)
     relevance: list = field(default_factory=list)
     loss: list = field(default_factory=list)
     rel_loss: list = field(default_factory=list)
@@ -146,7 +151,9 @@ def step_record(step: int, out: Any, losses: tuple, deltas: dict, share: Tensor,
         per = torch.stack([deltas[i][which].detach().float().flatten(1).norm(dim=1) for i in layers], 1)
         return per.tolist()
 
-    return StepRecord(step=step, explained=out.target.tolist(), relevance=out.relevance.detach().float().tolist(),
+    value = getattr(out, "explained", None)
+    return StepRecord(step=step, explained=out.target.tolist(),
+                      explained_value=[] if value is None else value.detach().tolist(), relevance=out.relevance.detach().float().tolist(),
                       loss=total.tolist(), rel_loss=rel.tolist(), kl=kl.tolist(), top_tokens=top.indices.tolist(),
                       top_logits=top.values.tolist(), delta_k_norm=norms(0), delta_v_norm=norms(1),
                       share=share.tolist(), focus=focus.tolist())
