@@ -87,6 +87,32 @@ def test_cache_path_relevance_conserves_under_cp_lrp():
         assert float(rel[-1].abs()) > 0
 
 
+@pytest.mark.parametrize("objective", ["paper", "decision"])
+def test_conservation_of_the_objectives_explained_value(objective):
+    """Objectives linear in the logits (the raw logit, the margin over the runner-up) conserve too: the
+    relevance sums to the step record's explained value."""
+    model = _model()
+    cfg = LimeConfig(mode="incremental", lr=0.0, steps=2, record="steps", objective=objective)
+    out = _gen(model, _prompt(), cfg, n=3, attribution=LRP(model, composite="cp-lrp"))
+    for rec in out.records:
+        step = rec.step_records[0]
+        # (float32 RMSNorm inside the float64 model: ~1e-7 of the logits' scale, absolute)
+        torch.testing.assert_close(torch.tensor(step.relevance[0]).sum(), torch.tensor(step.explained_value[0]),
+                                   rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("objective", ["paper", "decision", "logprob", "evidence", "scaled"])
+def test_every_objective_runs(objective):
+    """Every registered objective drives incremental mode (finite losses, a real update); lr = 0 stays greedy."""
+    model = _llama(torch.float32)
+    ids = _prompt()
+    out = _gen(model, ids, LimeConfig(mode="incremental", lr=0.05, objective=objective, record="steps"), n=3)
+    assert all(r.steps == 1 and all(torch.isfinite(torch.tensor(r.losses)).flatten()) for r in out.records)
+    assert out.records[0].step_records[0].explained_value
+    zero = _gen(model, ids, LimeConfig(mode="incremental", lr=0.0, objective=objective), n=4)
+    assert zero.tokens.tolist() == _greedy(model, {"input_ids": ids}, 4).tolist()
+
+
 def test_attnlrp_relevance_is_not_the_cp_lrp_one():
     """The rule matters: AttnLRP's keys carry relevance (CP-LRP detaches them), so the vectors differ."""
     model = _model()
@@ -367,3 +393,14 @@ def test_bad_inputs():
                                                attn_implementation="eager")).eval()
     with pytest.raises(ValueError, match="sliding-window"):
         _gen(mistral, ids, LimeConfig(mode="incremental"), n=1)
+
+
+def test_decoding_method_takes_the_mode():
+    """The registered "lime" decoding method runs incremental mode (LimeConfig.for_model's preset + mode)."""
+    from lime_attr.mitigation.lime_method import LimeMethodConfig, lime_method_generate
+
+    model, inputs, _, _ = _llava(2)
+    cfg = LimeMethodConfig(mode="incremental", max_new_tokens=3, overrides={"lr": 0.0})
+    assert cfg.lime_config(model).mode == "incremental"
+    res = lime_method_generate(model, None, inputs, cfg)
+    assert res.tokens == _greedy(model, inputs, 3).tolist()

@@ -79,8 +79,8 @@ class DecodingConfig:
         get_decoding_method(self.method)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.lime_mode not in ("fast", "reference"):
-            raise ValueError(f"lime_mode must be 'fast' or 'reference', got {self.lime_mode!r}")
+        if self.lime_mode not in ("fast", "reference", "incremental"):
+            raise ValueError(f"lime_mode must be 'fast', 'reference' or 'incremental', got {self.lime_mode!r}")
         check_sampling(self.temperature, self.top_k, self.top_p)
         self.method_config()
 

@@ -21,7 +21,8 @@ computed, over the unperturbed KV cache of the positions before it:
   what the query reads, ``[batch, heads, t + 1, head_dim]``: the cached positions and its own) are added
   to the keys and values the current query attends to, at the configured ``delta_placement``; they are
   never written to the cache.
-* **The loss** is the objective's relevance loss over positions :math:`0..t` plus ``kl_weight`` times the
+* **The loss** is the objective's (``LimeConfig.objective``, :mod:`lime_attr.mitigation.objectives`) relevance
+  loss over positions :math:`0..t` plus ``kl_weight`` times the
   KL to the unperturbed next-token distribution (which the first inner forward, at :math:`\Delta = 0`,
   gives); its gradient reaches :math:`\Delta` by autograd's double backward (``second_order="autograd"``;
   ``"exact"`` is refused: the engine's exact second order does not take the cache entries as inputs).
@@ -51,10 +52,11 @@ from ..modality import modality_share
 from .attention import switch_attention
 from .cache import cache_kwargs, output_cache
 from .config import LimeConfig
+from .objectives import Objective, checked_lr_scale
 from .optimizer import decoder_layers, modality_focus
 from .records import TokenRecord, step_record
 
-__all__ = ["IncrementalOptimizer", "KVCacheState", "CacheProbe", "paper_relevance_loss"]
+__all__ = ["IncrementalOptimizer", "KVCacheState", "CacheProbe"]
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +67,6 @@ def _work_dtype(dtype: torch.dtype, precision: str) -> torch.dtype:
     if precision == "model":
         return dtype
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def paper_relevance_loss(relevance: Tensor, modality: Tensor, valid: Tensor, temperature: float) -> Tensor:
-    r"""The released objective's relevance loss per row:
-    :math:`-\frac{1}{|M|}\sum_{i\in M}\log\operatorname{softmax}_{\mathrm{valid}}(R/\tau)_i` (``[B]``)."""
-    r = (relevance / temperature).masked_fill(~valid, float("-inf"))
-    logp = torch.where(valid, F.log_softmax(r, dim=-1), torch.zeros_like(r))
-    m = (modality & valid).to(logp.dtype)
-    return -(logp * m).sum(-1) / m.sum(-1)
 
 
 class KVCacheState:
@@ -170,6 +163,7 @@ class _Step:
     relevance: Optional[Tensor]  # [B, t + 1] or None
     target: Tensor  # [B]
     cache: Any  # the fork this forward ran on (holds the current position's entries afterwards)
+    explained: Optional[Tensor] = None  # [B] the objective's explained scalar (detached)
 
 
 @dataclass
@@ -219,7 +213,9 @@ class IncrementalOptimizer:
         self.layer_ids = config.validate_for(len(layers))
         self._layer_of = {id(layer.self_attn): i for i, layer in enumerate(layers)}
         self._perturbed = set(self.layer_ids)
+        self.objective: Objective = config.objective_impl
         self._deltas: dict[int, tuple[Optional[Tensor], Optional[Tensor]]] = {}
+        self._lr_scales: dict[int, tuple[float, float]] = {}  # per layer, from the keys / values it reads
         self._pos_mask: Optional[Tensor] = None
         self._grad_deltas = True
         self._probe = CacheProbe(torch.float32)
@@ -286,6 +282,8 @@ class IncrementalOptimizer:
             pair = self._deltas[idx] = tuple(  # type: ignore[assignment]
                 torch.zeros(t.shape, dtype=dt, device=t.device, requires_grad=True) if name in self.config.perturb
                 else None for name, t in (("k", k), ("v", v)))
+            if self.objective.scales_lr():
+                self._lr_scales[idx] = checked_lr_scale(self.objective, k.detach(), v.detach())
         out = []
         for t, d in zip((k, v), pair):
             if d is not None:
@@ -310,7 +308,10 @@ class IncrementalOptimizer:
             logits = (out.logits if hasattr(out, "logits") else out[0])[:, -1, :].to(dt)
             if "target" not in seen:
                 seen["logits"], seen["target"] = logits, pick(logits.detach())
-            z = logits.gather(1, seen["target"][:, None].to(logits.device))[:, 0]
+            z = self.objective.explained(logits, seen["target"].to(logits.device))
+            if not isinstance(z, Tensor) or z.shape != seen["target"].shape:
+                raise ValueError(f"objective {self.objective!r}: explained(logits, target) must return one scalar per "
+                                 f"row, shape {tuple(seen['target'].shape)}")
             if with_relevance and not bool(torch.isfinite(z.detach()).all()):
                 raise FloatingPointError("the explained logit is NaN/inf; check the model's dtype and the "
                                          "perturbation (lr)")
@@ -324,7 +325,7 @@ class IncrementalOptimizer:
                         carriers="refuse")
         r_x = res.inputs[0].to(dt).sum(-1)  # [B, 1]
         rel = torch.cat([res.latent["cache"][:, :-1], r_x], 1)  # the current position counts through x only
-        return _Step(seen["logits"], rel, seen["target"], fork)
+        return _Step(seen["logits"], rel, seen["target"], fork, res.output.detach())
 
     def plain_step(self, state: KVCacheState, x: Tensor, model_kwargs: dict) -> tuple[Tensor, KVCacheState]:
         """The unperturbed next-token logits ``[B, V]`` and the state with the current position appended (no
@@ -391,6 +392,7 @@ class IncrementalOptimizer:
         finally:
             tok.opt = None
             self._deltas.clear()
+            self._lr_scales.clear()
             self._pos_mask = None
             self._grad_deltas = True
 
@@ -422,8 +424,7 @@ class IncrementalOptimizer:
         if not params:
             raise RuntimeError("no attention call of the perturbed layers went through the scope's attention bridge: "
                                "is a canonizer for this model registered?")
-        kind = torch.optim.Adam if self.config.optimizer == "adam" else torch.optim.SGD
-        tok.opt = kind(params, lr=lr, foreach=False)
+        tok.opt = self._optimizer(lr)
         rel = out.relevance.detach()
         mod_f, valid_f = tok.modality.to(rel.dtype), tok.valid.to(rel.dtype)
         tok.rec.share_before = modality_share(rel, mod_f, valid_f).tolist()
@@ -431,10 +432,22 @@ class IncrementalOptimizer:
         if self.config.record_relevance:
             tok.rec.relevance_before = rel.cpu()
 
+    def _optimizer(self, lr: float) -> Any:
+        """Adam / SGD over the Delta tensors, one lr per tensor where the objective scales it."""
+        groups = []
+        for idx, pair in self._deltas.items():
+            scales = self._lr_scales.get(idx, (1.0, 1.0))
+            groups += [{"params": [d], "lr": lr * sc} for d, sc in zip(pair, scales) if d is not None]
+        kind = torch.optim.Adam if self.config.optimizer == "adam" else torch.optim.SGD
+        return kind(groups, lr=lr, foreach=False)
+
     def _losses(self, tok: _Token, out: _Step, s: int) -> Tensor:
         """The step's loss per row (graph attached), written to the token's record."""
         cfg, rec = self.config, tok.rec
-        rel_loss = paper_relevance_loss(out.relevance, tok.modality, tok.valid, cfg.temperature)
+        rel_loss = self.objective.relevance_loss(out.relevance, tok.modality, tok.valid, cfg.temperature)
+        if not isinstance(rel_loss, Tensor) or rel_loss.shape != out.relevance.shape[:1]:
+            raise ValueError(f"objective {self.objective!r}: relevance_loss must return one loss per row, shape "
+                             f"{tuple(out.relevance.shape[:1])}")
         log_delta = F.log_softmax(out.logits, -1)
         if cfg.kl_direction == "ref||delta":
             kl = (tok.log_ref.exp() * (tok.log_ref - log_delta)).sum(-1)
