@@ -404,3 +404,29 @@ def test_decoding_method_takes_the_mode():
     assert cfg.lime_config(model).mode == "incremental"
     res = lime_method_generate(model, None, inputs, cfg)
     assert res.tokens == _greedy(model, inputs, 3).tolist()
+
+
+@pytest.mark.parametrize("perturb, scale", [("v", 0.5), ("k", 0.25)])
+def test_placement_before_the_rule_scales_the_gradient(perturb, scale):
+    """Every path from a Delta placed before AttnLRP's rule to the loss passes its gradient scaling (v: 1/2,
+    k: 1/4): with SGD the first update is exactly that fraction of the one placed after the rule."""
+    model = _model()
+    norms = {}
+    for placement in ("before_rule", "after_rule"):
+        cfg = LimeConfig(mode="incremental", lr=0.01, optimizer="sgd", perturb=perturb, delta_placement=placement,
+                         delta_heads="kv", fast_updates=2, record="steps")
+        rec = _gen(model, _prompt(), cfg, n=1).records[0]
+        norms[placement] = torch.tensor(rec.step_records[1].delta_v_norm[0] if perturb == "v"
+                                        else rec.step_records[1].delta_k_norm[0])
+    assert (norms["after_rule"] > 0).all()
+    torch.testing.assert_close(norms["before_rule"], scale * norms["after_rule"], rtol=1e-9, atol=0)
+
+
+def test_positions_modality_perturbs_only_the_perceptual_reads():
+    """positions="modality" (Delta masked to M) runs and updates; with lr = 0 it is still greedy."""
+    model = _model()
+    out = _gen(model, _prompt(), LimeConfig(mode="incremental", lr=0.05, positions="modality", fast_updates=2,
+                                            record="steps"), n=2)
+    assert out.records[0].step_records[1].delta_k_norm[0][0] > 0
+    zero = _gen(model, _prompt(), LimeConfig(mode="incremental", lr=0.0, positions="modality"), n=4)
+    assert zero.tokens.tolist() == _greedy(model, {"input_ids": _prompt()}, 4).tolist()

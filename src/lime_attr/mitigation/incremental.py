@@ -77,7 +77,7 @@ class KVCacheState:
 
     Parameters
     ----------
-    pairs : list of (Tensor, Tensor)
+    pairs : sequence of tuple
         Per decoder layer, ``[batch, kv_heads, length, head_dim]`` keys and values (detached).
     """
 
