@@ -15,30 +15,27 @@ changes. Objectives live in a registry, like rules: :func:`register_objective` (
 decorator), :func:`get_objective`, :func:`unregister_objective`, :func:`available_objectives`.
 ``LimeConfig(objective=...)`` takes a registered name or an :class:`Objective` instance.
 
-==============  ======================================================  =========================================
-name            explained                                               relevance loss / step
-==============  ======================================================  =========================================
-``paper``       :math:`z_t` (raw logit of the emitted token)            :math:`-\frac1{|M|}\sum_M\log\mathrm{softmax}(R/\tau)`
-``decision``    :math:`z_t - z_{r}` (:math:`r`: runner-up logit)        as ``paper``
-``logprob``     :math:`\log p_t = z_t - \operatorname{logsumexp}(z)`    as ``paper``
-``evidence``    :math:`z_t`                                             :math:`-\log\frac{\sum_M R^+ + \epsilon}{\sum R^+ + \epsilon}`
-``scaled``      :math:`z_t`                                             ``paper`` with :math:`\tau\cdot\overline{|R|}`; lr :math:`\times` RMS(K), RMS(V)
-==============  ======================================================  =========================================
+* ``"paper"`` (the default): explain :math:`z_t`, the raw logit of the emitted token; loss
+  :math:`-\frac{1}{|M|}\sum_{i\in M}\log\operatorname{softmax}(R/\tau)_i` (:class:`PaperObjective`);
+* ``"decision"``: explain :math:`z_t - z_r`, :math:`r` the runner-up (:class:`DecisionObjective`);
+* ``"logprob"``: explain :math:`\log p_t = z_t - \operatorname{logsumexp}(z)` (:class:`LogProbObjective`);
+* ``"evidence"``: loss :math:`-\log` of the positive-relevance share of :math:`M` (:class:`EvidenceObjective`);
+* ``"scaled"``: the paper's loss with :math:`\tau` relative to the mean :math:`|R|`, and the lr relative to
+  the RMS of each layer's keys / values (:class:`ScaledObjective`).
 
 A custom objective:
 
 .. code-block:: python
 
-    import torch
     from lime_attr.mitigation import LimeConfig, Objective, register_objective
 
-    @register_objective("margin_over_mean")
-    class MarginOverMean(Objective):
+    @register_objective("centred_logit")
+    class CentredLogit(Objective):
         '''Explain z_t minus the mean logit.'''
         def explained(self, logits, target):
             return logits.gather(1, target[:, None])[:, 0] - logits.mean(-1)
 
-    config = LimeConfig(objective="margin_over_mean")
+    config = LimeConfig(objective="centred_logit")
 """
 from __future__ import annotations
 
@@ -252,8 +249,12 @@ class LogProbObjective(Objective):
 
 @dataclass(frozen=True, repr=False)
 class EvidenceObjective(Objective):
-    r"""Evidence share: the loss is :math:`-\log\dfrac{\epsilon + \sum_{i\in M} R_i^+}{\epsilon + \sum_{i\ \mathrm{valid}} R_i^+}`,
-    :math:`R^+ = \max(R, 0)`, instead of the signed :math:`\operatorname{softmax}(R/\tau)`.
+    r"""Evidence share: the loss is :math:`-\log` of the positive-relevance share of the perceptual positions,
+
+    .. math:: L = -\log\frac{\epsilon + \sum_{i\in M} R_i^+}{\epsilon + \sum_{i\ \mathrm{valid}} R_i^+},
+              \qquad R^+ = \max(R, 0),
+
+    instead of the signed :math:`\operatorname{softmax}(R/\tau)`.
 
     Rationale: :math:`\operatorname{softmax}(R/\tau)` with a small :math:`\tau` puts its mass on the one
     largest position, and rewards making other positions *negative* as much as making :math:`M` positive;

@@ -23,6 +23,10 @@ reverse-over-forward pass). The KL term's gradient
 is the scope's rule-modified gradient in both settings. LIME never touches rules or canonizers: it uses
 the attribution's scope (composite + canonizer bound to the model) and the scope's public
 attention-transform hook.
+
+What is explained (:math:`z^*` above), the relevance term of :math:`L` and a per-tensor scale of the
+learning rate come from ``LimeConfig.objective`` (:mod:`lime_attr.mitigation.objectives`); the formulas
+above are the default, ``"paper"``.
 """
 from __future__ import annotations
 
@@ -535,7 +539,8 @@ class _InnerOptimizer:
     """Adam (betas 0.9 / 0.999, eps 1e-8, no weight decay) or plain SGD over a few tensors, with exactly the
     operations of ``torch.optim.Adam(foreach=False)`` / ``torch.optim.SGD`` (their single-tensor path,
     the default on CPU): the same numbers bit for bit, without the optimiser framework's per-step
-    overhead. Used by fast mode; reference mode keeps ``torch.optim``."""
+    overhead. Used by fast mode; reference mode keeps ``torch.optim``. ``lr`` is one learning rate, or a
+    list of one per tensor (an objective's ``lr_scale``)."""
 
     def __init__(self, params: list, lr: Any, kind: str = "adam", betas: tuple = (0.9, 0.999),
                  eps: float = 1e-8) -> None:

@@ -153,7 +153,8 @@ def step_record(step: int, out: Any, losses: tuple, deltas: dict, share: Tensor,
 
     value = getattr(out, "explained", None)
     return StepRecord(step=step, explained=out.target.tolist(),
-                      explained_value=[] if value is None else value.detach().tolist(), relevance=out.relevance.detach().float().tolist(),
+                      explained_value=[] if value is None else value.detach().tolist(),
+                      relevance=out.relevance.detach().float().tolist(),
                       loss=total.tolist(), rel_loss=rel.tolist(), kl=kl.tolist(), top_tokens=top.indices.tolist(),
                       top_logits=top.values.tolist(), delta_k_norm=norms(0), delta_v_norm=norms(1),
                       share=share.tolist(), focus=focus.tolist())
