@@ -17,7 +17,10 @@ own), on one CPU thread, and every ratio is to greedy measured in the same run.
 * ``lime-fast-cached``: ``lime-fast-nogate`` with the incremental (approximate) emission;
 * ``lime-fast-1``: ``lime-fast`` with one update (``fast_updates=1``) carrying the same total step;
 * ``lime-reference-ckpt``, ``lime-fast-nogate-ckpt``: those decoders with LIME's activation checkpoint
-  (``activation_checkpoint=True``).
+  (``activation_checkpoint=True``);
+* ``lime-incremental``: ``mode="incremental"`` (issue 15's cheap variant: relevance along the KV-cache path,
+  Delta on the current query's reads, every token optimised, one update carrying the total step);
+* ``lime-incremental-2``: the same with two updates (``fast_updates=2``).
 
 ``--lr-factor K`` also runs the decoders named by ``--lr-decoders`` (default ``lime-reference`` and
 ``lime-fast``) at K times the preset learning rate.
@@ -62,7 +65,7 @@ import torch
 from benchmarks._common import Stopwatch, machine_line, max_rss_mb, rss_mb, write_json
 
 DECODERS = ("greedy", "vcd", "lime-reference", "lime-fast", "lime-fast-nogate", "lime-fast-v1", "lime-fast-cached",
-            "lime-fast-1", "lime-reference-ckpt", "lime-fast-nogate-ckpt")
+            "lime-fast-1", "lime-reference-ckpt", "lime-fast-nogate-ckpt", "lime-incremental", "lime-incremental-2")
 TASK_DECODERS = ("greedy", "lime-reference", "lime-fast", "lime-fast-nogate")
 TASK_MODELS = ("digits-llava", "tones-qwen2audio")
 
@@ -83,9 +86,12 @@ def lime_configs(model: Any = None, lr_factor: float = 1.0) -> dict:
         "lime-fast-1": base.replace(mode="fast", fast_updates=1),  # one update at (steps - 1) x lr
         "lime-reference-ckpt": base.replace(mode="reference", activation_checkpoint=True),
         "lime-fast-nogate-ckpt": base.replace(mode="fast", confidence_gate=None, activation_checkpoint=True),
+        # the cheap variant (issue 15): one position over the KV cache, every token optimised (no gate)
+        "lime-incremental": base.replace(mode="incremental"),  # 1 update at (steps - 1) x lr
+        "lime-incremental-2": base.replace(mode="incremental", fast_updates=2),
     }
     if lr_factor != 1.0:
-        for k in ("lime-reference", "lime-fast", "lime-fast-1"):
+        for k in ("lime-reference", "lime-fast", "lime-fast-1", "lime-incremental", "lime-incremental-2"):
             cfgs[f"{k}@x{lr_factor:g}"] = cfgs[k].replace(lr=base.lr * lr_factor)
     return cfgs
 

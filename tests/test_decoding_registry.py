@@ -80,7 +80,7 @@ def test_register_refuses_duplicates_and_bad_methods():
     (lambda: VCDConfig(alpha=-1.0), "VCD alpha must be a number >= 0"),
     (lambda: VCDConfig(beta=2.0), r"VCD beta must be in \[0, 1\]"),
     (lambda: VCDConfig(noise_step=1000), "noise step must be in"),
-    (lambda: LimeMethodConfig(mode="slow"), "LIME mode must be 'fast' or 'reference'"),
+    (lambda: LimeMethodConfig(mode="slow"), "LIME mode must be 'fast', 'reference' or 'incremental'"),
     (lambda: LimeMethodConfig(overrides={"no_such_field": 1}), r"LIME overrides \['no_such_field'\]"),
     (lambda: DecodingConfig("greedy", do_sample=True), "greedy decoding does not sample"),
 ])

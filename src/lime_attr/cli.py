@@ -419,12 +419,13 @@ def _add_model_args(p: argparse.ArgumentParser, media: bool = True) -> None:
 
 def _add_decoding_args(p: argparse.ArgumentParser, method_required: bool = False) -> None:
     from .mitigation import available_decoding_methods, get_decoding_method
+    from .mitigation.lime_method import LIME_MODES
 
     names = available_decoding_methods()  # the registry: a registered method is a choice here
     described = [f"{n}: {get_decoding_method(n).description}" for n in names if get_decoding_method(n).description]
     p.add_argument("--method", default="greedy", choices=names,
                    help="; ".join(["decoding method (default greedy)", *described]).replace("%", "%%"))
-    p.add_argument("--lime-mode", default="fast", choices=["fast", "reference"])
+    p.add_argument("--lime-mode", default="fast", choices=list(LIME_MODES))
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)

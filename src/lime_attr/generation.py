@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .mitigation.decoding import GenerationResult, config_to_dict, decode, get_decoding_method
+from .mitigation.lime_method import LIME_MODES
 from .mitigation.sampling import check_sampling
 
 __all__ = ["METHODS", "DecodingConfig", "GenerationResult", "generate", "prepare_inputs"]
@@ -79,8 +80,8 @@ class DecodingConfig:
         get_decoding_method(self.method)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.lime_mode not in ("fast", "reference"):
-            raise ValueError(f"lime_mode must be 'fast' or 'reference', got {self.lime_mode!r}")
+        if self.lime_mode not in LIME_MODES:
+            raise ValueError(f"lime_mode must be one of {', '.join(map(repr, LIME_MODES))}, got {self.lime_mode!r}")
         check_sampling(self.temperature, self.top_k, self.top_p)
         self.method_config()
 

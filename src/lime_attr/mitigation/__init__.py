@@ -10,6 +10,7 @@ from .objectives import (
     unregister_objective,
 )
 from .optimizer import LimeOptimizer
+from .incremental import IncrementalOptimizer
 from .records import StepRecord, TokenRecord
 from .vcd import VCDLogitsProcessor, vcd_noise
 from .decoding import (
@@ -29,7 +30,7 @@ from .sampling import SampleConfig, SamplingParams
 from .vcd_method import VCDConfig
 from .lime_method import LimeMethodConfig
 
-__all__ = ["LimeConfig", "PRESETS", "LimeOptimizer", "TokenRecord", "StepRecord", "LimeOutput", "lime_generate",
+__all__ = ["LimeConfig", "PRESETS", "LimeOptimizer", "IncrementalOptimizer", "TokenRecord", "StepRecord", "LimeOutput", "lime_generate",
            "modality_positions", "VCDLogitsProcessor", "vcd_noise",
            "DecodingMethod", "DecodingMethodConfig", "GenerationResult", "UnknownDecodingMethodError",
            "register_decoding_method", "unregister_decoding_method", "get_decoding_method",

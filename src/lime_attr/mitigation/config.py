@@ -10,13 +10,16 @@ from typing import Any, Optional, Sequence, Union
 from .objectives import DEFAULT_OBJECTIVE, Objective, available_objectives, get_objective, objective_name
 from .recommended import NOT_EVALUATED, RECOMMENDATIONS, Recommendation, model_key
 
-__all__ = ["LimeConfig", "PRESETS", "FAST_CONFIDENCE_GATE", "FAST_UPDATES"]
+__all__ = ["LimeConfig", "PRESETS", "FAST_CONFIDENCE_GATE", "FAST_UPDATES", "INCREMENTAL_UPDATES"]
 
 #: Fast mode's default confidence gate (``confidence_gate="auto"``): tokens whose unperturbed top
 #: probability is at least this are emitted from the KV cache without optimisation.
 FAST_CONFIDENCE_GATE: float = 0.99
 #: Fast mode's default number of optimiser updates per token (``fast_updates="auto"``).
 FAST_UPDATES: int = 2
+
+#: Incremental mode's default number of optimiser updates per token (``fast_updates="auto"``).
+INCREMENTAL_UPDATES: int = 1
 
 #: ``model_type -> (lr, kl_weight)``, paper Table 5 (the reference code's defaults agree).
 PRESETS: dict[str, tuple[float, float]] = {
@@ -31,7 +34,7 @@ _ENUMS = {
     "positions": ("all", "modality"),
     "optimizer": ("adam", "sgd"),
     "kl_direction": ("ref||delta", "delta||ref"),
-    "mode": ("reference", "fast"),
+    "mode": ("reference", "fast", "incremental"),
     "emit": ("auto", "final", "last_forward", "cached"),
     "target": ("auto", "fixed", "per_step"),
     "second_order": ("autograd", "exact"),
@@ -82,7 +85,14 @@ class LimeConfig:
         ``"reference"`` reproduces the published loop step by step (see ``docs/lime.rst``);
         ``"fast"`` adds KV-cache reuse, the confidence gate (default 0.99), the compressed schedule
         (default 2 updates carrying the reference's total step), optional share gating and early
-        stopping; what is exact and what is approximate is listed in ``docs/lime.rst``.
+        stopping; what is exact and what is approximate is listed in ``docs/lime.rst``;
+        ``"incremental"`` is the cheap variant (:mod:`lime_attr.mitigation.incremental`): per token one
+        position is computed over the unperturbed KV cache, the relevance of an earlier position is what flows
+        into its cached keys and values, :math:`\Delta` acts only on what the current query reads, every token is
+        optimised (no gate) with fast mode's compressed schedule and emitted after the last update. It
+        supports ``second_order="autograd"`` only, no confidence / share gate, no early stopping, no
+        ``final_relevance``, and ``emit`` ``"auto"`` (= ``"final"``) or ``"last_forward"`` (``docs/lime.rst``,
+        "Incremental mode").
     emit : {"auto", "final", "last_forward", "cached"}
         Which logits the emitted token comes from. ``"last_forward"``: the logits of the last inner
         forward, i.e. *before* the last update (the reference code's behaviour); ``"final"``: one more
@@ -108,7 +118,8 @@ class LimeConfig:
         ``(steps - 1) / n``, so that the total step is the same (Adam's first updates are each about
         ``lr * sign(g)``; an approximation, see ``docs/lime.rst``), then emits after the last update.
         ``None``: ``steps`` updates at ``lr`` (the behaviour before this option). ``"auto"`` (default):
-        :data:`FAST_UPDATES` (2) in fast mode. Ignored in reference mode.
+        :data:`FAST_UPDATES` (2) in fast mode, :data:`INCREMENTAL_UPDATES` (1) in incremental mode (which
+        uses the same schedule). Ignored in reference mode.
     final_relevance : bool
         When the token is emitted from a forward after the last update (``emit="final"``), take the
         relevance in that forward too (one first-order backward), so that ``share_after`` /
@@ -249,6 +260,8 @@ class LimeConfig:
             if len(set(layers)) != len(layers):
                 raise ValueError(f"LimeConfig.layers has duplicates: {layers}")
             self.layers = tuple(layers)
+        if self.mode == "incremental":
+            self._check_incremental()
         if self.emit == "cached" and (self.mode != "fast" or not self.kv_cache):
             raise ValueError("LimeConfig.emit='cached' needs mode='fast' and kv_cache=True (it reuses the KV cache)")
         for name in ("confidence_gate", "share_gate"):
@@ -279,6 +292,25 @@ class LimeConfig:
                             f"{self.attn_implementation!r}")
         self._validate_objective()
         return self
+
+    def _check_incremental(self) -> None:
+        """The options ``mode="incremental"`` does not have, refused by name."""
+        unsupported = {"second_order": (self.second_order != "autograd", "the exact second order does not take the "
+                                        "cache entries as inputs; use second_order='autograd' or mode='fast'"),
+                       "confidence_gate": (self.confidence_gate not in ("auto", None), "incremental mode optimises "
+                                           "every token; use confidence_gate='auto' or None (or mode='fast')"),
+                       "share_gate": (self.share_gate is not None, "incremental mode has no share gate; use None"),
+                       "patience": (self.patience != 0, "incremental mode has no early stopping; use 0"),
+                       "final_relevance": (self.final_relevance, "not available in incremental mode; use False"),
+                       "emit": (self.emit not in ("auto", "final", "last_forward"), "incremental mode emits from "
+                                "'final' (auto) or 'last_forward'"),
+                       "kv_cache": (not self.kv_cache, "incremental mode runs on the KV cache; use kv_cache=True"),
+                       "activation_checkpoint": (self.activation_checkpoint, "incremental mode computes one position "
+                                                 "per step and keeps no whole-sequence graph; use False")}
+        for name, (bad, fix) in unsupported.items():
+            if bad:
+                raise ValueError(f"LimeConfig.{name}={getattr(self, name)!r} is not supported with mode='incremental': "
+                                 f"{fix}")
 
     def _validate_objective(self) -> None:
         if isinstance(self.objective, Objective):
@@ -333,7 +365,8 @@ class LimeConfig:
 
     @property
     def gate(self) -> Optional[float]:
-        """The confidence gate after resolving ``"auto"`` (``None`` in reference mode: it never gates)."""
+        """The confidence gate after resolving ``"auto"`` (``None`` in reference and incremental mode: they
+        never gate)."""
         if self.mode != "fast":
             return None
         if self.confidence_gate == "auto":
@@ -345,14 +378,15 @@ class LimeConfig:
         """``(updates, lr)``: the optimiser updates run per token and their learning rate.
 
         Reference mode: ``(steps, lr)`` (the last update is computed and, with ``emit="last_forward"``,
-        discarded). Fast mode with ``fast_updates=None``: ``(steps, lr)``. Otherwise ``n = min(fast_updates,
+        discarded). Fast and incremental mode with ``fast_updates=None``: ``(steps, lr)``. Otherwise ``n = min(fast_updates,
         steps - 1)`` updates at ``lr * (steps - 1) / n``: the same total step as the ``steps - 1`` updates
         reference mode applies before emitting (``(0, lr)`` when ``steps <= 1``: reference mode emits the
         unperturbed token then).
         """
-        if self.mode != "fast" or self.fast_updates is None:
+        if self.mode == "reference" or self.fast_updates is None:
             return self.steps, self.lr
-        k = FAST_UPDATES if self.fast_updates == "auto" else int(self.fast_updates)
+        auto = INCREMENTAL_UPDATES if self.mode == "incremental" else FAST_UPDATES
+        k = auto if self.fast_updates == "auto" else int(self.fast_updates)
         budget = max(self.steps - 1, 0)
         n = min(k, budget)
         if n == 0:

@@ -33,6 +33,7 @@ from ..modality import split_inputs
 from ..canonizers.facts import uses_mrope
 from .attention import switch_attention
 from .cache import cache_kwargs, output_cache
+from .incremental import IncrementalOptimizer, KVCacheState
 from .optimizer import LimeOptimizer, language_decoder
 from .records import TokenRecord, jsonable
 
@@ -286,7 +287,8 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
         raise TypeError(f"lime_generate got unexpected keyword argument(s) {unknown}; supported: "
                         f"{', '.join(_GEN_KEYS)}")
     config, max_new = _checked_call(model, config, generation_kwargs.get("max_new_tokens", 32))
-    loop = _DecodeLoop(model, processor, inputs, config, generation_kwargs)
+    loop_class = _IncrementalLoop if config.mode == "incremental" else _DecodeLoop
+    loop = loop_class(model, processor, inputs, config, generation_kwargs)
     with contextlib.ExitStack() as stack, torch.no_grad():
         # The attention implementation is switched for the whole generation (the unperturbed logits must come
         # from the same kernel as the inner forwards). The LRP scope is entered lazily, at the first token that
@@ -294,7 +296,7 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
         # compute the same numbers outside it, and a generation whose tokens are all gated never installs it.
         stack.callback(switch_attention(model, config.attn_implementation))
         loop.stack = stack
-        if not loop.fast_cache and max_new > 0:
+        if loop.session_up_front and max_new > 0:
             loop.enter_session()  # reference mode (and kv_cache=False): every token runs the inner loop
         loop.prompt_pass()
         for t in range(max_new):
@@ -302,8 +304,7 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
             loop.append(new)
             if bool(loop.finished.all()) or t == max_new - 1:
                 break
-            if loop.fast_cache:
-                loop.cached_step()
+            loop.advance()
     loop.cache = None
     return loop.output()
 
@@ -329,7 +330,7 @@ class _DecodeLoop:
             from ..attribution import LRP
 
             attribution = LRP(model)
-        self.lime = LimeOptimizer(attribution, config)
+        self.lime = self.optimizer(attribution, config)
         self.events: Optional[list] = [] if g.get("record_events") else None
         self.lime.events = self.events
         self.callback: Optional[Callable] = g.get("callback")
@@ -343,6 +344,18 @@ class _DecodeLoop:
         self.in_session = self.refeed = False
         self.cache: Any = None
         self.ref_logits: Optional[Tensor] = None
+
+    session_up_front = property(lambda self: not self.fast_cache, doc="Enter the LRP scope before the prompt pass.")
+
+    @staticmethod
+    def optimizer(attribution: Any, config: LimeConfig) -> Any:
+        """The inner-loop engine of this decode loop."""
+        return LimeOptimizer(attribution, config)
+
+    def advance(self) -> None:
+        """After a token is appended: the next position's unperturbed logits (fast mode's cached step)."""
+        if self.fast_cache:
+            self.cached_step()
 
     def enter_session(self) -> None:
         if not self.in_session:
@@ -405,6 +418,10 @@ class _DecodeLoop:
                 emit, ref, rec = self.lime.optimize(self.embeds, model_kwargs, _modality_full(self.modality, self.mask),
                                                     self.mask.bool(), self.decoder, ref_logits=self.ref_logits,
                                                     active=active, index=t, emit_fn=self._emit_fn())
+        return self.finish_token(emit, ref, rec)
+
+    def finish_token(self, emit: Tensor, ref: Tensor, rec: TokenRecord) -> Tensor:
+        """The emitted and the unperturbed token from their logits; the token's record completed and kept."""
         new, base = self.decoder(emit), self.decoder(ref)
         new = torch.where(self.finished, torch.full_like(new, self.pad), new)
         rec.tokens, rec.unperturbed_tokens = new.tolist(), base.tolist()
@@ -467,6 +484,73 @@ class _DecodeLoop:
         texts = [self.tok.decode(tokens[b].tolist(), skip_special_tokens=True) if self.tok is not None else ""
                  for b in range(B)]
         return LimeOutput(tokens=tokens, texts=texts, records=self.records, events=self.events)
+
+
+class _IncrementalLoop(_DecodeLoop):
+    """The decode loop of ``mode="incremental"``: the prompt but its last position fills the KV cache; then
+    every token is one :meth:`IncrementalOptimizer.step` of the last position over the cache, which also
+    appends that position's unperturbed keys / values."""
+
+    session_up_front = False  # entered at the first optimised token (never with steps = 0)
+
+    @staticmethod
+    def optimizer(attribution: Any, config: LimeConfig) -> Any:
+        return IncrementalOptimizer(attribution, config)
+
+    def advance(self) -> None:
+        """Nothing to compute: the token's step already appended its position to the cache."""
+
+    def prompt_pass(self) -> None:
+        """Positions ``0..n-2`` of the prompt through the model (no grad): their input embeddings and cache."""
+        model, ids, mask = self.model, self.ids, self.mask
+        if uses_mrope(model):
+            raise ValueError("LIME mode='incremental' does not support M-RoPE models (the Qwen2-VL family) yet; use "
+                             "mode='fast'")
+        if bool(self.modality[:, -1].any()):
+            raise ValueError("LIME mode='incremental': the prompt's last position is perceptual; end the prompt with "
+                             "text (the current query is the last prompt token)")
+        self.positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        last = model.get_input_embeddings()(ids[:, -1:]).detach()
+        self.vocab = int(model.get_output_embeddings().weight.shape[0])
+        self.all_ids, self.kv = ids, KVCacheState([])
+        if ids.shape[1] == 1:
+            self.embeds = last
+            return
+        captured: dict[str, Any] = {}
+
+        def capture(module: nn.Module, args: tuple, kw: dict) -> None:
+            captured.setdefault("embeds", kw.get("inputs_embeds"))
+
+        handle = language_decoder(model).register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=self.positions[:, :-1],
+                        use_cache=True, **self.keep1, **self.inp)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the context
+            raise forward_error(exc, "lime_generate: the model's forward failed on these inputs (are they this "
+                                     "model's processor output?)") from exc
+        finally:
+            handle.remove()
+        prefix = captured.get("embeds")
+        prefix = model.get_input_embeddings()(ids[:, :-1]) if prefix is None else prefix
+        self.embeds = torch.cat([prefix.detach(), last.to(prefix.dtype)], 1)
+        self.kv = KVCacheState.from_cache(output_cache(out))
+
+    def next_token(self, t: int) -> Tensor:
+        """Token ``t`` of every row: one incremental LIME step of the last position (every token optimised)."""
+        self.decoder.new_token(self.all_ids, self.vocab)
+        if self.config.schedule[0] > 0:
+            self.enter_session()
+        model_kwargs = {"attention_mask": self.mask, "position_ids": self.positions[:, -1:], "use_cache": True,
+                        **self.keep1}
+        with torch.enable_grad():
+            emit, ref, self.next_kv, rec = self.lime.step(self.kv, self.embeds[:, -1:], model_kwargs,
+                                                          _modality_full(self.modality, self.mask), self.mask.bool(),
+                                                          self.decoder, active=~self.finished, index=t)
+        return self.finish_token(emit, ref, rec)
+
+    def append(self, new: Tensor) -> None:
+        super().append(new)
+        self.kv = self.next_kv
 
 
 def _stopping(model: nn.Module, tok: Any, g: dict) -> tuple[set, int, list]:

@@ -21,7 +21,7 @@ from .sampling import SamplingParams
 __all__ = ["LimeMethodConfig", "lime_method_generate", "LIME_MODES", "LIME"]
 
 #: The modes of :class:`~lime_attr.mitigation.LimeConfig` a decoding config may choose.
-LIME_MODES = ("fast", "reference")
+LIME_MODES = ("fast", "reference", "incremental")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class LimeMethodConfig(SamplingParams):
 
     Parameters
     ----------
-    mode : {"fast", "reference"}
+    mode : {"fast", "reference", "incremental"}
     overrides : mapping
         Further :class:`~lime_attr.mitigation.LimeConfig` fields (stored as a plain ``dict``).
     do_sample : bool
@@ -46,7 +46,7 @@ class LimeMethodConfig(SamplingParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.mode not in LIME_MODES:
-            raise ValueError(f"LIME mode must be 'fast' or 'reference', got {self.mode!r}")
+            raise ValueError(f"LIME mode must be 'fast', 'reference' or 'incremental', got {self.mode!r}")
         if not isinstance(self.overrides, Mapping):
             raise TypeError(f"LIME overrides must be a mapping of LimeConfig fields, got "
                             f"{type(self.overrides).__name__}")
