@@ -254,6 +254,7 @@ def run_test(model_name: str, n: int, validations: Sequence[dict], extra: Sequen
         results[name] = {c: counts(greedy[c], rows[name][c]) for c in CONDITIONS}
     rec = validations[0].get("recommended")
     return {"model": model_name, "split": "test", "n_per_condition": n, "machine": _common.machine_info(),
+            "role": "main" if published else "extra",
             "greedy": {c: counts(greedy[c], greedy[c]) for c in CONDITIONS}, "results": results,
             "recommended": Setting(**rec).name if rec else None, "selected_from": "validation",
             "gates": gate_rates(greedy, rows[PUBLISHED.name]) if published else None,
@@ -298,7 +299,8 @@ def render_validation(v: dict) -> list[str]:
                      f"{per['conflict']['cpu_ratio']:.1f}", mark])
     head = ["setting", *(f"{c} f/i" for c in CONDITIONS), "net (conflict+control)", "consistent kept", "CPU x greedy",
             ""]
-    return [f"**{v['model']}**, validation, {v['n_per_condition']} items per condition; greedy accuracy "
+    return [f"**{v['model']}**, validation, ``mode={v.get('mode', 'fast')!r}`` grid, {v['n_per_condition']} items per "
+            "condition; greedy accuracy "
             + ", ".join(f"{c} {a:.3f}" for c, a in v["greedy_accuracy"].items()) + ".", "", *_table(head, rows)]
 
 
@@ -319,7 +321,9 @@ def render_test(merged: dict) -> list[str]:
                          f"{sum(cells[c]['cpu_ratio'] for c in CONDITIONS) / len(CONDITIONS):.1f}"])
         head = ["method", *(f"{c}: fixed/introduced, Holm p, accuracy" for c in CONDITIONS),
                 "reliance (conflict)", "KL (conflict)", "CPU x greedy"]
-        lines += [f"**{model}**, test, {part['n_per_condition']} items per condition.", "", *_table(head, rows)]
+        what = "the cheap variant's selected settings" if part.get("role") == "extra" else "main methods"
+        lines += [f"**{model}**, test, {what}, {part['n_per_condition']} items per condition.", "",
+                  *_table(head, rows)]
         if part.get("gates"):
             lines += ["Gates (greedy's answer token, test split; ``share`` from the published run's unperturbed "
                       "relevance):", "", *_table(["answers", "n", *list(next(iter(part["gates"].values())))[1:]],
@@ -331,6 +335,8 @@ def verdict(merged: dict) -> dict[str, Any]:
     """The pre-registered success criterion, per model, for the recommended configuration."""
     out: dict[str, Any] = {}
     for part in merged["parts"]:
+        if part.get("role", "main") != "main":  # (the cheap variant's part is judged on its own)
+            continue
         rec = part["recommended"]
         if rec is None:
             out[part["model"]] = {"recommended": None, "success": False}

@@ -75,3 +75,19 @@ def test_one_item_end_to_end_on_the_demo_model():
     assert greedy[0].answer in ("yes", "no") and 0 < greedy[0].p_top <= 1
     assert none[0].answer == greedy[0].answer  # lr 0: the greedy answer
     assert 0 <= none[0].share_before <= 1
+    from lime_attr.mitigation import LimeConfig
+
+    assert LimeConfig.recommendation(model).evaluated  # the loaded demo model is recognised
+
+
+def test_recommended_returns_the_papers_settings_with_the_evaluations_caveat():
+    from lime_attr.mitigation import LimeConfig
+
+    for name, model_type in (("digits-llava", "llava"), ("tones-qwen2audio", "qwen2_audio")):
+        rec = LimeConfig.recommendation(name)
+        assert rec.evaluated and "not met" in rec.evidence
+        assert rec.config == LimeConfig.for_model(model_type)
+    other = LimeConfig.recommendation("qwen2_vl")
+    assert not other.evaluated and "not evaluated" in other.evidence
+    assert other.config == LimeConfig.for_model("qwen2_vl")
+    assert LimeConfig.recommended("digits-llava", steps=3).steps == 3
