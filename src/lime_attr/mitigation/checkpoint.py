@@ -47,7 +47,7 @@ class DeltaAccess(Protocol):
         """``(Delta_K, Delta_V)`` of a decoder layer this token (either may be ``None``), created (zero) for
         ``hidden_states`` ``[batch, seq, hidden]`` if not yet."""
 
-    def substitute_deltas(self, layer: int, pair: DeltaPair) -> contextlib.AbstractContextManager:
+    def substitute_deltas(self, layer: int, pair: DeltaPair) -> Any:
         """While active, the attention transform adds ``pair`` to that layer's keys and values."""
 
 
