@@ -96,45 +96,70 @@ def _load(model_name: str) -> tuple[Any, Any]:
     return model.eval(), processor
 
 
-def encoded_items(model: Any, processor: Any, model_name: str, split: str, n: int) -> dict[str, list]:
-    """``{condition: [(item, processor outputs)]}`` of the prior probes."""
-    from benchmarks.hallucination_report import encode
-    from lime_attr.models import prior_probe
+DESCRIPTION = "description"  # broken-pair descriptions (prior_descriptions): correct = the absent partner unnamed
+DESCRIPTION_TOKENS = 8
 
-    return {c: [(it, encode(model, processor, it)) for it in prior_probe(model_name, c, n=n, split=split)]
-            for c in CONDITIONS}
+
+def encoded_items(model: Any, processor: Any, model_name: str, split: str, n: int,
+                  conditions: Sequence[str] = CONDITIONS) -> dict[str, list]:
+    """``{condition: [(item, processor outputs)]}`` of the prior probes (and ``"description"``: the
+    broken-pair description requests)."""
+    from benchmarks.hallucination_report import encode
+    from lime_attr.models import prior_descriptions, prior_probe
+
+    def load(c: str) -> list:
+        return prior_descriptions(model_name, n=n, split=split) if c == DESCRIPTION else prior_probe(
+            model_name, c, n=n, split=split)
+
+    return {c: [(it, encode(model, processor, it)) for it in load(c)] for c in conditions}
+
+
+def _correct(model_name: str, item: Any, text: str) -> bool:
+    """Yes/no: the parsed answer equals the label; descriptions: the absent partner is not named."""
+    from benchmarks.hallucination_report import _correct_yes_no
+
+    if getattr(item, "condition", None) == DESCRIPTION:
+        return item.partner not in text.lower().split()
+    return _correct_yes_no(model_name, item, text)
 
 
 def greedy_rows(model: Any, processor: Any, model_name: str, items: list) -> list[Row]:
-    """Greedy's one-token answers (one forward: the argmax of the last logits) and its top probability."""
-    from benchmarks.hallucination_report import _correct_yes_no
-
+    """Greedy's answers and the top probability of the first token: yes/no answers as one forward (the argmax
+    of the last logits); descriptions with ``generate`` (KV cache), CPU time per generated token."""
     tok = getattr(processor, "tokenizer", processor)
     rows = []
     for item, enc in items:
         with _common.Stopwatch() as clock, torch.no_grad():
-            logits = model(**enc).logits[:, -1, :].float()
-            token = int(logits.argmax(-1))
-        text = tok.decode([token], skip_special_tokens=True).strip()
-        rows.append(Row(text, _correct_yes_no(model_name, item, text), clock.cpu,
+            if getattr(item, "condition", None) == DESCRIPTION:
+                out = model.generate(**enc, max_new_tokens=DESCRIPTION_TOKENS, do_sample=False,
+                                     output_scores=True, return_dict_in_generate=True)
+                new = out.sequences[0, enc["input_ids"].shape[1]:].tolist()
+                logits, n_tok = out.scores[0].float(), max(len(new), 1)
+            else:
+                logits = model(**enc).logits[:, -1, :].float()
+                new, n_tok = [int(logits.argmax(-1))], 1
+        text = tok.decode(new, skip_special_tokens=True).strip()
+        rows.append(Row(text, _correct(model_name, item, text), clock.cpu / n_tok,
                         p_top=float(torch.softmax(logits, -1).max())))
     return rows
 
 
 def lime_rows(model: Any, processor: Any, model_name: str, items: list, setting: Setting) -> list[Row]:
-    """One-token answers of a LIME setting, with the answer token's reliance before / after and final KL."""
-    from benchmarks.hallucination_report import _correct_yes_no
+    """Answers of a LIME setting (CPU time per generated token), with the first token's reliance before /
+    after and its final KL."""
     from lime_attr.mitigation import lime_generate
 
     cfg = setting.config(model)
     rows = []
     for item, enc in items:
+        n_new = DESCRIPTION_TOKENS if getattr(item, "condition", None) == DESCRIPTION else 1
         with _common.Stopwatch() as clock:
-            res = lime_generate(model, processor, enc, cfg, max_new_tokens=1)
+            res = lime_generate(model, processor, enc, cfg, max_new_tokens=n_new)
         text = res.texts[0].strip()
         rec = res.records[0]
-        rows.append(Row(text, _correct_yes_no(model_name, item, text), clock.cpu, share_before=rec.share_before[0],
-                        share_after=rec.share_after[0], kl=rec.kl[-1][0] if rec.kl else None))
+        rows.append(Row(text, _correct(model_name, item, text), clock.cpu / max(len(res.records), 1),
+                        share_before=rec.share_before[0], share_after=rec.share_after[0],
+                        kl=rec.kl[-1][0] if rec.kl else None))
     return rows
 
 
@@ -233,12 +258,12 @@ def run_validation(model_name: str, n: int, mode: str = "fast") -> dict[str, Any
 
 
 def run_test(model_name: str, n: int, validations: Sequence[dict], extra: Sequence[Setting] = (),
-             published: bool = True) -> dict[str, Any]:
+             published: bool = True, conditions: Sequence[str] = CONDITIONS) -> dict[str, Any]:
     """Greedy, the published algorithm and every selected setting of each validation run on the test probes
     (the first validation run's recommendation is the recommended configuration)."""
     model, processor = _load(model_name)
-    items = encoded_items(model, processor, model_name, "test", n)
-    greedy = {c: greedy_rows(model, processor, model_name, items[c]) for c in CONDITIONS}
+    items = encoded_items(model, processor, model_name, "test", n, conditions)
+    greedy = {c: greedy_rows(model, processor, model_name, items[c]) for c in conditions}
     methods = {PUBLISHED.name: PUBLISHED} if published else {}
     for validation in validations:
         for s in validation["selected"].values():
@@ -250,21 +275,25 @@ def run_test(model_name: str, n: int, validations: Sequence[dict], extra: Sequen
     results: dict[str, dict[str, dict]] = {}
     rows: dict[str, dict[str, list[Row]]] = {}
     for name, setting in tqdm(methods.items(), desc=f"{model_name} test"):
-        rows[name] = {c: lime_rows(model, processor, model_name, items[c], setting) for c in CONDITIONS}
-        results[name] = {c: counts(greedy[c], rows[name][c]) for c in CONDITIONS}
+        rows[name] = {c: lime_rows(model, processor, model_name, items[c], setting) for c in conditions}
+        results[name] = {c: counts(greedy[c], rows[name][c]) for c in conditions}
     rec = validations[0].get("recommended")
     return {"model": model_name, "split": "test", "n_per_condition": n, "machine": _common.machine_info(),
-            "role": "main" if published else "extra",
-            "greedy": {c: counts(greedy[c], greedy[c]) for c in CONDITIONS}, "results": results,
+            "role": ("main" if published else "extra") if tuple(conditions) == CONDITIONS else "descriptions",
+            "conditions": list(conditions),
+            "greedy": {c: counts(greedy[c], greedy[c]) for c in conditions}, "results": results,
             "recommended": Setting(**rec).name if rec else None, "selected_from": "validation",
-            "gates": gate_rates(greedy, rows[PUBLISHED.name]) if published else None,
+            "gates": gate_rates(greedy, rows[PUBLISHED.name]) if published and tuple(conditions) == CONDITIONS else None,
             "answers": {m: {c: _rows_dict(r) for c, r in per.items()} for m, per in rows.items()},
             "greedy_answers": {c: _rows_dict(r) for c, r in greedy.items()}}
 
 
 def merge_tests(parts: Sequence[dict]) -> dict[str, Any]:
     """Both models' test results, with Holm's correction over every (model x method x condition)."""
-    results = {f"{p['model']}|{m}": per for p in parts for m, per in p["results"].items()}
+    results: dict[str, dict[str, dict]] = {}
+    for p in parts:  # (a method's description part adds its "description" cell to the same entry)
+        for m, per in p["results"].items():
+            results.setdefault(f"{p['model']}|{m}", {}).update(per)
     add_tests(results)
     merged = {"parts": list(parts), "results": results, "holm_family": sum(len(v) for v in results.values())}
     merged["verdict"] = verdict(merged)
@@ -308,20 +337,21 @@ def render_test(merged: dict) -> list[str]:
     """Every test-split result of both models as rst tables, with the mechanical success verdict."""
     lines: list[str] = []
     for part in merged["parts"]:
-        model = part["model"]
+        model, conds = part["model"], part.get("conditions", CONDITIONS)
         rows = []
         for name, per in part["results"].items():
             cells = merged["results"][f"{model}|{name}"]
             mark = " (recommended)" if name == part["recommended"] else ""
             rows.append([f"``{name}``{mark}", *(f"{_fi(cells[c])} p={_p(cells[c]['holm_p'])} acc "
                                                  f"{cells[c]['greedy_accuracy']:.3f}->{cells[c]['accuracy']:.3f}"
-                                                 for c in CONDITIONS),
-                         f"{cells['conflict']['share_before']:.3f}->{cells['conflict']['share_after']:.3f}",
-                         _p(cells["conflict"]["kl"]),
-                         f"{sum(cells[c]['cpu_ratio'] for c in CONDITIONS) / len(CONDITIONS):.1f}"])
-        head = ["method", *(f"{c}: fixed/introduced, Holm p, accuracy" for c in CONDITIONS),
-                "reliance (conflict)", "KL (conflict)", "CPU x greedy"]
-        what = "the cheap variant's selected settings" if part.get("role") == "extra" else "main methods"
+                                                 for c in conds),
+                         f"{cells[conds[0]]['share_before']:.3f}->{cells[conds[0]]['share_after']:.3f}",
+                         _p(cells[conds[0]]["kl"]),
+                         f"{sum(cells[c]['cpu_ratio'] for c in conds) / len(conds):.1f}"])
+        head = ["method", *(f"{c}: fixed/introduced, Holm p, accuracy" for c in conds),
+                f"reliance ({conds[0]})", f"KL ({conds[0]})", "CPU x greedy"]
+        what = {"extra": "the cheap variant's selected settings", "descriptions": "broken-pair descriptions (accuracy ="
+                " the absent partner not named)"}.get(part.get("role"), "main methods")
         lines += [f"**{model}**, test, {what}, {part['n_per_condition']} items per condition.", "",
                   *_table(head, rows)]
         if part.get("gates"):
@@ -367,6 +397,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--merge", nargs="*", help="test jsons to merge (Holm over both models)")
     ap.add_argument("--render", nargs="*", help="validation jsons, then the merged test json: writes --json as rst")
     ap.add_argument("--no-published", action="store_true", help="test stage: leave out the published algorithm")
+    ap.add_argument("--descriptions", action="store_true", help="test stage: the broken-pair descriptions only")
     ap.add_argument("--mode", default="fast", choices=("fast", "incremental"), help="the validation grid's mode")
     ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
@@ -388,7 +419,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         else:
             validations = [json.load(open(p)) for p in args.selection]
             extra = [Setting(o, float(f), s, m) for o, f, s, m in (e.split(":") for e in args.extra)]
-            out.append(run_test(name, n, validations, extra, published=not args.no_published))
+            conds = (DESCRIPTION,) if args.descriptions else CONDITIONS
+            out.append(run_test(name, n, validations, extra, published=not args.no_published, conditions=conds))
     _common.write_json(args.json, out[0] if len(out) == 1 else out)
 
 
