@@ -91,3 +91,22 @@ def test_recommended_returns_the_papers_settings_with_the_evaluations_caveat():
     assert not other.evaluated and "not evaluated" in other.evidence
     assert other.config == LimeConfig.for_model("qwen2_vl")
     assert LimeConfig.recommended("digits-llava", steps=3).steps == 3
+
+
+def _merged(control=(25, 1), conflict=(30, 2), drop_yes=0.0) -> dict:
+    def cell(fi, acc0=0.5, acc1=0.5):
+        return {"fixed": fi[0], "introduced": fi[1], "greedy_accuracy": acc0, "accuracy": acc1}
+
+    per = {"conflict": cell(conflict), "control": cell(control), "consistent_yes": cell((0, 0), 1.0, 1.0 - drop_yes),
+           "consistent_no": cell((0, 0), 1.0, 1.0)}
+    parts = [{"model": m, "recommended": "x", "results": {"x": {k: dict(v) for k, v in per.items()}}}
+             for m in ("digits-llava", "tones-qwen2audio")]
+    return ev.merge_tests(parts)
+
+
+def test_the_success_verdict_is_the_pre_registered_criterion():
+    assert _merged()["verdict"]["success"]
+    assert not _merged(control=(3, 1))["verdict"]["success"]  # control not significant after Holm
+    assert not _merged(drop_yes=0.015)["verdict"]["success"]  # 1.5 points lost on consistent_yes
+    assert _merged(drop_yes=0.01)["verdict"]["success"]  # 1 point is allowed
+    assert _merged()["holm_family"] == 8
