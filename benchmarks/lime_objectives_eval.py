@@ -163,6 +163,51 @@ def lime_rows(model: Any, processor: Any, model_name: str, items: list, setting:
     return rows
 
 
+def grounding(model: Any, processor: Any, model_name: str, items: list, setting: Setting) -> dict[str, Any]:
+    """Grounding of the answer token before / after a LIME setting on ``consistent_yes`` items: the share of
+    the placeholder tokens' absolute relevance on the queried object's region (the hallucination report's rule,
+    :func:`benchmarks.hallucination_report.grounding_of`)."""
+    from benchmarks.hallucination_report import grounding_of, placeholder_positions, region_mask
+    from lime_attr.mitigation import lime_generate
+
+    cfg = setting.config(model).replace(record_relevance=True)
+    before, after = [], []
+    for item, enc in items:
+        rec = lime_generate(model, processor, enc, cfg, max_new_tokens=1).records[0]
+        if rec.relevance_before is None:
+            continue
+        positions = placeholder_positions(model, enc["input_ids"], model_name)
+        inside = region_mask(len(positions), item)
+        before.append(grounding_of(rec.relevance_before[0], positions, inside))
+        after.append(grounding_of(rec.relevance_after[0], positions, inside))
+    pairs = [(b, a) for b, a in zip(before, after) if b == b and a == a]
+    mean = (lambda xs: sum(xs) / len(xs) if xs else None)  # noqa: E731
+    return {"n": len(pairs), "before": mean([b for b, _ in pairs]), "after": mean([a for _, a in pairs]),
+            "higher": sum(a > b for b, a in pairs), "lower": sum(a < b for b, a in pairs)}
+
+
+def test_methods(validations: Sequence[dict], extra: Sequence[Setting] = (), published: bool = True) -> dict:
+    """``{name: Setting}``: the published algorithm, every validation run's selected settings, ``extra``."""
+    methods = {PUBLISHED.name: PUBLISHED} if published else {}
+    for validation in validations:
+        for s in validation["selected"].values():
+            if s is not None:
+                setting = Setting(**s)
+                methods[setting.name] = setting
+    methods.update({setting.name: setting for setting in extra})
+    return methods
+
+
+def run_grounding(model_name: str, n: int, validations: Sequence[dict]) -> dict[str, Any]:
+    """:func:`grounding` of every tested method on the test split's ``consistent_yes`` items."""
+    model, processor = _load(model_name)
+    items = encoded_items(model, processor, model_name, "test", n, ("consistent_yes",))["consistent_yes"]
+    out = {name: grounding(model, processor, model_name, items, setting)
+           for name, setting in tqdm(test_methods(validations).items(), desc=f"{model_name} grounding")}
+    return {"model": model_name, "split": "test", "condition": "consistent_yes", "n_items": n, "grounding": out,
+            "machine": _common.machine_info()}
+
+
 def counts(greedy: Sequence[Row], rows: Sequence[Row]) -> dict[str, Any]:
     """Fixed / introduced against greedy, accuracy, and means of reliance, KL and CPU time."""
     fixed = sum(r.correct and not g.correct for g, r in zip(greedy, rows))
@@ -264,14 +309,7 @@ def run_test(model_name: str, n: int, validations: Sequence[dict], extra: Sequen
     model, processor = _load(model_name)
     items = encoded_items(model, processor, model_name, "test", n, conditions)
     greedy = {c: greedy_rows(model, processor, model_name, items[c]) for c in conditions}
-    methods = {PUBLISHED.name: PUBLISHED} if published else {}
-    for validation in validations:
-        for s in validation["selected"].values():
-            if s is not None:
-                setting = Setting(**s)
-                methods[setting.name] = setting
-    for setting in extra:
-        methods[setting.name] = setting
+    methods = test_methods(validations, extra, published)
     results: dict[str, dict[str, dict]] = {}
     rows: dict[str, dict[str, list[Row]]] = {}
     for name, setting in tqdm(methods.items(), desc=f"{model_name} test"):
@@ -398,6 +436,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--render", nargs="*", help="validation jsons, then the merged test json: writes --json as rst")
     ap.add_argument("--no-published", action="store_true", help="test stage: leave out the published algorithm")
     ap.add_argument("--descriptions", action="store_true", help="test stage: the broken-pair descriptions only")
+    ap.add_argument("--grounding", action="store_true", help="test stage: grounding before / after on consistent_yes")
     ap.add_argument("--mode", default="fast", choices=("fast", "incremental"), help="the validation grid's mode")
     ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
@@ -418,6 +457,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             out.append(run_validation(name, n, args.mode))
         else:
             validations = [json.load(open(p)) for p in args.selection]
+            if args.grounding:
+                out.append(run_grounding(name, n, validations))
+                continue
             extra = [Setting(o, float(f), s, m) for o, f, s, m in (e.split(":") for e in args.extra)]
             conds = (DESCRIPTION,) if args.descriptions else CONDITIONS
             out.append(run_test(name, n, validations, extra, published=not args.no_published, conditions=conds))
