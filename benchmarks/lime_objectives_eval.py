@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -163,6 +163,12 @@ def lime_rows(model: Any, processor: Any, model_name: str, items: list, setting:
     return rows
 
 
+def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+    """The mean of the values that are not None / NaN (None when there are none)."""
+    kept = [v for v in values if v is not None and v == v]
+    return sum(kept) / len(kept) if kept else None
+
+
 def grounding(model: Any, processor: Any, model_name: str, items: list, setting: Setting) -> dict[str, Any]:
     """Grounding of the answer token before / after a LIME setting on ``consistent_yes`` items: the share of
     the placeholder tokens' absolute relevance on the queried object's region (the hallucination report's rule,
@@ -181,8 +187,7 @@ def grounding(model: Any, processor: Any, model_name: str, items: list, setting:
         before.append(grounding_of(rec.relevance_before[0], positions, inside))
         after.append(grounding_of(rec.relevance_after[0], positions, inside))
     pairs = [(b, a) for b, a in zip(before, after) if b == b and a == a]
-    mean = (lambda xs: sum(xs) / len(xs) if xs else None)  # noqa: E731
-    return {"n": len(pairs), "before": mean([b for b, _ in pairs]), "after": mean([a for _, a in pairs]),
+    return {"n": len(pairs), "before": _mean([b for b, _ in pairs]), "after": _mean([a for _, a in pairs]),
             "higher": sum(a > b for b, a in pairs), "lower": sum(a < b for b, a in pairs)}
 
 
@@ -212,11 +217,7 @@ def counts(greedy: Sequence[Row], rows: Sequence[Row]) -> dict[str, Any]:
     """Fixed / introduced against greedy, accuracy, and means of reliance, KL and CPU time."""
     fixed = sum(r.correct and not g.correct for g, r in zip(greedy, rows))
     introduced = sum(g.correct and not r.correct for g, r in zip(greedy, rows))
-
-    def mean(values: list) -> Optional[float]:
-        values = [v for v in values if v is not None and v == v]
-        return sum(values) / len(values) if values else None
-
+    mean = _mean
     return {"n": len(rows), "fixed": fixed, "introduced": introduced, "net": fixed - introduced,
             "accuracy": mean([float(r.correct) for r in rows]), "greedy_accuracy": mean([float(g.correct) for g in greedy]),
             "share_before": mean([r.share_before for r in rows]), "share_after": mean([r.share_after for r in rows]),

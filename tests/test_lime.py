@@ -420,7 +420,7 @@ def _lime_loss(model, emb, mod, deltas, kl_weight, log_ref=None, target=None):
         out = lime._forward(emb, {"use_cache": False}, (lambda l: l.argmax(-1)) if target is None else
                             (lambda l: target), True, False)
         lref = torch.log_softmax(out.logits.detach(), -1) if log_ref is None else log_ref
-        rel, kl = lime._losses(out, lref, mod.double(), valid, mod.sum(-1))
+        rel, kl = lime._losses(out, lref, mod.double(), valid)
         lime._deltas.clear()
     return float(rel.detach().sum()), float(kl.detach().sum()), out.target
 

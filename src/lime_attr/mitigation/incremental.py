@@ -52,21 +52,13 @@ from ..modality import modality_share
 from .attention import switch_attention
 from .cache import cache_kwargs, output_cache
 from .config import LimeConfig
-from .objectives import Objective, checked_lr_scale
-from .optimizer import decoder_layers, modality_focus
+from .objectives import Objective, checked_explained, checked_lr_scale, checked_relevance_loss
+from .optimizer import decoder_layers, kl_to_reference, modality_focus, work_dtype
 from .records import TokenRecord, step_record
 
 __all__ = ["IncrementalOptimizer", "KVCacheState", "CacheProbe"]
 
 log = logging.getLogger(__name__)
-
-
-def _work_dtype(dtype: torch.dtype, precision: str) -> torch.dtype:
-    """LIME's own dtype for a model computing in ``dtype``: float32 (float64 for a float64 model), or the
-    model's with ``precision="model"``."""
-    if precision == "model":
-        return dtype
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class KVCacheState:
@@ -308,10 +300,7 @@ class IncrementalOptimizer:
             logits = (out.logits if hasattr(out, "logits") else out[0])[:, -1, :].to(dt)
             if "target" not in seen:
                 seen["logits"], seen["target"] = logits, pick(logits.detach())
-            z = self.objective.explained(logits, seen["target"].to(logits.device))
-            if not isinstance(z, Tensor) or z.shape != seen["target"].shape:
-                raise ValueError(f"objective {self.objective!r}: explained(logits, target) must return one scalar per "
-                                 f"row, shape {tuple(seen['target'].shape)}")
+            z = checked_explained(self.objective, logits, seen["target"].to(logits.device))
             if with_relevance and not bool(torch.isfinite(z.detach()).all()):
                 raise FloatingPointError("the explained logit is NaN/inf; check the model's dtype and the "
                                          "perturbation (lr)")
@@ -404,7 +393,7 @@ class IncrementalOptimizer:
         if empty:
             raise ValueError(f"the modality span is empty for batch row(s) {empty}: LIME needs perceptual (image / "
                              "audio) positions to shift relevance to")
-        self._probe.dtype = _work_dtype(x.dtype, self.config.precision)
+        self._probe.dtype = work_dtype(x.dtype, self.config.precision)
         self._pos_mask = modality.to(self._probe.dtype)[:, None, :, None] if self.config.positions == "modality" \
             else None
         self._deltas.clear()
@@ -444,15 +433,8 @@ class IncrementalOptimizer:
     def _losses(self, tok: _Token, out: _Step, s: int) -> Tensor:
         """The step's loss per row (graph attached), written to the token's record."""
         cfg, rec = self.config, tok.rec
-        rel_loss = self.objective.relevance_loss(out.relevance, tok.modality, tok.valid, cfg.temperature)
-        if not isinstance(rel_loss, Tensor) or rel_loss.shape != out.relevance.shape[:1]:
-            raise ValueError(f"objective {self.objective!r}: relevance_loss must return one loss per row, shape "
-                             f"{tuple(out.relevance.shape[:1])}")
-        log_delta = F.log_softmax(out.logits, -1)
-        if cfg.kl_direction == "ref||delta":
-            kl = (tok.log_ref.exp() * (tok.log_ref - log_delta)).sum(-1)
-        else:
-            kl = (log_delta.exp() * (log_delta - tok.log_ref)).sum(-1)
+        rel_loss = checked_relevance_loss(self.objective, out.relevance, tok.modality, tok.valid, cfg.temperature)
+        kl = kl_to_reference(tok.log_ref, out.logits, cfg.kl_direction)
         loss = rel_loss + cfg.kl_weight * kl
         rel = out.relevance.detach()
         mod_f, valid_f = tok.modality.to(rel.dtype), tok.valid.to(rel.dtype)

@@ -62,6 +62,8 @@ __all__ = [
     "get_objective",
     "available_objectives",
     "objective_name",
+    "checked_explained",
+    "checked_relevance_loss",
     "checked_lr_scale",
     "target_logit",
     "stable_logsumexp",
@@ -439,6 +441,27 @@ def _unknown(name: Any) -> str:
 for _cls in (PaperObjective, DecisionObjective, LogProbObjective, EvidenceObjective, ScaledObjective):
     register_objective(_cls.name, _cls)
 del _cls
+
+
+def checked_explained(objective: Objective, logits: Tensor, target: Tensor) -> Tensor:
+    """``objective.explained(logits, target)``, checked to be one floating-point scalar per row."""
+    z = objective.explained(logits, target)
+    if not isinstance(z, Tensor) or z.shape != target.shape or not z.is_floating_point():
+        got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+        raise ValueError(f"objective {objective!r}: explained(logits, target) must return a floating tensor of shape "
+                         f"{tuple(target.shape)} (one scalar per row), got {got}")
+    return z
+
+
+def checked_relevance_loss(objective: Objective, relevance: Tensor, modality: Tensor, valid: Tensor,
+                           temperature: float) -> Tensor:
+    """``objective.relevance_loss(...)``, checked to be one loss per row."""
+    loss = objective.relevance_loss(relevance, modality, valid, temperature)
+    if not isinstance(loss, Tensor) or loss.shape != relevance.shape[:1]:
+        got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"objective {objective!r}: relevance_loss must return a tensor of shape "
+                         f"{tuple(relevance.shape[:1])} (one loss per row), got {got}")
+    return loss
 
 
 def checked_lr_scale(objective: Objective, keys: Tensor, values: Tensor) -> tuple[float, float]:

@@ -46,10 +46,10 @@ from ..modality import modality_share
 from .attention import switch_attention
 from .checkpoint import LayerCheckpoint
 from .config import LimeConfig
-from .objectives import Objective, checked_lr_scale
+from .objectives import Objective, checked_explained, checked_lr_scale, checked_relevance_loss
 from .records import TokenRecord, step_record
 
-__all__ = ["LimeOptimizer", "decoder_layers", "language_decoder"]
+__all__ = ["LimeOptimizer", "decoder_layers", "language_decoder", "kl_to_reference", "work_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class LimeOptimizer:
                 stack.callback(transform.remove)
                 if self.config.activation_checkpoint:
                     self._checkpoint = stack.enter_context(LayerCheckpoint(
-                        decoder_layers(model), self.layer_ids, self, scope).installed())
+                        self._layers, self.layer_ids, self, scope).installed())
                 self._in_session = True
                 try:
                     yield self
@@ -202,7 +202,7 @@ class LimeOptimizer:
         if pair is None:
             if not self._grad_deltas:
                 return q, k, v
-            pair = self._deltas[idx] = self._new_deltas(k, v)
+            pair = self._deltas[idx] = self._new_deltas(k.shape, v.shape, k.dtype, k.device)
         if idx not in self._lr_scales and self.objective.scales_lr():  # (the first forward of the token)
             self._lr_scales[idx] = checked_lr_scale(self.objective, k.detach(), v.detach())
         dk, dv = pair
@@ -228,9 +228,8 @@ class LimeOptimizer:
             if not isinstance(heads, int) or not isinstance(head_dim, int):
                 raise TypeError(f"LimeConfig.activation_checkpoint: cannot read the head count and head_dim of "
                                 f"{type(attn).__name__} (layer {layer}). Set activation_checkpoint=False")
-            b, n = hidden_states.shape[:2]
-            shape = torch.empty(b, heads, n, head_dim, dtype=hidden_states.dtype, device=hidden_states.device)
-            pair = self._deltas[layer] = self._new_deltas(shape, shape)
+            shape = (*hidden_states.shape[:1], heads, hidden_states.shape[1], head_dim)
+            pair = self._deltas[layer] = self._new_deltas(shape, shape, hidden_states.dtype, hidden_states.device)
         return pair
 
     @contextlib.contextmanager
@@ -247,11 +246,13 @@ class LimeOptimizer:
             else:
                 self._deltas[layer] = previous
 
-    def _new_deltas(self, k: Tensor, v: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """Zero-initialised leaf perturbations shaped like ``k`` and ``v`` (those the config perturbs)."""
-        dt = self._dtype(k.dtype)
-        dk = torch.zeros(k.shape, dtype=dt, device=k.device, requires_grad=True) if "k" in self.config.perturb else None
-        dv = torch.zeros(v.shape, dtype=dt, device=v.device, requires_grad=True) if "v" in self.config.perturb else None
+    def _new_deltas(self, k_shape: Any, v_shape: Any, dtype: torch.dtype,
+                    device: torch.device) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """Zero-initialised leaf perturbations of the keys' and values' shapes (those the config perturbs), in
+        LIME's working dtype for a model computing in ``dtype``."""
+        dt = self._dtype(dtype)
+        dk = torch.zeros(k_shape, dtype=dt, device=device, requires_grad=True) if "k" in self.config.perturb else None
+        dv = torch.zeros(v_shape, dtype=dt, device=device, requires_grad=True) if "v" in self.config.perturb else None
         return dk, dv
 
     def _masked(self, delta: Tensor) -> Tensor:
@@ -260,7 +261,7 @@ class LimeOptimizer:
 
     def _dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype of LIME's own tensors for a model computing in ``dtype`` (``precision``)."""
-        return dtype if self.config.precision == "model" else _work_dtype(dtype)
+        return work_dtype(dtype, self.config.precision)
 
     def _work(self, t: Tensor) -> Tensor:
         return t.to(self._dtype(t.dtype))
@@ -284,7 +285,7 @@ class LimeOptimizer:
                 seen["logits"], seen["target"] = logits, pick(logits.detach())
                 if step is not None:
                     self._event("decode", step)
-            z = self._explained(logits, seen["target"].to(logits.device))
+            z = checked_explained(self.objective, logits, seen["target"].to(logits.device))
             if with_relevance and not bool(torch.isfinite(z.detach()).all()):
                 raise FloatingPointError("the explained logit is NaN/inf; check the model's dtype and the perturbation "
                                          "(lr)")
@@ -304,15 +305,6 @@ class LimeOptimizer:
         if not create_graph:
             rel = rel.detach()
         return _StepOut(seen["logits"], rel, seen["target"], res.output.detach())
-
-    def _explained(self, logits: Tensor, target: Tensor) -> Tensor:
-        """The objective's explained scalar per row, checked to be ``[B]`` floating point."""
-        z = self.objective.explained(logits, target)
-        if not isinstance(z, Tensor) or z.shape != target.shape or not z.is_floating_point():
-            got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
-            raise ValueError(f"objective {self.objective!r}: explained(logits, target) must return a floating "
-                             f"tensor of shape {tuple(target.shape)} (one scalar per row), got {got}")
-        return z
 
     def _perturbations(self) -> list[Tensor]:
         """The current Delta_K / Delta_V tensors (what the exact relevance is differentiated w.r.t.)."""
@@ -491,7 +483,7 @@ class LimeOptimizer:
     def _record_step(self, st: "_TokenState", out: _StepOut, s: int) -> Tensor:
         """The step's losses per row (with graph), written to the token's record."""
         cfg, rec = self.config, st.rec
-        rel_loss, kl = self._losses(out, st.log_ref, st.mod_f, st.valid, st.counts)
+        rel_loss, kl = self._losses(out, st.log_ref, st.mod_f, st.valid)
         loss_rows = rel_loss + cfg.kl_weight * kl
         rec.losses.append(loss_rows.detach().tolist())
         rec.rel_losses.append(rel_loss.detach().tolist())
@@ -578,25 +570,12 @@ class LimeOptimizer:
             st.rec.relevance_after = fin.relevance.detach().cpu()
         return fin.logits.detach()
 
-    def _losses(self, out: _StepOut, log_ref: Tensor, mod_f: Tensor, valid: Tensor, counts: Optional[Tensor] = None):
-        """``(relevance loss, KL)`` per row: the objective's relevance loss and the KL to the reference.
-
-        ``mod_f``: the perceptual positions (0 / 1); ``counts`` is not needed (the objective counts
-        :math:`|M|` itself) and kept for callers that pass it.
-        """
-        cfg = self.config
-        valid = valid.bool()
-        rel_loss = self.objective.relevance_loss(out.relevance, mod_f.bool(), valid, cfg.temperature)
-        if not isinstance(rel_loss, Tensor) or rel_loss.shape != out.relevance.shape[:1]:
-            got = tuple(rel_loss.shape) if isinstance(rel_loss, Tensor) else type(rel_loss).__name__
-            raise ValueError(f"objective {self.objective!r}: relevance_loss must return a tensor of shape "
-                             f"{tuple(out.relevance.shape[:1])} (one loss per row), got {got}")
-        log_delta = F.log_softmax(out.logits, -1)
-        if cfg.kl_direction == "ref||delta":
-            kl = (log_ref.exp() * (log_ref - log_delta)).sum(-1)
-        else:
-            kl = (log_delta.exp() * (log_delta - log_ref)).sum(-1)
-        return rel_loss, kl
+    def _losses(self, out: _StepOut, log_ref: Tensor, mod_f: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """``(relevance loss, KL)`` per row: the objective's relevance loss and the KL to the reference
+        (``mod_f``: the perceptual positions, 0 / 1)."""
+        rel_loss = checked_relevance_loss(self.objective, out.relevance, mod_f.bool(), valid.bool(),
+                                          self.config.temperature)
+        return rel_loss, kl_to_reference(log_ref, out.logits, self.config.kl_direction)
 
 
 _NO_CARRIERS = ("LIME takes relevance at the input embeddings; first-layer rules (flat / wsquare / zbox) that need "
@@ -616,10 +595,22 @@ def _prefix(model_kwargs: dict, length: int, n: int) -> dict:
     return out
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of LIME's own tensors (perturbations, logits, relevance, losses): float32, or float64 for a
-    float64 model (so that the loop can be checked against finite differences)."""
+def work_dtype(dtype: torch.dtype, precision: str = "float32") -> torch.dtype:
+    """The dtype of LIME's own tensors (perturbations, logits, relevance, losses) for a model computing in
+    ``dtype``: float32, or float64 for a float64 model (so that the loop can be checked against finite
+    differences); the model's own with ``precision="model"``."""
+    if precision == "model":
+        return dtype
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kl_to_reference(log_ref: Tensor, logits: Tensor, direction: str) -> Tensor:
+    """LIME's KL term per row between the reference log-probabilities and those of ``logits``
+    (``LimeConfig.kl_direction``: ``"ref||delta"`` as the reference code, or ``"delta||ref"``)."""
+    log_delta = F.log_softmax(logits, -1)
+    if direction == "ref||delta":
+        return (log_ref.exp() * (log_ref - log_delta)).sum(-1)
+    return (log_delta.exp() * (log_delta - log_ref)).sum(-1)
 
 
 class _InnerOptimizer:
