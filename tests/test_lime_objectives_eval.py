@@ -110,3 +110,29 @@ def test_the_success_verdict_is_the_pre_registered_criterion():
     assert not _merged(drop_yes=0.015)["verdict"]["success"]  # 1.5 points lost on consistent_yes
     assert _merged(drop_yes=0.01)["verdict"]["success"]  # 1 point is allowed
     assert _merged()["holm_family"] == 8
+
+
+def test_the_recommendations_evidence_quotes_the_committed_results():
+    """Every count and p-value the evidence strings quote is in docs/benchmarks/lime_eval_test.json."""
+    import json
+    import re
+    from pathlib import Path
+
+    from lime_attr.mitigation.recommended import RECOMMENDATIONS
+
+    merged = json.loads((Path(__file__).parents[1] / "docs/benchmarks/lime_eval_test.json").read_text())
+    cells = {(key.split("|")[0], key.split("|")[1], cond): cell for key, per in merged["results"].items()
+             for cond, cell in per.items() if isinstance(cell, dict) and "fixed" in cell}
+    tones = RECOMMENDATIONS["tones-qwen2audio"][2]
+    fi = re.search(r"fixed (\d+) and introduced (\d+) conflict errors.*?Holm p=([0-9.e-]+)", tones)
+    cell = cells[("tones-qwen2audio", "paper@x10/autograd", "conflict")]
+    assert (int(fi[1]), int(fi[2])) == (cell["fixed"], cell["introduced"])
+    assert float(fi[3]) == float(f"{cell['holm_p']:.1e}")
+    assert re.search(r"introduced (\d+) on consistent_yes", tones)[1] == \
+        str(cells[("tones-qwen2audio", "paper@x10/autograd", "consistent_yes")]["introduced"])
+    pub = cells[("tones-qwen2audio", "published-reference", "conflict")]
+    assert f"published settings fixed {pub['fixed']}/{pub['introduced']} conflict" in tones
+    digits = cells[("digits-llava", "published-reference", "conflict")]
+    assert f"changed {digits['fixed']}/{digits['introduced']} (fixed/introduced) conflict" in \
+        RECOMMENDATIONS["digits-llava"][2]
+    assert merged["verdict"]["success"] is False  # the caveat the evidence strings state
