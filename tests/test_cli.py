@@ -171,3 +171,35 @@ def test_demo_quick_writes_its_outputs_and_measures_lime_shares(tmp_path):
     for r in rows:
         assert r["label"] == "no" and any(prior.partner_of(o) == r["object"] for o in r["present"])
         assert math.isfinite(r["share_before"]) and math.isfinite(r["share_after"])
+
+
+def test_generate_takes_the_lime_objective_recommended_and_fields(scene, tmp_path, capsys):
+    path, q = scene
+    out_file = tmp_path / "answer.json"
+    rc = main(["generate", "--model", "builtin:digits-llava", "--image", str(path), "--prompt", q.question,
+               "--method", "lime", "--lime-recommended", "--lime-objective", "decision", "--lime-set", "lr=0.003",
+               "--lime-set", "confidence_gate=null", "--max-new-tokens", "1", "--output", str(out_file)])
+    assert rc == 0
+    decoding = json.loads(out_file.read_text())["decoding"]
+    assert decoding["lime_overrides"] == {"lr": 0.003, "confidence_gate": None, "objective": "decision"}
+    assert decoding["method_options"] == {"recommended": True}
+    from lime_attr.generation import DecodingConfig
+    from lime_attr.models import load_builtin
+
+    cfg = DecodingConfig(method="lime", lime_overrides=decoding["lime_overrides"],
+                         method_options={"recommended": True}).method_config()
+    lime = cfg.lime_config(load_builtin("digits-llava")[0])
+    assert (lime.objective, lime.lr, lime.confidence_gate, lime.mode) == ("decision", 0.003, None, "fast")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lime-set", "lr"], "expected FIELD=VALUE"),
+    (["--lime-set", "no_such_field=1"], "no_such_field"),
+    (["--lime-set", "second_order=cubic"], "second_order"),
+    (["--method", "greedy", "--lime-objective", "decision"], "apply to --method lime only"),
+])
+def test_generate_rejects_bad_lime_flags_before_loading(scene, extra, message, capsys):
+    path, q = scene
+    argv = ["generate", "--model", "builtin:digits-llava", "--image", str(path), "--prompt", q.question]
+    rc = main(argv + (["--method", "lime"] if "--method" not in extra else []) + extra)
+    assert rc == 2 and message in capsys.readouterr().err

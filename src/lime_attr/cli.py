@@ -159,14 +159,44 @@ def _check_positive(value: Optional[int], flag: str) -> None:
         raise CLIError(f"{flag} must be a positive integer, got {value}")
 
 
+def _lime_options(args: argparse.Namespace, method: str) -> tuple[dict, dict]:
+    """``(lime_overrides, method_options)`` from the ``--lime-*`` flags (clear errors for misuse)."""
+    overrides: dict = {}
+    for item in args.lime_set:
+        field_name, sep, raw = item.partition("=")
+        if not sep or not field_name.strip():
+            raise CLIError(f"--lime-set {item!r}: expected FIELD=VALUE, e.g. --lime-set lr=3e-3")
+        try:
+            overrides[field_name.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[field_name.strip()] = raw
+    if args.lime_objective is not None:
+        overrides["objective"] = args.lime_objective
+    used = [flag for flag, on in (("--lime-set", args.lime_set), ("--lime-objective", args.lime_objective),
+                                  ("--lime-recommended", args.lime_recommended)) if on]
+    if used and method != "lime":
+        raise CLIError(f"{', '.join(used)} apply to --method lime only (this run uses --method {method})")
+    if overrides:
+        from .mitigation import LimeConfig
+
+        try:  # the values are checked now, before a model loads
+            LimeConfig(**{"mode": args.lime_mode, **overrides}).validate()
+        except (ValueError, TypeError) as exc:
+            raise CLIError(f"--lime-set / --lime-objective: {exc}") from exc
+    return overrides, ({"recommended": True} if args.lime_recommended else {})
+
+
 def _decoding(args: argparse.Namespace, method: Optional[str] = None):
     from .generation import DecodingConfig
 
+    method = method or args.method
+    overrides, options = _lime_options(args, method)
     try:
-        return DecodingConfig(method=method or args.method, max_new_tokens=args.max_new_tokens,
+        return DecodingConfig(method=method, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              seed=args.seed, lime_mode=args.lime_mode)
-    except ValueError as exc:
+                              seed=args.seed, lime_mode=args.lime_mode, lime_overrides=overrides,
+                              method_options=options)
+    except (ValueError, TypeError) as exc:
         raise CLIError(str(exc)) from exc
 
 
@@ -420,12 +450,21 @@ def _add_model_args(p: argparse.ArgumentParser, media: bool = True) -> None:
 def _add_decoding_args(p: argparse.ArgumentParser, method_required: bool = False) -> None:
     from .mitigation import available_decoding_methods, get_decoding_method
     from .mitigation.lime_method import LIME_MODES
+    from .mitigation.objectives import available_objectives
 
     names = available_decoding_methods()  # the registry: a registered method is a choice here
     described = [f"{n}: {get_decoding_method(n).description}" for n in names if get_decoding_method(n).description]
     p.add_argument("--method", default="greedy", choices=names,
                    help="; ".join(["decoding method (default greedy)", *described]).replace("%", "%%"))
     p.add_argument("--lime-mode", default="fast", choices=list(LIME_MODES))
+    p.add_argument("--lime-objective", default=None, choices=list(available_objectives()),
+                   help="with --method lime: the relevance objective (default: the paper's; docs: lime_objectives)")
+    p.add_argument("--lime-recommended", action="store_true",
+                   help="with --method lime: start from LimeConfig.recommended(model) instead of the paper's preset "
+                        "(docs: lime_evaluation)")
+    p.add_argument("--lime-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="with --method lime: set a LimeConfig field, e.g. --lime-set lr=3e-3 --lime-set "
+                        "second_order=exact (VALUE is read as JSON, else as a string); repeatable")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)

@@ -47,7 +47,7 @@ class DecodingConfig:
         Seed of the sampling generator.
     vcd_alpha, vcd_beta, vcd_noise_step : float, float, int
         VCD parameters (defaults of Leng et al., 2024: 1, 0.1, 500).
-    lime_mode : {"fast", "reference"}
+    lime_mode : {"fast", "reference", "incremental"}
     lime_overrides : dict
         Further :class:`~lime_attr.mitigation.LimeConfig` fields.
     method_options : dict

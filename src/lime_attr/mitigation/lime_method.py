@@ -34,6 +34,10 @@ class LimeMethodConfig(SamplingParams):
     mode : {"fast", "reference", "incremental"}
     overrides : mapping
         Further :class:`~lime_attr.mitigation.LimeConfig` fields (stored as a plain ``dict``).
+    recommended : bool
+        Start from :meth:`LimeConfig.recommended <lime_attr.mitigation.LimeConfig.recommended>` (the
+        configuration the evaluation recommends for the model, its evidence logged) instead of the
+        paper's preset :meth:`~lime_attr.mitigation.LimeConfig.for_model`; ``overrides`` apply on top.
     do_sample : bool
         Sample the emitted token with the :class:`~lime_attr.mitigation.sampling.SamplingParams`
         (default: greedy).
@@ -41,6 +45,7 @@ class LimeMethodConfig(SamplingParams):
 
     mode: str = "fast"
     overrides: Mapping = field(default_factory=dict)
+    recommended: bool = False
     do_sample: bool = False
 
     def __post_init__(self) -> None:
@@ -55,10 +60,13 @@ class LimeMethodConfig(SamplingParams):
         if unknown:
             raise ValueError(f"LIME overrides {unknown} are not LimeConfig fields; known: {', '.join(sorted(known))}")
         object.__setattr__(self, "overrides", dict(self.overrides))
+        if not isinstance(self.recommended, bool):
+            raise TypeError(f"LIME recommended must be a bool, got {self.recommended!r}")
 
     def lime_config(self, model: nn.Module) -> LimeConfig:
         """The :class:`~lime_attr.mitigation.LimeConfig` this decoding runs on ``model``."""
-        return LimeConfig.for_model(model, mode=self.mode, **self.overrides)
+        start = LimeConfig.recommended if self.recommended else LimeConfig.for_model
+        return start(model, **{"mode": self.mode, **self.overrides})
 
 
 def lime_method_generate(model: nn.Module, processor: Any, inputs: Mapping[str, Any],
