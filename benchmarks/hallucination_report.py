@@ -34,7 +34,7 @@ Layout of ``hallucination.json``::
     conditions.<name>              status (ok | skipped), reason, corruption spec per model
     models.<model>
         info                       class, parameters, modality, pope scorer, parser, positive class
-        lime_config.<method>       the full LimeConfig of each LIME method (dataclasses.asdict)
+        lime_config.<method>       the full LimeConfig of each LIME method (LimeConfig.to_dict)
         conditions.<condition>
             status / reason, n_pope_per_split, n_descriptions
             labels.<split>         the questions' labels, in question order
@@ -63,7 +63,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Sequence
 
@@ -914,7 +914,7 @@ def run_report(settings: Settings, out_dir: Path | str, page: Optional[Path | st
         lime_cfgs = {m: lime_config(model, m) for m in settings.methods if m.startswith("lime-")}
         entry: dict[str, Any] = {
             "info": _model_info(model, model_name),
-            "lime_config": {m: _common.clean_json(asdict(c)) for m, c in lime_cfgs.items()},
+            "lime_config": {m: c.to_dict() for m, c in lime_cfgs.items()},  # the objective by name
             "conditions": {},
         }
         for cond, meta in conditions.items():

@@ -34,6 +34,7 @@ def test_json_structure(report: tuple[dict, Path]) -> None:
     model = rep["models"]["digits-llava"]
     assert model["lime_config"]["lime-reference"]["mode"] == "reference"
     assert model["lime_config"]["lime-fast"]["mode"] == "fast"
+    assert model["lime_config"]["lime-fast"]["objective"] == "paper"  # the objective by name, not its fields
     cond = model["conditions"]["clean"]
     assert cond["status"] == "ok"
     assert set(cond["pope"]) == {"adversarial"}
