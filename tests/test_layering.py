@@ -20,7 +20,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lime_attr"
 
 #: bottom to top; a unit is a top-level module or package of lime_attr ("__init__" is the package root)
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "context", "specs", "installer"),
+    ("errors", "context", "specs", "installer", "strict_json"),
     ("model_checks", "rules"),
     ("sites", "ops", "interop"),
     ("composites", "canonizers"),

@@ -15,7 +15,8 @@
 Every result records the full configuration passed by the caller and, for yes/no benchmarks, the
 answer parser, because published numbers differ by several points with either.
 """
-from lime_attr.evaluation._common import EvaluationDataError, jsonable
+from lime_attr.evaluation._common import EvaluationDataError
+from lime_attr.strict_json import jsonable
 from lime_attr.evaluation.audio_qa import (
     AUDIO_QA_SAMPLINGS,
     AudioQAItem,

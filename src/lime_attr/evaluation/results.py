@@ -24,7 +24,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from lime_attr.evaluation._common import PathLike, ensure_parent, jsonable
+from lime_attr.evaluation._common import PathLike, ensure_parent
+from lime_attr.strict_json import jsonable
 
 __all__ = ["EvalResult", "BinaryQAResult", "ChairResult", "write_json", "write_csv", "result_from_dict"]
 

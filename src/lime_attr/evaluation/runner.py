@@ -29,7 +29,8 @@ from typing import Any, Optional
 
 from tqdm.auto import tqdm
 
-from lime_attr.evaluation._common import PathLike, ensure_parent, jsonable
+from lime_attr.evaluation._common import PathLike, ensure_parent
+from lime_attr.strict_json import jsonable
 from lime_attr.evaluation.results import EvalResult
 from lime_attr.evaluation.sharding import (
     DistInfo,

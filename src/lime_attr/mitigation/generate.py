@@ -35,7 +35,8 @@ from .attention import switch_attention
 from .cache import cache_kwargs, output_cache
 from .incremental import IncrementalOptimizer, KVCacheState
 from .optimizer import LimeOptimizer, language_decoder
-from .records import TokenRecord, jsonable
+from ..strict_json import jsonable
+from .records import TokenRecord
 
 __all__ = ["lime_generate", "LimeOutput", "modality_positions", "check_sampling_params"]
 

@@ -8,27 +8,15 @@ JSON (:meth:`TokenRecord.to_dict`: NaN and infinities become null).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["TokenRecord", "StepRecord", "jsonable"]
+from ..strict_json import jsonable
 
-
-def jsonable(value: Any) -> Any:
-    """``value`` with tensors as lists and every non-finite float as None (strict JSON)."""
-    if isinstance(value, Tensor):
-        value = value.detach().cpu().tolist()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
+__all__ = ["TokenRecord", "StepRecord"]
 
 
 @dataclass
