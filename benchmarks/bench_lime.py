@@ -17,7 +17,9 @@ own), on one CPU thread, and every ratio is to greedy measured in the same run.
 * ``lime-fast-cached``: ``lime-fast-nogate`` with the incremental (approximate) emission;
 * ``lime-fast-1``: ``lime-fast`` with one update (``fast_updates=1``) carrying the same total step;
 * ``lime-reference-ckpt``, ``lime-fast-nogate-ckpt``: those decoders with LIME's activation checkpoint
-  (``activation_checkpoint=True``);
+  (``activation_checkpoint=True``; on CPU it releases freed heap pages before each layer's recomputation,
+  ``release_heap=True``);
+* ``lime-fast-nogate-ckpt-keepheap``: ``lime-fast-nogate-ckpt`` with ``release_heap=False``;
 * ``lime-incremental``: ``mode="incremental"`` (issue 15's cheap variant: relevance along the KV-cache path,
   Delta on the current query's reads, every token optimised, one update carrying the total step);
 * ``lime-incremental-2``: the same with two updates (``fast_updates=2``).
@@ -65,7 +67,8 @@ import torch
 from benchmarks._common import Stopwatch, machine_line, max_rss_mb, rss_mb, write_json
 
 DECODERS = ("greedy", "vcd", "lime-reference", "lime-fast", "lime-fast-nogate", "lime-fast-v1", "lime-fast-cached",
-            "lime-fast-1", "lime-reference-ckpt", "lime-fast-nogate-ckpt", "lime-incremental", "lime-incremental-2")
+            "lime-fast-1", "lime-reference-ckpt", "lime-fast-nogate-ckpt", "lime-fast-nogate-ckpt-keepheap", "lime-incremental",
+            "lime-incremental-2")
 TASK_DECODERS = ("greedy", "lime-reference", "lime-fast", "lime-fast-nogate")
 TASK_MODELS = ("digits-llava", "tones-qwen2audio")
 
@@ -86,6 +89,8 @@ def lime_configs(model: Any = None, lr_factor: float = 1.0) -> dict:
         "lime-fast-1": base.replace(mode="fast", fast_updates=1),  # one update at (steps - 1) x lr
         "lime-reference-ckpt": base.replace(mode="reference", activation_checkpoint=True),
         "lime-fast-nogate-ckpt": base.replace(mode="fast", confidence_gate=None, activation_checkpoint=True),
+        "lime-fast-nogate-ckpt-keepheap": base.replace(mode="fast", confidence_gate=None, activation_checkpoint=True,
+                                                       release_heap=False),
         # the cheap variant (issue 15): one position over the KV cache, every token optimised (no gate)
         "lime-incremental": base.replace(mode="incremental"),  # 1 update at (steps - 1) x lr
         "lime-incremental-2": base.replace(mode="incremental", fast_updates=2),

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import functools
+import platform
 
 import pytest
 import torch
@@ -75,6 +76,30 @@ def test_fast_mode_with_and_without_checkpoint_agree(perturb):
                                                                       activation_checkpoint=ck),
                           max_new_tokens=3, modality_mask=SPAN) for ck in (False, True)]
     _records_agree(*runs)
+
+
+def test_heap_release_runs_before_each_recomputation_and_changes_no_number(monkeypatch):
+    """``release_heap`` (default on) calls ``malloc_trim`` before each CPU recomputation: three per layer and
+    update (the relevance node's forward, its double backward, the KL term's first-order backward); off, never.
+    The records are the same either way."""
+    import lime_attr.mitigation.checkpoint as checkpoint
+    from lime_attr.mitigation.heap import heap_release_available, release_freed_heap
+
+    calls = []
+    monkeypatch.setattr(checkpoint, "release_freed_heap", lambda: calls.append(1) or release_freed_heap())
+    model = _llama(layers=3)
+    ids = torch.randint(1, 64, (1, 10), generator=torch.Generator().manual_seed(2))
+    runs = []
+    for release in (True, False):
+        calls.clear()
+        cfg = LimeConfig(mode="fast", lr=0.05, confidence_gate=None, fast_updates=2, record="steps",
+                         activation_checkpoint=True, release_heap=release)
+        runs.append(lime_generate(model, None, {"input_ids": ids}, cfg, max_new_tokens=2, modality_mask=SPAN))
+        assert len(calls) == (2 * 2 * 3 * 3 if release else 0)  # tokens x updates x layers x recomputations
+    _records_agree(*runs, rtol=0.0)
+    assert isinstance(release_freed_heap(), bool)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert heap_release_available()
 
 
 def test_mrope_model_with_and_without_checkpoint_agree(qwen2vl):
@@ -163,6 +188,7 @@ def test_layers_are_restored_exactly_and_parameters_untouched():
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(activation_checkpoint="yes"), TypeError, "activation_checkpoint must be a bool"),
     (dict(activation_checkpoint=True, second_order="exact"), ValueError, "second_order='autograd' only"),
+    (dict(activation_checkpoint=True, release_heap="auto"), TypeError, "release_heap must be a bool"),
 ])
 def test_bad_settings_are_clear_errors(kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -178,6 +178,13 @@ class LimeConfig:
         memory of an inner step no longer grows with the whole sequence's graphs, at the cost of
         recomputing each layer (``docs/lime.rst``, "Memory"). Needs ``second_order="autograd"``. The
         numbers are the same as without it. Off by default.
+    release_heap : bool
+        With ``activation_checkpoint`` on CPU: before each layer's recomputation, give the pages of freed
+        heap memory back to the operating system (:mod:`lime_attr.mitigation.heap`, glibc's
+        ``malloc_trim(0)``; it changes no allocator setting, and does nothing where the C library has no
+        ``malloc_trim``). Without it glibc keeps about 1 GB of freed recomputation buffers resident on the
+        1B benchmark model (``docs/lime.rst``, "Memory"). On by default; no effect without the checkpoint
+        or on CUDA.
     objective : str or Objective
         What is explained, which relevance loss is minimised and how the inner lr is scaled
         (:mod:`lime_attr.mitigation.objectives`): a name of
@@ -216,6 +223,7 @@ class LimeConfig:
     record: Optional[str] = None
     top_k_logits: int = 5
     activation_checkpoint: bool = False
+    release_heap: bool = True
     objective: Union[str, Objective] = DEFAULT_OBJECTIVE
 
     def __post_init__(self) -> None:
@@ -282,6 +290,8 @@ class LimeConfig:
                              f"{self.patience!r}")
         if isinstance(self.top_k_logits, bool) or not isinstance(self.top_k_logits, int) or self.top_k_logits < 1:
             raise ValueError(f"LimeConfig.top_k_logits must be an int >= 1, got {self.top_k_logits!r}")
+        if not isinstance(self.release_heap, bool):
+            raise TypeError(f"LimeConfig.release_heap must be a bool, got {self.release_heap!r}")
         if not isinstance(self.activation_checkpoint, bool):
             raise TypeError(f"LimeConfig.activation_checkpoint must be a bool, got {self.activation_checkpoint!r}")
         if self.activation_checkpoint and self.second_order == "exact":

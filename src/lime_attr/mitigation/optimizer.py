@@ -171,7 +171,7 @@ class LimeOptimizer:
                 stack.callback(transform.remove)
                 if self.config.activation_checkpoint:
                     self._checkpoint = stack.enter_context(LayerCheckpoint(
-                        self._layers, self.layer_ids, self, scope).installed())
+                        self._layers, self.layer_ids, self, scope, self.config.release_heap).installed())
                 self._in_session = True
                 try:
                     yield self
