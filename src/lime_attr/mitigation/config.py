@@ -90,8 +90,8 @@ class LimeConfig:
         position is computed over the unperturbed KV cache, the relevance of an earlier position is what flows
         into its cached keys and values, :math:`\Delta` acts only on what the current query reads, every token is
         optimised (no gate) with fast mode's compressed schedule and emitted after the last update. It
-        supports ``second_order="autograd"`` only, no confidence / share gate, no early stopping, no
-        ``final_relevance``, and ``emit`` ``"auto"`` (= ``"final"``) or ``"last_forward"`` (``docs/lime.rst``,
+        supports ``second_order="autograd"`` or ``"frozen"`` (one first-order update per token), no
+        confidence / share gate, no early stopping, no ``final_relevance``, and ``emit`` ``"auto"`` (= ``"final"``) or ``"last_forward"`` (``docs/lime.rst``,
         "Incremental mode").
     emit : {"auto", "final", "last_forward", "cached"}
         Which logits the emitted token comes from. ``"last_forward"``: the logits of the last inner
