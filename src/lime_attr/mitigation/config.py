@@ -91,8 +91,8 @@ class LimeConfig:
         into its cached keys and values, :math:`\Delta` acts only on what the current query reads, every token is
         optimised (no gate) with fast mode's compressed schedule and emitted after the last update. It
         supports ``second_order="autograd"`` or ``"frozen"`` (one first-order update per token), no
-        confidence / share gate, no early stopping, no ``final_relevance``, and ``emit`` ``"auto"`` (= ``"final"``) or ``"last_forward"`` (``docs/lime.rst``,
-        "Incremental mode").
+        confidence / share gate, no early stopping, no ``final_relevance``, and ``emit`` ``"auto"`` (=
+        ``"final"``) or ``"last_forward"`` (``docs/lime.rst``, "Incremental mode").
     emit : {"auto", "final", "last_forward", "cached"}
         Which logits the emitted token comes from. ``"last_forward"``: the logits of the last inner
         forward, i.e. *before* the last update (the reference code's behaviour); ``"final"``: one more
@@ -311,9 +311,9 @@ class LimeConfig:
         unsupported = {"second_order": (self.second_order == "exact", "the exact second order does not take the "
                                         "cache entries as inputs; use second_order='autograd' or 'frozen', or "
                                         "mode='fast'"),
-                       "fast_updates": (frozen and schedule_ok and self.schedule[0] > 1, "second_order='frozen' takes one update per "
-                                        "token (its KL gradient is that at Delta = 0, i.e. 0); use fast_updates=1 or "
-                                        "'auto', or second_order='autograd'"),
+                       "fast_updates": (frozen and schedule_ok and self.schedule[0] > 1, "second_order='frozen' "
+                                        "takes one update per token (its KL gradient is that at Delta = 0, i.e. 0); "
+                                        "use fast_updates=1 or 'auto', or second_order='autograd'"),
                        "delta_placement": (frozen and self.delta_placement == "after_rule", "second_order='frozen' "
                                            "adds Delta where its relevance probe is, before the attention rule (the "
                                            "rule only scales gradients); use 'auto' or 'before_rule'"),

@@ -25,7 +25,10 @@ computed, over the unperturbed KV cache of the positions before it:
   loss over positions :math:`0..t` plus ``kl_weight`` times the
   KL to the unperturbed next-token distribution (which the first inner forward, at :math:`\Delta = 0`,
   gives); its gradient reaches :math:`\Delta` by autograd's double backward (``second_order="autograd"``;
-  ``"exact"`` is refused: the engine's exact second order does not take the cache entries as inputs).
+  ``"exact"`` is refused: the engine's exact second order does not take the cache entries as inputs), or,
+  with ``second_order="frozen"``, from the first-order relevance backward alone, the rule gradient held
+  constant (one update; :mod:`lime_attr.mitigation.first_order`), the emission forward then running
+  without gradients.
 * **The cache** keeps the unperturbed keys and values: every forward runs on a fresh
   :class:`~transformers.DynamicCache` built from them (:class:`KVCacheState`), and the current position's
   entries are taken, detached, from the first inner forward (where :math:`\Delta = 0`).
@@ -427,7 +430,8 @@ class IncrementalOptimizer:
     def _frozen_step(self, tok: _Token, state: KVCacheState, x: Tensor, model_kwargs: dict,
                      lr: float) -> tuple[Tensor, Tensor, KVCacheState, TokenRecord]:
         """``second_order="frozen"``: one relevance forward + first-order backward at Delta = 0, the update
-        Delta = step((dL/dR_j) g_j) (:mod:`.first_order`), then the emission forward without gradients."""
+        Delta = step((dL/dR_j) g_j) (:mod:`lime_attr.mitigation.first_order`), then the emission forward
+        without gradients."""
         self._probe_layers.clear()
         out = self._forward(state, x, model_kwargs, tok.pick, with_relevance=True, create_graph=False)
         self._first(tok, out)
