@@ -136,3 +136,32 @@ def test_the_recommendations_evidence_quotes_the_committed_results():
     assert f"changed {digits['fixed']}/{digits['introduced']} (fixed/introduced) conflict" in \
         RECOMMENDATIONS["digits-llava"][2]
     assert merged["verdict"]["success"] is False  # the caveat the evidence strings state
+
+
+def test_the_frozen_grid_is_the_first_cheap_variants_lrs_and_selects_like_it():
+    frozen = ev.grid("incremental", "frozen")
+    assert [(s.objective, s.lr_factor) for s in frozen] == [(s.objective, s.lr_factor) for s in ev.grid("incremental")]
+    assert {s.second_order for s in frozen} == {"frozen"} and frozen[0].name == "incremental:paper@x1/frozen"
+    cfg = frozen[0].config("llava")
+    assert cfg.mode == "incremental" and cfg.second_order == "frozen" and cfg.placement == "before_rule"
+    per = {s.name: _cell(net_conflict=3) for s in frozen}
+    assert ev.select(per, [s for s in frozen if s.objective == "paper"]).lr_factor == 1.0  # ties: the smaller lr
+
+
+def _cheap_merged(net_conflict, net_control, cost):
+    cells = {c: {"net": 0, "cpu_ratio": cost} for c in ev.CONDITIONS}
+    cells["conflict"]["net"], cells["control"]["net"] = net_conflict, net_control
+    return {"results": {"tones-qwen2audio|m": cells, "digits-llava|m": cells}}
+
+
+@pytest.mark.parametrize("net_conflict, net_control, cost, within, keeps", [
+    (44, 0, 3.0, True, True),  # 44 >= 0.9 * 48 = 43.2, and exactly 3x
+    (43, 0, 2.0, True, False),
+    (40, 5, 3.01, False, True),
+])
+def test_the_cheap_variants_judgement(net_conflict, net_control, cost, within, keeps):
+    j = ev.cheap_judgement(_cheap_merged(net_conflict, net_control, cost), "tones-qwen2audio", "m")
+    assert (j["within_cost"], j["keeps_fixes"], j["meets"]) == (within, keeps, within and keeps)
+    assert j["needed_net"] == pytest.approx(43.2)
+    d = ev.cheap_judgement(_cheap_merged(0, 0, 2.0), "digits-llava", "m")
+    assert d["keeps_fixes"] and d["meets"]  # the best objective's net on digits-llava is 0

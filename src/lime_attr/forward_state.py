@@ -42,6 +42,8 @@ class ScopeState:
         self._carriers: list[tuple[Tensor, Tensor]] = []
         self._attention: dict[int, Rule] = {}
         self._transforms: dict[str, list[Callable]] = {"before_rule": [], "after_rule": []}
+        #: the transforms added with ``also_without_grad=True`` (they also run in no-grad forwards)
+        self._no_grad_transforms: dict[str, list[Callable]] = {"before_rule": [], "after_rule": []}
         self._op_rule_cache: dict[tuple, Optional[Rule]] = {}
         self._active = False
         self._mode: Optional[RuleMode] = None  # the op mode while it runs
@@ -75,7 +77,8 @@ class ScopeState:
         """The attention rule for an attention module (used by canonizers' attention functions)."""
         return self._attention.get(id(module))
 
-    def add_attention_transform(self, transform: Callable, *, stage: str = "before_rule") -> "TransformHandle":
+    def add_attention_transform(self, transform: Callable, *, stage: str = "before_rule",
+                                also_without_grad: bool = False) -> "TransformHandle":
         """Run ``transform(module, q, k, v, kwargs) -> (q, k, v)`` on every attention call of this scope.
 
         Parameters
@@ -89,6 +92,12 @@ class ScopeState:
             scaling (AttnLRP: q, k by 1/4, v by 1/2) also acts on whatever the transform adds.
             ``"after_rule"``: between the rule and the kernel, so that what the transform adds receives the
             kernel's undivided gradient -- where the released LIME code adds its perturbations.
+        also_without_grad : bool
+            ``False`` (default): the transform runs only in forwards with gradients enabled (a no-grad forward
+            inside the scope is the plain model). ``True``: it also runs when gradients are disabled
+            (``torch.no_grad()``), where the attention rule is skipped (rules change gradients only) and the
+            other transforms of the stage are not run -- e.g. to apply a fixed perturbation in a cheap
+            no-grad forward.
 
         Returns
         -------
@@ -101,13 +110,23 @@ class ScopeState:
                             f"(q, k, v), got {transform!r}")
         if stage not in self._transforms:
             raise ValueError(f"unknown attention-transform stage {stage!r}; use one of {sorted(self._transforms)}")
-        self._transforms[stage].append(transform)
-        return TransformHandle(self._transforms[stage], transform)
+        if not isinstance(also_without_grad, bool):
+            raise TypeError(f"also_without_grad must be a bool, got {also_without_grad!r}")
+        lists = [self._transforms[stage]] + ([self._no_grad_transforms[stage]] if also_without_grad else [])
+        for transforms in lists:
+            transforms.append(transform)
+        return TransformHandle(lists, transform)
+
+    @property
+    def has_no_grad_transforms(self) -> bool:
+        """Whether an attention transform was added with ``also_without_grad=True`` (and not removed)."""
+        return any(self._no_grad_transforms.values())
 
     def transform_attention(self, module: nn.Module, q: Tensor, k: Tensor, v: Tensor, kwargs: dict,
-                            stage: str = "before_rule") -> tuple:
-        """``(q, k, v)`` after every attention transform of this scope at ``stage``."""
-        for transform in self._transforms[stage]:
+                            stage: str = "before_rule", grad: bool = True) -> tuple:
+        """``(q, k, v)`` after every attention transform of this scope at ``stage`` (with ``grad=False``: only
+        those added with ``also_without_grad=True``)."""
+        for transform in (self._transforms if grad else self._no_grad_transforms)[stage]:
             q, k, v = transform(module, q, k, v, kwargs)
         return q, k, v
 
@@ -171,12 +190,13 @@ class TransformHandle:
     """Removable handle of an attention transform (see :meth:`LRPScope.add_attention_transform`)."""
 
     def __init__(self, transforms: list, transform: Callable) -> None:
-        self._transforms, self._transform = transforms, transform
+        self._lists, self._transform = transforms, transform
 
     def remove(self) -> None:
         """Take the transform out (no-op if it is already out)."""
-        if self._transform in self._transforms:
-            self._transforms.remove(self._transform)
+        for transforms in self._lists:
+            if self._transform in transforms:
+                transforms.remove(self._transform)
 
     def __enter__(self) -> "TransformHandle":
         return self

@@ -75,8 +75,17 @@ def _make_bridge(original: str) -> Callable:
                             attention_mask: Optional[torch.Tensor], **kwargs: Any):
         fn = _original_function(original, module)
         state = current_scope()
-        if state is None or not torch.is_grad_enabled():
+        if state is None:
             return fn(module, query, key, value, attention_mask, **kwargs)
+        if not torch.is_grad_enabled():  # no rule; only the transforms added with also_without_grad=True
+            if not getattr(state, "has_no_grad_transforms", False):
+                return fn(module, query, key, value, attention_mask, **kwargs)
+            kv_heads = key.shape[1]
+            for stage in ("before_rule", "after_rule"):
+                query, key, value = state.transform_attention(module, query, key, value, kwargs, stage=stage,
+                                                              grad=False)
+            kernel_module = module if key.shape[1] == kv_heads else _per_query_head(module, query, key)
+            return fn(kernel_module, query, key, value, attention_mask, **kwargs)
         kv_heads = key.shape[1]
         query, key, value = state.transform_attention(module, query, key, value, kwargs)
         rule = state.attention_rule(module)

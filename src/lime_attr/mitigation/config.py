@@ -37,7 +37,7 @@ _ENUMS = {
     "mode": ("reference", "fast", "incremental"),
     "emit": ("auto", "final", "last_forward", "cached"),
     "target": ("auto", "fixed", "per_step"),
-    "second_order": ("autograd", "exact"),
+    "second_order": ("autograd", "exact", "frozen"),
     "delta_heads": ("auto", "query", "kv"),
     "delta_placement": ("auto", "after_rule", "before_rule"),
     "precision": ("float32", "model"),
@@ -90,9 +90,9 @@ class LimeConfig:
         position is computed over the unperturbed KV cache, the relevance of an earlier position is what flows
         into its cached keys and values, :math:`\Delta` acts only on what the current query reads, every token is
         optimised (no gate) with fast mode's compressed schedule and emitted after the last update. It
-        supports ``second_order="autograd"`` only, no confidence / share gate, no early stopping, no
-        ``final_relevance``, and ``emit`` ``"auto"`` (= ``"final"``) or ``"last_forward"`` (``docs/lime.rst``,
-        "Incremental mode").
+        supports ``second_order="autograd"`` or ``"frozen"`` (one first-order update per token), no
+        confidence / share gate, no early stopping, no ``final_relevance``, and ``emit`` ``"auto"`` (=
+        ``"final"``) or ``"last_forward"`` (``docs/lime.rst``, "Incremental mode").
     emit : {"auto", "final", "last_forward", "cached"}
         Which logits the emitted token comes from. ``"last_forward"``: the logits of the last inner
         forward, i.e. *before* the last update (the reference code's behaviour); ``"final"``: one more
@@ -150,7 +150,13 @@ class LimeConfig:
         :mod:`lime_attr.attribution.exact`; docs: rules, "Differentiating relevance"), about 2.8x the CPU
         time per optimised token on the demo model digits-llava. In both settings the KL term's gradient
         is the same: the scope's rule-modified backward of the KL (as in the reference code), not its true
-        gradient (see ``docs/lime.rst``, "Exact second order").
+        gradient (see ``docs/lime.rst``, "Exact second order"). ``"frozen"`` (``mode="incremental"`` only, one
+        update per token): no second order at all -- the relevance of a cache entry is taken as that of the
+        *perturbed* entry, :math:`R_j = \sum (K_j + \Delta_j) \odot g_j`, and differentiated with the rule
+        gradient :math:`g_j` held constant, :math:`\partial L / \partial \Delta_j = (\partial L / \partial R_j)\,
+        g_j`, from the one first-order relevance backward (no ``create_graph``, no double backward; the KL
+        term's gradient is 0 at :math:`\Delta = 0`); the emission forward runs without gradients. A different
+        gradient from ``"autograd"``'s (``docs/lime.rst``, "Incremental mode", "First-order update").
     delta_heads : {"auto", "query", "kv"}
         Layout of :math:`\Delta`: ``"query"`` -- one slice per *query* head, after the grouped-query
         repeat, shape ``[batch, heads, seq, head_dim]``, as in the released code; ``"kv"`` -- one per
@@ -270,6 +276,10 @@ class LimeConfig:
             self.layers = tuple(layers)
         if self.mode == "incremental":
             self._check_incremental()
+        elif self.second_order == "frozen":
+            raise ValueError(f"LimeConfig.second_order='frozen' needs mode='incremental' (got mode={self.mode!r}): the "
+                             "first-order update differentiates the relevance of the cache entries; use "
+                             "second_order='autograd' or 'exact' in this mode")
         if self.emit == "cached" and (self.mode != "fast" or not self.kv_cache):
             raise ValueError("LimeConfig.emit='cached' needs mode='fast' and kv_cache=True (it reuses the KV cache)")
         for name in ("confidence_gate", "share_gate"):
@@ -305,8 +315,18 @@ class LimeConfig:
 
     def _check_incremental(self) -> None:
         """The options ``mode="incremental"`` does not have, refused by name."""
-        unsupported = {"second_order": (self.second_order != "autograd", "the exact second order does not take the "
-                                        "cache entries as inputs; use second_order='autograd' or mode='fast'"),
+        frozen = self.second_order == "frozen"
+        fu = self.fast_updates
+        schedule_ok = fu is None or fu == "auto" or (isinstance(fu, int) and not isinstance(fu, bool) and fu >= 1)
+        unsupported = {"second_order": (self.second_order == "exact", "the exact second order does not take the "
+                                        "cache entries as inputs; use second_order='autograd' or 'frozen', or "
+                                        "mode='fast'"),
+                       "fast_updates": (frozen and schedule_ok and self.schedule[0] > 1, "second_order='frozen' "
+                                        "takes one update per token (its KL gradient is that at Delta = 0, i.e. 0); "
+                                        "use fast_updates=1 or 'auto', or second_order='autograd'"),
+                       "delta_placement": (frozen and self.delta_placement == "after_rule", "second_order='frozen' "
+                                           "adds Delta where its relevance probe is, before the attention rule (the "
+                                           "rule only scales gradients); use 'auto' or 'before_rule'"),
                        "confidence_gate": (self.confidence_gate not in ("auto", None), "incremental mode optimises "
                                            "every token; use confidence_gate='auto' or None (or mode='fast')"),
                        "share_gate": (self.share_gate is not None, "incremental mode has no share gate; use None"),
@@ -364,7 +384,9 @@ class LimeConfig:
     @property
     def placement(self) -> str:
         """``"after_rule"`` or ``"before_rule"`` after resolving ``"auto"``."""
-        return "after_rule" if self.delta_placement == "auto" else self.delta_placement
+        if self.delta_placement == "auto":  # the frozen first-order update's Delta sits at its probe: before the rule
+            return "before_rule" if self.second_order == "frozen" else "after_rule"
+        return self.delta_placement
 
     @property
     def target_rule(self) -> str:

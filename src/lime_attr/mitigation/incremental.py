@@ -25,7 +25,10 @@ computed, over the unperturbed KV cache of the positions before it:
   loss over positions :math:`0..t` plus ``kl_weight`` times the
   KL to the unperturbed next-token distribution (which the first inner forward, at :math:`\Delta = 0`,
   gives); its gradient reaches :math:`\Delta` by autograd's double backward (``second_order="autograd"``;
-  ``"exact"`` is refused: the engine's exact second order does not take the cache entries as inputs).
+  ``"exact"`` is refused: the engine's exact second order does not take the cache entries as inputs), or,
+  with ``second_order="frozen"``, from the first-order relevance backward alone, the rule gradient held
+  constant (one update; :mod:`lime_attr.mitigation.first_order`), the emission forward then running
+  without gradients.
 * **The cache** keeps the unperturbed keys and values: every forward runs on a fresh
   :class:`~transformers.DynamicCache` built from them (:class:`KVCacheState`), and the current position's
   entries are taken, detached, from the first inner forward (where :math:`\Delta = 0`).
@@ -52,6 +55,7 @@ from ..modality import modality_share
 from .attention import switch_attention
 from .cache import cache_kwargs, output_cache
 from .config import LimeConfig
+from .first_order import first_step, frozen_gradient
 from .objectives import Objective, checked_explained, checked_lr_scale, checked_relevance_loss
 from .optimizer import decoder_layers, kl_to_reference, modality_focus, work_dtype
 from .records import TokenRecord, step_record
@@ -115,6 +119,7 @@ class CacheProbe:
         self.dtype = dtype
         self.active = False
         self.items: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        self.grads: list[Optional[Tensor]] = []  # the probes' gradients of the last relevance (K, V per item)
 
     def __enter__(self) -> "CacheProbe":
         self.items, self.active = [], True
@@ -140,6 +145,7 @@ class CacheProbe:
 
     def relevance(self, grads: Sequence[Optional[Tensor]], detach: bool = True) -> dict:
         """``{"cache": [batch, positions]}``: the relevance of every position read, summed over the calls."""
+        self.grads = list(grads)
         total: Optional[Tensor] = None
         for i, (k, v, _, _) in enumerate(self.items):
             for x, g in ((k, grads[2 * i]), (v, grads[2 * i + 1])):
@@ -211,6 +217,8 @@ class IncrementalOptimizer:
         self._pos_mask: Optional[Tensor] = None
         self._grad_deltas = True
         self._probe = CacheProbe(torch.float32)
+        self._frozen = config.second_order == "frozen"
+        self._probe_layers: list[int] = []  # (frozen) the layer of every probe item, in call order
         self._in_session = False
         self.events: Optional[list] = None
 
@@ -228,8 +236,12 @@ class IncrementalOptimizer:
             for p, _ in flags:
                 p.requires_grad_(False)
             with scope:
-                handles = [scope.add_attention_transform(self._before_rule, stage="before_rule"),
-                           scope.add_attention_transform(self._after_rule, stage="after_rule")]
+                if self._frozen:  # its Delta also acts in the no-grad emission forward
+                    handles = [scope.add_attention_transform(self._frozen_before_rule, stage="before_rule",
+                                                             also_without_grad=True)]
+                else:
+                    handles = [scope.add_attention_transform(self._before_rule, stage="before_rule"),
+                               scope.add_attention_transform(self._after_rule, stage="after_rule")]
                 self._in_session = True
                 try:
                     yield self
@@ -258,6 +270,32 @@ class IncrementalOptimizer:
             return q, k, v
         k, v = self._perturb(idx, q, k, v)
         return q, k, v
+
+    def _frozen_before_rule(self, module: nn.Module, q: Tensor, k: Tensor, v: Tensor, kwargs: dict) -> tuple:
+        """``second_order="frozen"``: the probe (relevance forward) or the fixed Delta (emission forward, no grad)
+        on the tensor Delta is added to -- after the grouped-query repeat with ``delta_heads="query"``."""
+        idx = self._layer_of.get(id(module))
+        if idx is None:
+            return q, k, v
+        if idx in self._perturbed and self.config.heads == "query" and k.shape[1] != q.shape[1]:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if self._probe.active:
+            self._probe_layers.append(idx)
+            if idx in self._perturbed and self.objective.scales_lr():
+                self._lr_scales[idx] = checked_lr_scale(self.objective, k.detach(), v.detach())
+            k, v = self._probe.add(k, v)
+            return q, k, v
+        pair = self._deltas.get(idx, (None, None))
+        out = []
+        for t, d in zip((k, v), pair):
+            if d is not None:
+                if d.shape != t.shape:
+                    raise RuntimeError(f"layer {idx}: the current query reads {tuple(t.shape)} keys / values, Delta "
+                                       f"has {tuple(d.shape)}")
+                t = t + d.to(t.dtype)
+            out.append(t)
+        return q, out[0], out[1]
 
     def _perturb(self, idx: int, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """``k + Delta_K, v + Delta_V`` for a perturbed layer (one head per query head with ``"query"``)."""
@@ -289,7 +327,7 @@ class IncrementalOptimizer:
 
     # ------------------------------------------------------------------ one forward of the current position
     def _forward(self, state: KVCacheState, x: Tensor, model_kwargs: dict, pick: Callable[[Tensor], Tensor],
-                 with_relevance: bool) -> _Step:
+                 with_relevance: bool, create_graph: bool = True) -> _Step:
         """The current position ``x [B, 1, D]`` over ``state``; with relevance (graph kept) the engine's
         forward + backward, the cache probes read in the same backward."""
         fork, seen = state.fork(), {}
@@ -310,8 +348,8 @@ class IncrementalOptimizer:
             with torch.enable_grad():  # the scope applies attention transforms only with grad enabled
                 explained(x.detach())
             return _Step(seen["logits"].detach(), None, seen["target"], fork)
-        res = relevance(self.attribution.scope(), explained, [x.detach()], create_graph=True, latent=self._probe,
-                        carriers="refuse")
+        res = relevance(self.attribution.scope(), explained, [x.detach()], create_graph=create_graph,
+                        latent=self._probe, carriers="refuse")
         r_x = res.inputs[0].to(dt).sum(-1)  # [B, 1]
         rel = torch.cat([res.latent["cache"][:, :-1], r_x], 1)  # the current position counts through x only
         return _Step(seen["logits"], rel, seen["target"], fork, res.output.detach())
@@ -364,11 +402,14 @@ class IncrementalOptimizer:
                 return self.step(state, x, model_kwargs, modality, valid, pick, active, index)
         tok = self._begin(x, modality, valid, pick, active, index)
         try:
+            if self._frozen:
+                return self._frozen_step(tok, state, x, model_kwargs, lr)
             for s in range(n_updates):
                 out = self._forward(state, x, model_kwargs, tok.pick if tok.target is None else
                                     (lambda _l, t=tok.target: t), with_relevance=True)
                 if s == 0:
-                    self._first(tok, out, lr)
+                    self._first(tok, out)
+                    tok.opt = self._optimizer(lr)
                 loss = self._losses(tok, out, s)
                 self._update(tok, loss)
                 tok.last = out.logits.detach()
@@ -384,6 +425,54 @@ class IncrementalOptimizer:
             self._lr_scales.clear()
             self._pos_mask = None
             self._grad_deltas = True
+            self._probe_layers.clear()
+
+    def _frozen_step(self, tok: _Token, state: KVCacheState, x: Tensor, model_kwargs: dict,
+                     lr: float) -> tuple[Tensor, Tensor, KVCacheState, TokenRecord]:
+        """``second_order="frozen"``: one relevance forward + first-order backward at Delta = 0, the update
+        Delta = step((dL/dR_j) g_j) (:mod:`lime_attr.mitigation.first_order`), then the emission forward
+        without gradients."""
+        self._probe_layers.clear()
+        out = self._forward(state, x, model_kwargs, tok.pick, with_relevance=True, create_graph=False)
+        self._first(tok, out)
+        rel = out.relevance.detach().requires_grad_(True)
+        out.relevance = rel
+        loss = self._losses(tok, out, 0)
+        (dl_dr,) = torch.autograd.grad((loss * tok.active).sum(), [rel])
+        self._set_frozen_deltas(dl_dr, lr)
+        tok.steps_run = tok.rec.steps = 1
+        tok.last = out.logits.detach()
+        del out, loss
+        if self.config.emit_from == "last_forward":
+            emit = tok.last
+        else:
+            fork = state.fork()
+            with torch.no_grad():
+                o = self.model(inputs_embeds=x.detach(), **model_kwargs, **cache_kwargs(fork))
+            emit = (o.logits if hasattr(o, "logits") else o[0])[:, -1, :]
+        ref = tok.ref.float()
+        return torch.where(tok.active[:, None], emit.float(), ref), ref, tok.next_state, tok.rec
+
+    def _set_frozen_deltas(self, dl_dr: Tensor, lr: float) -> None:
+        """Delta of every perturbed layer from the probes' gradients (one step of the optimiser from zero)."""
+        if not any(i in self._perturbed for i in self._probe_layers):
+            raise RuntimeError("no attention call of the perturbed layers went through the scope's attention bridge: "
+                               "is a canonizer for this model registered?")
+        dt, grads = self._probe.dtype, self._probe.grads
+        self._deltas.clear()
+        for n, idx in enumerate(self._probe_layers):
+            if idx not in self._perturbed:
+                continue
+            scales = self._lr_scales.get(idx, (1.0, 1.0))
+            pair = []
+            for name, g, sc in zip(("k", "v"), grads[2 * n: 2 * n + 2], scales):
+                if name not in self.config.perturb:
+                    pair.append(None)
+                    continue
+                grad = frozen_gradient(dl_dr, g, self._pos_mask, dt)
+                d = first_step(grad, lr * sc, self.config.optimizer)
+                pair.append(d * self._pos_mask if self._pos_mask is not None else d)
+            self._deltas[idx] = (pair[0], pair[1])
 
     def _begin(self, x: Tensor, modality: Tensor, valid: Tensor, pick: Optional[Callable], active: Optional[Tensor],
                index: int) -> _Token:
@@ -402,18 +491,13 @@ class IncrementalOptimizer:
                       valid=valid, active=torch.ones(B, dtype=torch.bool, device=device) if active is None
                       else active.to(device).bool())
 
-    def _first(self, tok: _Token, out: _Step, lr: float) -> None:
-        """At Delta = 0: the reference distribution, the next cache state, the optimiser, the 'before' records."""
+    def _first(self, tok: _Token, out: _Step) -> None:
+        """At Delta = 0: the reference distribution, the next cache state, the 'before' records."""
         tok.ref = out.logits.detach()
         tok.log_ref = F.log_softmax(tok.ref, -1)
         tok.next_state = KVCacheState.from_cache(out.cache)
         if self.config.target_rule == "fixed":
             tok.target = out.target
-        params = [d for pair in self._deltas.values() for d in pair if d is not None]
-        if not params:
-            raise RuntimeError("no attention call of the perturbed layers went through the scope's attention bridge: "
-                               "is a canonizer for this model registered?")
-        tok.opt = self._optimizer(lr)
         rel = out.relevance.detach()
         mod_f, valid_f = tok.modality.to(rel.dtype), tok.valid.to(rel.dtype)
         tok.rec.share_before = modality_share(rel, mod_f, valid_f).tolist()
@@ -423,6 +507,9 @@ class IncrementalOptimizer:
 
     def _optimizer(self, lr: float) -> Any:
         """Adam / SGD over the Delta tensors, one lr per tensor where the objective scales it."""
+        if not any(d is not None for pair in self._deltas.values() for d in pair):
+            raise RuntimeError("no attention call of the perturbed layers went through the scope's attention bridge: "
+                               "is a canonizer for this model registered?")
         groups = []
         for idx, pair in self._deltas.items():
             scales = self._lr_scales.get(idx, (1.0, 1.0))
