@@ -286,16 +286,8 @@ class IncrementalOptimizer:
                 self._lr_scales[idx] = checked_lr_scale(self.objective, k.detach(), v.detach())
             k, v = self._probe.add(k, v)
             return q, k, v
-        pair = self._deltas.get(idx, (None, None))
-        out = []
-        for t, d in zip((k, v), pair):
-            if d is not None:
-                if d.shape != t.shape:
-                    raise RuntimeError(f"layer {idx}: the current query reads {tuple(t.shape)} keys / values, Delta "
-                                       f"has {tuple(d.shape)}")
-                t = t + d.to(t.dtype)
-            out.append(t)
-        return q, out[0], out[1]
+        k, v = _add_pair(idx, k, v, self._deltas.get(idx, (None, None)), lambda d: d)
+        return q, k, v
 
     def _perturb(self, idx: int, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """``k + Delta_K, v + Delta_V`` for a perturbed layer (one head per query head with ``"query"``)."""
@@ -314,16 +306,11 @@ class IncrementalOptimizer:
                 else None for name, t in (("k", k), ("v", v)))
             if self.objective.scales_lr():
                 self._lr_scales[idx] = checked_lr_scale(self.objective, k.detach(), v.detach())
-        out = []
-        for t, d in zip((k, v), pair):
-            if d is not None:
-                if d.shape != t.shape:
-                    raise RuntimeError(f"layer {idx}: the current query reads {tuple(t.shape)} keys / values, Delta "
-                                       f"has {tuple(d.shape)}")
-                d = d if self._grad_deltas else d.detach()
-                t = t + (d * self._pos_mask if self._pos_mask is not None else d).to(t.dtype)
-            out.append(t)
-        return out[0], out[1]
+        def placed(d: Tensor) -> Tensor:
+            d = d if self._grad_deltas else d.detach()
+            return d * self._pos_mask if self._pos_mask is not None else d
+
+        return _add_pair(idx, k, v, pair, placed)
 
     # ------------------------------------------------------------------ one forward of the current position
     def _forward(self, state: KVCacheState, x: Tensor, model_kwargs: dict, pick: Callable[[Tensor], Tensor],
@@ -554,6 +541,20 @@ class IncrementalOptimizer:
             return tok.last
         self._grad_deltas = False
         return self._forward(state, x, model_kwargs, tok.pick, with_relevance=False).logits
+
+
+def _add_pair(idx: int, k: Tensor, v: Tensor, pair: Sequence[Optional[Tensor]],
+              placed: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """``k + placed(Delta_K), v + placed(Delta_V)`` (a ``None`` Delta leaves its tensor), shapes checked."""
+    out = []
+    for t, d in zip((k, v), pair):
+        if d is not None:
+            if d.shape != t.shape:
+                raise RuntimeError(f"layer {idx}: the current query reads {tuple(t.shape)} keys / values, Delta "
+                                   f"has {tuple(d.shape)}")
+            t = t + placed(d).to(t.dtype)
+        out.append(t)
+    return out[0], out[1]
 
 
 def _record(index: int, batch: int) -> TokenRecord:
