@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -92,6 +93,7 @@ class Row:
     share_before: Optional[float] = None
     share_after: Optional[float] = None
     kl: Optional[float] = None
+    n_tokens: int = 1
 
 
 def _load(model_name: str) -> tuple[Any, Any]:
@@ -150,25 +152,34 @@ def greedy_rows(model: Any, processor: Any, model_name: str, items: list) -> lis
 
 
 def lime_rows(model: Any, processor: Any, model_name: str, items: list, setting: Setting,
-              reuse_attribution: bool = False) -> list[Row]:
+              reuse_attribution: bool = False, session: bool = False) -> list[Row]:
     """Answers of a LIME setting (CPU time per generated token), with the first token's reliance before /
     after and its final KL. ``reuse_attribution``: one ``LRP(model)`` for all the items (its op-coverage check
-    runs on the first item only) instead of ``lime_generate``'s default, a new one per call."""
+    runs on the first item only) instead of ``lime_generate``'s default, a new one per call. ``session``: all the
+    items in one :class:`~lime_attr.mitigation.LimeSession` (the scope installed once); its entry and exit are
+    shared out equally over the items' CPU times."""
     from lime_attr import LRP
-    from lime_attr.mitigation import lime_generate
+    from lime_attr.mitigation import LimeSession, lime_generate
 
     cfg = setting.config(model)
     extra = {"attribution": LRP(model)} if reuse_attribution else {}
-    rows = []
-    for item, enc in items:
-        n_new = DESCRIPTION_TOKENS if getattr(item, "condition", None) == DESCRIPTION else 1
-        with _common.Stopwatch() as clock:
-            res = lime_generate(model, processor, enc, cfg, max_new_tokens=n_new, **extra)
-        text = res.texts[0].strip()
-        rec = res.records[0]
-        rows.append(Row(text, _correct(model_name, item, text), clock.cpu / max(len(res.records), 1),
-                        share_before=rec.share_before[0], share_after=rec.share_after[0],
-                        kl=rec.kl[-1][0] if rec.kl else None))
+    rows, own = [], 0.0
+    with _common.Stopwatch() as whole, contextlib.ExitStack() as stack:
+        runner = stack.enter_context(LimeSession(model, processor, cfg)) if session else None
+        for item, enc in items:
+            n_new = DESCRIPTION_TOKENS if getattr(item, "condition", None) == DESCRIPTION else 1
+            with _common.Stopwatch() as clock:
+                res = (runner.generate(enc, max_new_tokens=n_new) if runner is not None else
+                       lime_generate(model, processor, enc, cfg, max_new_tokens=n_new, **extra))
+            own += clock.cpu
+            text = res.texts[0].strip()
+            rec = res.records[0]
+            rows.append(Row(text, _correct(model_name, item, text), clock.cpu / max(len(res.records), 1),
+                            share_before=rec.share_before[0], share_after=rec.share_after[0],
+                            kl=rec.kl[-1][0] if rec.kl else None, n_tokens=max(len(res.records), 1)))
+    shared = max(whole.cpu - own, 0.0) / max(len(rows), 1) if session else 0.0  # the session's entry and exit
+    for row in rows:
+        row.cpu += shared / row.n_tokens
     return rows
 
 
@@ -293,7 +304,7 @@ def _rows_dict(rows: Sequence[Row]) -> list[dict]:
 
 
 def run_validation(model_name: str, n: int, mode: str = "fast", second_order: Optional[str] = None,
-                   reuse_attribution: bool = False) -> dict[str, Any]:
+                   reuse_attribution: bool = False, session: bool = False) -> dict[str, Any]:
     """Greedy and the whole grid on the validation probes; the selected settings and the recommendation."""
     model, processor = _load(model_name)
     items = encoded_items(model, processor, model_name, "validation", n)
@@ -302,13 +313,13 @@ def run_validation(model_name: str, n: int, mode: str = "fast", second_order: Op
     settings = grid(mode, second_order)
     for setting in tqdm(settings, desc=f"{model_name} grid"):
         per_setting[setting.name] = {c: counts(greedy[c], lime_rows(model, processor, model_name, items[c], setting,
-                                                                    reuse_attribution)) for c in CONDITIONS}
+                                                                    reuse_attribution, session)) for c in CONDITIONS}
         log.info("%s %s: %s", model_name, setting.name,
                  {c: (v["fixed"], v["introduced"]) for c, v in per_setting[setting.name].items()})
     selected = {o: select(per_setting, [s for s in settings if s.objective == o]) for o in OBJECTIVES}
     best = recommend(per_setting, selected)
     return {"model": model_name, "split": "validation", "mode": mode, "second_order": second_order,
-            "reuse_attribution": reuse_attribution, "n_per_condition": n,
+            "reuse_attribution": reuse_attribution, "session": session, "n_per_condition": n,
             "machine": _common.machine_info(),
             "greedy_accuracy": {c: counts(greedy[c], greedy[c])["accuracy"] for c in CONDITIONS},
             "grid": per_setting, "selected": {o: (s.__dict__ if s else None) for o, s in selected.items()},
@@ -317,7 +328,7 @@ def run_validation(model_name: str, n: int, mode: str = "fast", second_order: Op
 
 def run_test(model_name: str, n: int, validations: Sequence[dict], extra: Sequence[Setting] = (),
              published: bool = True, conditions: Sequence[str] = CONDITIONS,
-             reuse_attribution: bool = False) -> dict[str, Any]:
+             reuse_attribution: bool = False, session: bool = False) -> dict[str, Any]:
     """Greedy, the published algorithm and every selected setting of each validation run on the test probes
     (the first validation run's recommendation is the recommended configuration)."""
     model, processor = _load(model_name)
@@ -327,12 +338,12 @@ def run_test(model_name: str, n: int, validations: Sequence[dict], extra: Sequen
     results: dict[str, dict[str, dict]] = {}
     rows: dict[str, dict[str, list[Row]]] = {}
     for name, setting in tqdm(methods.items(), desc=f"{model_name} test"):
-        rows[name] = {c: lime_rows(model, processor, model_name, items[c], setting, reuse_attribution)
+        rows[name] = {c: lime_rows(model, processor, model_name, items[c], setting, reuse_attribution, session)
                       for c in conditions}
         results[name] = {c: counts(greedy[c], rows[name][c]) for c in conditions}
     rec = validations[0].get("recommended")
     return {"model": model_name, "split": "test", "n_per_condition": n, "machine": _common.machine_info(),
-            "reuse_attribution": reuse_attribution,
+            "reuse_attribution": reuse_attribution, "session": session,
             "role": ("main" if published else "extra") if tuple(conditions) == CONDITIONS else "descriptions",
             "conditions": list(conditions),
             "greedy": {c: counts(greedy[c], greedy[c]) for c in conditions}, "results": results,
@@ -481,6 +492,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     "incremental mode autograd; 'frozen': the second cheap variant)")
     ap.add_argument("--reuse-attribution", action="store_true", help="one LRP(model) per setting and condition "
                     "(the op-coverage check runs once) instead of a new one per lime_generate call")
+    ap.add_argument("--session", action="store_true", help="each setting's items of a condition in one LimeSession "
+                    "(the scope installed once; its entry and exit shared out over the items' times)")
     ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -497,7 +510,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for name in args.models:
         n = args.n or N_ITEMS[args.split]
         if args.split == "validation":
-            out.append(run_validation(name, n, args.mode, args.second_order, args.reuse_attribution))
+            out.append(run_validation(name, n, args.mode, args.second_order, args.reuse_attribution, args.session))
         else:
             validations = [json.load(open(p)) for p in args.selection]
             if args.grounding:
@@ -506,7 +519,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             extra = [Setting(o, float(f), s, m) for o, f, s, m in (e.split(":") for e in args.extra)]
             conds = (DESCRIPTION,) if args.descriptions else CONDITIONS
             out.append(run_test(name, n, validations, extra, published=not args.no_published, conditions=conds,
-                                reuse_attribution=args.reuse_attribution))
+                                reuse_attribution=args.reuse_attribution, session=args.session))
     _common.write_json(args.json, out[0] if len(out) == 1 else out)
 
 

@@ -430,3 +430,49 @@ def test_positions_modality_perturbs_only_the_perceptual_reads():
     assert out.records[0].step_records[1].delta_k_norm[0][0] > 0
     zero = _gen(model, _prompt(), LimeConfig(mode="incremental", lr=0.0, positions="modality"), n=4)
     assert zero.tokens.tolist() == _greedy(model, {"input_ids": _prompt()}, 4).tolist()
+
+
+# ------------------------------------------------------------------------------------------ the whole prompt
+
+
+@pytest.mark.parametrize("second_order, updates", [("autograd", 1), ("autograd", 2), ("frozen", 1)])
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_whole_prompt_first_forward_equals_prefix_cache_and_one_position(second_order, updates, kv_heads):
+    """The first token's first forward over the whole prompt (how lime_generate runs it: no separate prompt
+    pass) is the computation over the prefix's cache and the last position: the same relevance of every
+    position (the earlier positions' inputs get none: their keys / values are read detached), the same
+    records, emitted logits and next cache (float64 model, whose RMSNorm computes in float32: to 1e-6)."""
+    from lime_attr.mitigation.generate import prompt_embeddings
+
+    model, inputs, _, modality = _llava(kv_heads)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    n = ids.shape[1]
+    pos = torch.arange(n)[None]
+    embeds = prompt_embeddings(model, ids, mask, pos, {"pixel_values": inputs["pixel_values"]})
+    with torch.no_grad():
+        prefix = KVCacheState.from_cache(output_cache(model(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1],
+                                                            position_ids=pos[:, :-1], use_cache=True)))
+    cfg = LimeConfig(mode="incremental", second_order=second_order, lr=0.05, fast_updates=updates,
+                     record_relevance=True, record="steps")
+    lime = IncrementalOptimizer(LRP(model), cfg)
+    kw = {"attention_mask": mask, "use_cache": True}
+    mod, valid = modality[None], mask.bool()
+    with lime.session():
+        whole = lime.step(KVCacheState([]), embeds, {**kw, "position_ids": pos}, mod, valid)
+        split = lime.step(prefix, embeds[:, -1:], {**kw, "position_ids": pos[:, -1:]}, mod, valid)
+    (e_w, r_w, s_w, rec_w), (e_s, r_s, s_s, rec_s) = whole, split
+    assert _rel_err(rec_w.relevance_before, rec_s.relevance_before) < 1e-6
+    assert _rel_err(e_w, e_s) < 1e-6 and _rel_err(r_w, r_s) < 1e-6
+    assert all(_rel_err(a, b) < 1e-6 for pa, pb in zip(s_w.pairs, s_s.pairs) for a, b in zip(pa, pb))
+    assert _rel_err(rec_w.losses, rec_s.losses) < 1e-6
+    assert rec_w.steps == rec_s.steps == updates
+    assert not torch.equal(e_w, r_w)  # Delta moved the logits
+
+
+def test_whole_prompt_needs_an_empty_cache():
+    model, inputs, _, modality = _llava(2)
+    lime = IncrementalOptimizer(LRP(model), LimeConfig(mode="incremental"))
+    state = KVCacheState([(torch.zeros(1, 2, 3, 8, dtype=torch.float64),) * 2] * 2)
+    x = torch.zeros(1, 9, 32, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"must be one \(\[B, 1, D\]\) over a cache"):
+        lime.step(state, x, {"attention_mask": inputs["attention_mask"]}, modality[None], modality[None])

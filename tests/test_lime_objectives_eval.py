@@ -80,6 +80,23 @@ def test_one_item_end_to_end_on_the_demo_model():
     assert LimeConfig.recommendation(model).evaluated  # the loaded demo model is recognised
 
 
+def test_session_rows_give_the_same_answers_and_share_the_entry_cost():
+    """``--session``: the answers and records of lime_generate's; every row's CPU time includes its share of the
+    session's entry and exit (so the total is the whole block's)."""
+    from lime_attr.models import available_builtins
+
+    if "tones-qwen2audio" not in available_builtins():
+        pytest.skip("demo weights not installed")
+    model, processor = ev._load("tones-qwen2audio")
+    items = ev.encoded_items(model, processor, "tones-qwen2audio", "validation", 3, ("conflict",))["conflict"]
+    setting = ev.Setting("scaled", 10.0, "autograd", mode="incremental")
+    plain = ev.lime_rows(model, processor, "tones-qwen2audio", items, setting)
+    shared = ev.lime_rows(model, processor, "tones-qwen2audio", items, setting, session=True)
+    assert [(r.answer, r.share_before, r.share_after, r.kl) for r in plain] == \
+        [(r.answer, r.share_before, r.share_after, r.kl) for r in shared]
+    assert all(r.cpu > 0 and r.n_tokens == 1 for r in shared)
+
+
 def test_recommended_returns_the_papers_settings_with_the_evaluations_caveat():
     from lime_attr.mitigation import LimeConfig
 

@@ -2,6 +2,7 @@
 the decoding-method registry (greedy, sample, VCD and LIME are registered, one module each)."""
 from .config import PRESETS, LimeConfig
 from .generate import LimeOutput, lime_generate, modality_positions
+from .session import LimeSession
 from .objectives import (
     Objective,
     available_objectives,
@@ -30,7 +31,7 @@ from .sampling import SampleConfig, SamplingParams
 from .vcd_method import VCDConfig
 from .lime_method import LimeMethodConfig
 
-__all__ = ["LimeConfig", "PRESETS", "LimeOptimizer", "IncrementalOptimizer", "TokenRecord", "StepRecord", "LimeOutput", "lime_generate",
+__all__ = ["LimeConfig", "PRESETS", "LimeOptimizer", "IncrementalOptimizer", "TokenRecord", "StepRecord", "LimeOutput", "lime_generate", "LimeSession",
            "modality_positions", "VCDLogitsProcessor", "vcd_noise",
            "DecodingMethod", "DecodingMethodConfig", "GenerationResult", "UnknownDecodingMethodError",
            "register_decoding_method", "unregister_decoding_method", "get_decoding_method",

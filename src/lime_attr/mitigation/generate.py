@@ -11,7 +11,8 @@ and every perturbation, optimiser state and graph is dropped.
 In fast mode the LRP scope is entered at the first token that is optimised (not before the prompt pass):
 the rules change only the backward pass, so the no-grad cached steps give the same logits outside it, and
 a generation whose tokens are all gated never installs it. Pass ``attribution=`` to reuse one
-attribution (and its scope's one-time op-coverage check) across calls.
+attribution (and its scope's one-time op-coverage check) across calls, or run the calls in one
+:class:`~lime_attr.mitigation.session.LimeSession` to install the scope once for all of them.
 """
 from __future__ import annotations
 
@@ -38,11 +39,13 @@ from .optimizer import LimeOptimizer, language_decoder
 from ..strict_json import jsonable
 from .records import TokenRecord
 
-__all__ = ["lime_generate", "LimeOutput", "modality_positions", "check_sampling_params"]
+__all__ = ["lime_generate", "LimeOutput", "modality_positions", "check_sampling_params", "GENERATION_KEYS", "checked_call",
+           "decode_loop", "decode", "prompt_embeddings"]
 
 log = logging.getLogger(__name__)
 
-_GEN_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id",
+#: the generation arguments ``lime_generate`` takes
+GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id",
              "pad_token_id", "stop_strings", "generator", "modality_mask", "attribution", "callback",
              "record_events")
 
@@ -158,9 +161,21 @@ class _Decoder:
         return s.argmax(-1)
 
 
-def _checked_call(model: nn.Module, config: Optional[LimeConfig], max_new: Any) -> tuple[LimeConfig, int]:
-    """``lime_generate``'s checks before any forward: autograd mode, the config (default: the model's preset)
-    and ``max_new_tokens``."""
+def checked_call(model: nn.Module, config: Optional[LimeConfig], max_new: Any) -> tuple[LimeConfig, int]:
+    """``lime_generate``'s checks before any forward: autograd mode, the config and ``max_new_tokens``.
+
+    Parameters
+    ----------
+    model : nn.Module
+    config : LimeConfig or None
+        None: the model's preset (``LimeConfig()`` for a family without one).
+    max_new : int
+
+    Returns
+    -------
+    tuple
+        ``(config, max_new)``, validated.
+    """
     check_autograd_mode("lime_generate")
     if config is not None and not isinstance(config, LimeConfig):
         raise TypeError(f"config must be a LimeConfig (or None for the model's preset), got {type(config).__name__}; "
@@ -283,19 +298,59 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
     -------
     LimeOutput
     """
-    unknown = sorted(set(generation_kwargs) - set(_GEN_KEYS))
+    unknown = sorted(set(generation_kwargs) - set(GENERATION_KEYS))
     if unknown:
         raise TypeError(f"lime_generate got unexpected keyword argument(s) {unknown}; supported: "
-                        f"{', '.join(_GEN_KEYS)}")
-    config, max_new = _checked_call(model, config, generation_kwargs.get("max_new_tokens", 32))
+                        f"{', '.join(GENERATION_KEYS)}")
+    config, max_new = checked_call(model, config, generation_kwargs.get("max_new_tokens", 32))
+    return decode(decode_loop(model, processor, inputs, config, generation_kwargs), max_new)
+
+
+def decode_loop(model: nn.Module, processor: Any, inputs: Any, config: LimeConfig, generation_kwargs: dict,
+                optimizer: Any = None) -> Any:
+    """The decode loop of ``config.mode`` for one call, its inputs checked.
+
+    Parameters
+    ----------
+    model, processor, inputs, config
+        As for :func:`lime_generate` (``config`` validated).
+    generation_kwargs : dict
+        :data:`GENERATION_KEYS` only.
+    optimizer : LimeOptimizer or IncrementalOptimizer, optional
+        An inner-loop engine to use instead of a new one (a
+        :class:`~lime_attr.mitigation.session.LimeSession`'s, already in session).
+
+    Returns
+    -------
+    object
+        The loop (the prompt pass, one inner optimisation per token, the cache, stopping, records); run it
+        with :func:`decode`.
+    """
     loop_class = _IncrementalLoop if config.mode == "incremental" else _DecodeLoop
-    loop = loop_class(model, processor, inputs, config, generation_kwargs)
+    return loop_class(model, processor, inputs, config, generation_kwargs, optimizer)
+
+
+def decode(loop: Any, max_new: int) -> LimeOutput:
+    """Run a decode loop for up to ``max_new`` tokens (no grad outside the inner loop).
+
+    Parameters
+    ----------
+    loop : object
+        From :func:`decode_loop`.
+    max_new : int
+
+    Returns
+    -------
+    LimeOutput
+    """
+    model, config = loop.model, loop.config
     with contextlib.ExitStack() as stack, torch.no_grad():
         # The attention implementation is switched for the whole generation (the unperturbed logits must come
         # from the same kernel as the inner forwards). The LRP scope is entered lazily, at the first token that
         # is optimised: it changes the backward pass only, so the no-grad prompt pass and cached steps before it
         # compute the same numbers outside it, and a generation whose tokens are all gated never installs it.
-        stack.callback(switch_attention(model, config.attn_implementation))
+        if not loop.lime.in_session:  # a LimeSession's engine switched it before installing its scope
+            stack.callback(switch_attention(model, config.attn_implementation))
         loop.stack = stack
         if loop.session_up_front and max_new > 0:
             loop.enter_session()  # reference mode (and kv_cache=False): every token runs the inner loop
@@ -313,7 +368,8 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
 class _DecodeLoop:
     """LIME's decode loop: the prompt pass, one inner optimisation per token, the KV cache, stopping, records."""
 
-    def __init__(self, model: nn.Module, processor: Any, inputs: Any, config: LimeConfig, g: dict) -> None:
+    def __init__(self, model: nn.Module, processor: Any, inputs: Any, config: LimeConfig, g: dict,
+                 optimizer: Any = None) -> None:
         self.model, self.config = model, config
         self.tok = getattr(processor, "tokenizer", processor)
         self.eos, self.pad, self.stop_strings = _stopping(model, self.tok, g)
@@ -326,12 +382,14 @@ class _DecodeLoop:
         _check_multimodal_inputs(model, processor, inp, ids, mask)
         self.inp, self.ids, self.mask = inp, ids, mask
         self.modality = modality_positions(model, processor, ids, mask, g.get("modality_mask")).to(ids.device)
-        attribution = g.get("attribution")
-        if attribution is None:
-            from ..attribution import LRP
+        if optimizer is None:
+            attribution = g.get("attribution")
+            if attribution is None:
+                from ..attribution import LRP
 
-            attribution = LRP(model)
-        self.lime = self.optimizer(attribution, config)
+                attribution = LRP(model)
+            optimizer = self.optimizer(attribution, config)
+        self.lime = optimizer
         self.events: Optional[list] = [] if g.get("record_events") else None
         self.lime.events = self.events
         self.callback: Optional[Callable] = g.get("callback")
@@ -502,7 +560,8 @@ class _IncrementalLoop(_DecodeLoop):
         """Nothing to compute: the token's step already appended its position to the cache."""
 
     def prompt_pass(self) -> None:
-        """Positions ``0..n-2`` of the prompt through the model (no grad): their input embeddings and cache."""
+        """The language model's input embeddings of the prompt (its perceptual encoders run, no grad); the
+        cache stays empty: the first token's first inner forward computes the whole prompt and fills it."""
         model, ids, mask = self.model, self.ids, self.mask
         if uses_mrope(model):
             raise ValueError("LIME mode='incremental' does not support M-RoPE models (the Qwen2-VL family) yet; use "
@@ -511,40 +570,21 @@ class _IncrementalLoop(_DecodeLoop):
             raise ValueError("LIME mode='incremental': the prompt's last position is perceptual; end the prompt with "
                              "text (the current query is the last prompt token)")
         self.positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        last = model.get_input_embeddings()(ids[:, -1:]).detach()
         self.vocab = int(model.get_output_embeddings().weight.shape[0])
-        self.all_ids, self.kv = ids, KVCacheState([])
-        if ids.shape[1] == 1:
-            self.embeds = last
-            return
-        captured: dict[str, Any] = {}
-
-        def capture(module: nn.Module, args: tuple, kw: dict) -> None:
-            captured.setdefault("embeds", kw.get("inputs_embeds"))
-
-        handle = language_decoder(model).register_forward_pre_hook(capture, with_kwargs=True)
-        try:
-            out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=self.positions[:, :-1],
-                        use_cache=True, **self.keep1, **self.inp)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the context
-            raise forward_error(exc, "lime_generate: the model's forward failed on these inputs (are they this "
-                                     "model's processor output?)") from exc
-        finally:
-            handle.remove()
-        prefix = captured.get("embeds")
-        prefix = model.get_input_embeddings()(ids[:, :-1]) if prefix is None else prefix
-        self.embeds = torch.cat([prefix.detach(), last.to(prefix.dtype)], 1)
-        self.kv = KVCacheState.from_cache(output_cache(out))
+        self.all_ids, self.kv, self.whole_prompt = ids, KVCacheState([]), True
+        self.embeds = prompt_embeddings(model, ids, mask, self.positions, self.inp).detach()
 
     def next_token(self, t: int) -> Tensor:
         """Token ``t`` of every row: one incremental LIME step of the last position (every token optimised)."""
         self.decoder.new_token(self.all_ids, self.vocab)
         if self.config.schedule[0] > 0:
             self.enter_session()
-        model_kwargs = {"attention_mask": self.mask, "position_ids": self.positions[:, -1:], "use_cache": True,
+        n = self.embeds.shape[1] if self.whole_prompt else 1
+        model_kwargs = {"attention_mask": self.mask, "position_ids": self.positions[:, -n:], "use_cache": True,
                         **self.keep1}
+        self.whole_prompt = False
         with torch.enable_grad():
-            emit, ref, self.next_kv, rec = self.lime.step(self.kv, self.embeds[:, -1:], model_kwargs,
+            emit, ref, self.next_kv, rec = self.lime.step(self.kv, self.embeds[:, -n:], model_kwargs,
                                                           _modality_full(self.modality, self.mask), self.mask.bool(),
                                                           self.decoder, active=~self.finished, index=t)
         return self.finish_token(emit, ref, rec)
@@ -552,6 +592,55 @@ class _IncrementalLoop(_DecodeLoop):
     def append(self, new: Tensor) -> None:
         super().append(new)
         self.kv = self.next_kv
+
+
+class _Embedded(Exception):
+    """Raised by :func:`prompt_embeddings`' hook: the language model's input embeddings, its forward skipped."""
+
+    def __init__(self, embeds: Optional[Tensor]) -> None:
+        super().__init__("prompt embeddings captured")
+        self.embeds = embeds
+
+
+def prompt_embeddings(model: nn.Module, ids: Tensor, mask: Tensor, positions: Tensor, inputs: dict) -> Tensor:
+    """What the language model receives as ``inputs_embeds`` for this prompt, without running it.
+
+    The model's own forward runs up to its language model (image / audio features merged by its own code);
+    a forward pre-hook on the language model takes the embeddings and stops the call there.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+    ids, mask, positions : Tensor
+        ``[B, S]`` input ids, attention mask and position ids.
+    inputs : dict
+        The processor's other outputs (``pixel_values``, ``input_features``...).
+
+    Returns
+    -------
+    Tensor
+        ``[B, S, D]``.
+    """
+
+    def stop(module: nn.Module, args: tuple, kw: dict) -> None:
+        raise _Embedded(kw.get("inputs_embeds"))
+
+    embeds = None
+    handle = language_decoder(model).register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **inputs)
+    except _Embedded as done:
+        embeds = done.embeds
+    except Exception as exc:  # noqa: BLE001 - re-raised with the context
+        raise forward_error(exc, "lime_generate: the model's forward failed on these inputs (are they this "
+                                 "model's processor output?)") from exc
+    finally:
+        handle.remove()
+    embeds = model.get_input_embeddings()(ids) if embeds is None else embeds
+    if embeds.shape[:2] != ids.shape:
+        raise ValueError(f"the language model received {embeds.shape[1]} positions for {ids.shape[1]} input ids: "
+                         "the model expands its features inside the forward; expand the placeholders in the processor")
+    return embeds
 
 
 def _stopping(model: nn.Module, tok: Any, g: dict) -> tuple[set, int, list]:

@@ -32,6 +32,10 @@ computed, over the unperturbed KV cache of the positions before it:
 * **The cache** keeps the unperturbed keys and values: every forward runs on a fresh
   :class:`~transformers.DynamicCache` built from them (:class:`KVCacheState`), and the current position's
   entries are taken, detached, from the first inner forward (where :math:`\Delta = 0`).
+* **The first token** has no cache yet: its first inner forward computes the whole prompt (``x`` of shape
+  ``[B, t + 1, D]`` over an empty state), the earlier positions' keys and values read detached where the
+  rule sees them, as cached ones are, so that the backward runs along the last position's path only; it
+  fills the cache, and the token's later forwards run over it (no separate prompt pass).
 
 Per token this costs ``n`` forwards of one position with their relevance backward and double backward,
 plus one forward of one position for the emission (the schedule is fast mode's: ``n = min(fast_updates,
@@ -96,6 +100,10 @@ class KVCacheState:
     def length(self) -> int:
         """Number of cached positions."""
         return int(self.pairs[0][0].shape[-2]) if self.pairs else 0
+
+    def prefix(self, length: int) -> "KVCacheState":
+        """The state of the first ``length`` positions."""
+        return KVCacheState([(k[..., :length, :], v[..., :length, :]) for k, v in self.pairs])
 
     def fork(self) -> DynamicCache:
         """A new ``DynamicCache`` with these keys and values (the caller's forward may append to it)."""
@@ -219,10 +227,16 @@ class IncrementalOptimizer:
         self._probe = CacheProbe(torch.float32)
         self._frozen = config.second_order == "frozen"
         self._probe_layers: list[int] = []  # (frozen) the layer of every probe item, in call order
+        self._whole_prompt = False  # the forward computes the whole prompt: only its last query is "current"
         self._in_session = False
         self.events: Optional[list] = None
 
     # ------------------------------------------------------------------ session and transforms
+    @property
+    def in_session(self) -> bool:
+        """Whether :meth:`session` is entered (the scope installed, the attention implementation switched)."""
+        return self._in_session
+
     @contextlib.contextmanager
     def session(self) -> Iterator["IncrementalOptimizer"]:
         """Attention implementation switched, parameters frozen, scope entered; all restored on exit."""
@@ -259,6 +273,7 @@ class IncrementalOptimizer:
         idx = self._layer_of.get(id(module))
         if idx is None:
             return q, k, v
+        k, v = self._reads(k), self._reads(v)
         k, v = self._probe.add(k, v)  # where the rule sees K and V: the relevance of the cache entries
         if self.config.placement == "before_rule":
             k, v = self._perturb(idx, q, k, v)
@@ -284,10 +299,18 @@ class IncrementalOptimizer:
             self._probe_layers.append(idx)
             if idx in self._perturbed and self.objective.scales_lr():
                 self._lr_scales[idx] = checked_lr_scale(self.objective, k.detach(), v.detach())
-            k, v = self._probe.add(k, v)
+            k, v = self._probe.add(self._reads(k), self._reads(v))
             return q, k, v
         k, v = _add_pair(idx, k, v, self._deltas.get(idx, (None, None)), lambda d: d)
         return q, k, v
+
+    def _reads(self, t: Tensor) -> Tensor:
+        """Keys / values as the current query reads them: in a forward of the whole prompt the earlier
+        positions' entries are detached, as the cached entries are (so that the backward of the last position's
+        logit runs along its own path only, and what reaches the probes is the cache entries' relevance)."""
+        if not self._whole_prompt or t.shape[-2] < 2:
+            return t
+        return torch.cat([t[..., :-1, :].detach(), t[..., -1:, :]], dim=-2)
 
     def _perturb(self, idx: int, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """``k + Delta_K, v + Delta_V`` for a perturbed layer (one head per query head with ``"query"``)."""
@@ -317,11 +340,15 @@ class IncrementalOptimizer:
                  with_relevance: bool, create_graph: bool = True) -> _Step:
         """The current position ``x [B, 1, D]`` over ``state``; with relevance (graph kept) the engine's
         forward + backward, the cache probes read in the same backward."""
-        fork, seen = state.fork(), {}
+        if x.shape[1] > 1 and state.length:
+            raise ValueError(f"the current position must be one ([B, 1, D]) over a cache, got {tuple(x.shape)} over "
+                             f"{state.length} cached positions")
+        fork, seen = state.fork() if state.length else None, {}  # None: the model makes its own (sliding layers...)
         dt = self._probe.dtype
 
         def explained(inp: Tensor) -> Tensor:
             out = self.model(inputs_embeds=inp, **model_kwargs, **cache_kwargs(fork))
+            seen.setdefault("cache", output_cache(out))
             logits = (out.logits if hasattr(out, "logits") else out[0])[:, -1, :].to(dt)
             if "target" not in seen:
                 seen["logits"], seen["target"] = logits, pick(logits.detach())
@@ -334,17 +361,21 @@ class IncrementalOptimizer:
         if not with_relevance:
             with torch.enable_grad():  # the scope applies attention transforms only with grad enabled
                 explained(x.detach())
-            return _Step(seen["logits"].detach(), None, seen["target"], fork)
-        res = relevance(self.attribution.scope(), explained, [x.detach()], create_graph=create_graph,
-                        latent=self._probe, carriers="refuse")
-        r_x = res.inputs[0].to(dt).sum(-1)  # [B, 1]
+            return _Step(seen["logits"].detach(), None, seen["target"], seen["cache"])
+        self._whole_prompt = x.shape[1] > 1
+        try:
+            res = relevance(self.attribution.scope(), explained, [x.detach()], create_graph=create_graph,
+                            latent=self._probe, carriers="refuse")
+        finally:
+            self._whole_prompt = False
+        r_x = res.inputs[0][:, -1:].to(dt).sum(-1)  # [B, 1]
         rel = torch.cat([res.latent["cache"][:, :-1], r_x], 1)  # the current position counts through x only
-        return _Step(seen["logits"], rel, seen["target"], fork, res.output.detach())
+        return _Step(seen["logits"], rel, seen["target"], seen["cache"], res.output.detach())
 
     def plain_step(self, state: KVCacheState, x: Tensor, model_kwargs: dict) -> tuple[Tensor, KVCacheState]:
         """The unperturbed next-token logits ``[B, V]`` and the state with the current position appended (no
         grad, no scope: what cached greedy decoding computes)."""
-        fork = state.fork()
+        fork = state.fork() if state.length else None
         with torch.no_grad():
             out = self.model(inputs_embeds=x, **model_kwargs, **cache_kwargs(fork))
         return out.logits[:, -1, :].float(), KVCacheState.from_cache(output_cache(out))
@@ -360,9 +391,12 @@ class IncrementalOptimizer:
         state : KVCacheState
             The unperturbed keys / values of positions ``0..t-1``.
         x : Tensor
-            ``[B, 1, D]`` input embedding of the current position ``t``.
+            ``[B, 1, D]`` input embedding of the current position ``t``; or, with an empty ``state``, ``[B, t + 1,
+            D]``: the whole prompt, whose first forward then also fills the cache (its earlier positions' keys and
+            values are read detached, as cached ones are; the same numbers up to rounding, one forward fewer).
         model_kwargs : dict
-            ``attention_mask`` ``[B, t + 1]``, ``position_ids`` of position ``t``, ``use_cache=True``...
+            ``attention_mask`` ``[B, t + 1]``, ``position_ids`` of position ``t`` (of all positions with a whole
+            prompt), ``use_cache=True``...
         modality, valid : Tensor
             ``[B, t + 1]`` bool: the perceptual positions M; the non-padding positions.
         pick : callable, optional
@@ -396,6 +430,7 @@ class IncrementalOptimizer:
                                     (lambda _l, t=tok.target: t), with_relevance=True)
                 if s == 0:
                     self._first(tok, out)
+                    state, x, model_kwargs = _current_only(state, tok.next_state, x, model_kwargs)
                     tok.opt = self._optimizer(lr)
                 loss = self._losses(tok, out, s)
                 self._update(tok, loss)
@@ -422,6 +457,7 @@ class IncrementalOptimizer:
         self._probe_layers.clear()
         out = self._forward(state, x, model_kwargs, tok.pick, with_relevance=True, create_graph=False)
         self._first(tok, out)
+        state, x, model_kwargs = _current_only(state, tok.next_state, x, model_kwargs)
         rel = out.relevance.detach().requires_grad_(True)
         out.relevance = rel
         loss = self._losses(tok, out, 0)
@@ -541,6 +577,20 @@ class IncrementalOptimizer:
             return tok.last
         self._grad_deltas = False
         return self._forward(state, x, model_kwargs, tok.pick, with_relevance=False).logits
+
+
+def _current_only(state: KVCacheState, next_state: KVCacheState, x: Tensor,
+                  model_kwargs: dict) -> tuple[KVCacheState, Tensor, dict]:
+    """After the first forward of a whole prompt ``x [B, n, D]`` (``state`` empty, ``next_state`` holding all
+    ``n`` positions): the cache of the first ``n - 1``, the last position and its ``position_ids``. After a
+    forward of one position: unchanged."""
+    n = x.shape[1]
+    if n == 1:
+        return state, x, model_kwargs
+    kwargs = dict(model_kwargs)
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = kwargs["position_ids"][..., -1:]
+    return next_state.prefix(n - 1), x[:, -1:], kwargs
 
 
 def _add_pair(idx: int, k: Tensor, v: Tensor, pair: Sequence[Optional[Tensor]],

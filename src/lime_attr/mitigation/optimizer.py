@@ -153,6 +153,11 @@ class LimeOptimizer:
         self.events: Optional[list] = None  # set to a list to record the step order
 
     # ------------------------------------------------------------------ session
+    @property
+    def in_session(self) -> bool:
+        """Whether :meth:`session` is entered (the scope installed, the attention implementation switched)."""
+        return self._in_session
+
     @contextlib.contextmanager
     def session(self) -> Iterator["LimeOptimizer"]:
         """Attention implementation switched, parameters frozen, scope entered; all restored on exit."""
