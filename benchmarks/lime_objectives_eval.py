@@ -353,12 +353,18 @@ def run_test(model_name: str, n: int, validations: Sequence[dict], extra: Sequen
             "greedy_answers": {c: _rows_dict(r) for c, r in greedy.items()}}
 
 
+def method_label(method: str, part: dict) -> str:
+    """A method's name in the merged results: a ``--session`` run's is marked, so that it does not merge with
+    the earlier run of the same setting."""
+    return f"{method}+session" if part.get("session") else method
+
+
 def merge_tests(parts: Sequence[dict]) -> dict[str, Any]:
     """Both models' test results, with Holm's correction over every (model x method x condition)."""
     results: dict[str, dict[str, dict]] = {}
     for p in parts:  # (a method's description part adds its "description" cell to the same entry)
         for m, per in p["results"].items():
-            results.setdefault(f"{p['model']}|{m}", {}).update(per)
+            results.setdefault(f"{p['model']}|{method_label(m, p)}", {}).update(per)
     add_tests(results)
     merged = {"parts": list(parts), "results": results, "holm_family": sum(len(v) for v in results.values())}
     merged["verdict"] = verdict(merged)
@@ -407,9 +413,9 @@ def render_test(merged: dict, last: Optional[int] = None) -> list[str]:
         model, conds = part["model"], part.get("conditions", CONDITIONS)
         rows = []
         for name, per in part["results"].items():
-            cells = merged["results"][f"{model}|{name}"]
+            cells = merged["results"][f"{model}|{method_label(name, part)}"]
             mark = " (recommended)" if name == part["recommended"] else ""
-            rows.append([f"``{name}``{mark}", *(f"{_fi(cells[c])} p={_p(cells[c]['holm_p'])} acc "
+            rows.append([f"``{method_label(name, part)}``{mark}", *(f"{_fi(cells[c])} p={_p(cells[c]['holm_p'])} acc "
                                                  f"{cells[c]['greedy_accuracy']:.3f}->{cells[c]['accuracy']:.3f}"
                                                  for c in conds),
                          f"{cells[conds[0]]['share_before']:.3f}->{cells[conds[0]]['share_after']:.3f}",

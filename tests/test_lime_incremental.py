@@ -476,3 +476,39 @@ def test_whole_prompt_needs_an_empty_cache():
     x = torch.zeros(1, 9, 32, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"must be one \(\[B, 1, D\]\) over a cache"):
         lime.step(state, x, {"attention_mask": inputs["attention_mask"]}, modality[None], modality[None])
+
+
+@pytest.mark.parametrize("second_order", ["autograd", "frozen"])
+def test_positions_modality_perturbs_only_the_perceptual_entries(second_order):
+    """``positions="modality"``: the keys / values the emission forward's query reads differ from the
+    unperturbed ones at the perceptual positions and, after the first layer, at its own position (whose
+    entries come from its perturbed hidden state), never at the earlier text positions (read where the kernel
+    gets them, through a public attention transform of the session's scope)."""
+    from lime_attr.mitigation import LimeSession
+
+    model, inputs, _, modality = _llava(2)
+    seen: dict[float, list] = {}
+    for lr in (0.0, 0.05):
+        cfg = LimeConfig(mode="incremental", second_order=second_order, lr=lr, positions="modality",
+                         delta_placement="before_rule")
+        attribution = LRP(model)
+        reads: list = []
+        def record(module, q, k, v, kwargs, reads=reads):
+            reads.append((k.detach().clone(), v.detach().clone()))
+            return q, k, v
+
+        with LimeSession(model, None, cfg, attribution=attribution) as session:
+            with attribution.scope().add_attention_transform(record, stage="after_rule", also_without_grad=True):
+                out = session.generate(inputs, max_new_tokens=1)
+        seen[lr] = reads[-2:]  # the emission forward: the last call of each of the 2 layers
+        assert out.records[0].steps == 1
+    cached_text = ~modality
+    cached_text[-1] = False  # the current position's own entries: computed from its (perturbed) hidden state
+    for layer, ((k0, v0), (k1, v1)) in enumerate(zip(seen[0.0], seen[0.05])):
+        for a, b in ((k0, k1), (v0, v1)):
+            assert a.shape[-2] == modality.shape[0]
+            diff = (a - b).abs().amax(dim=(0, 1, 3))  # per position
+            assert float(diff[cached_text].max()) == 0.0
+            assert float(diff[modality].min()) > 0.0
+            if layer == 0:  # nothing before the first layer is perturbed: its own entries are the plain ones
+                assert float(diff[-1]) == 0.0

@@ -129,6 +129,17 @@ def test_the_success_verdict_is_the_pre_registered_criterion():
     assert _merged()["holm_family"] == 8
 
 
+def test_a_session_run_of_a_setting_stays_a_separate_cell_in_the_merge():
+    plain = _merged()
+    again = {"model": "tones-qwen2audio", "recommended": None, "role": "extra", "session": True,
+             "results": {"x": {"conflict": {"fixed": 1, "introduced": 0, "greedy_accuracy": 0.5, "accuracy": 0.5}}}}
+    merged = ev.merge_tests([*plain["parts"], again])
+    assert merged["holm_family"] == 9  # the earlier 8 cells and the new one
+    assert merged["results"]["tones-qwen2audio|x"]["conflict"]["fixed"] == 30  # not overwritten
+    assert merged["results"]["tones-qwen2audio|x+session"]["conflict"]["fixed"] == 1
+    assert merged["verdict"]["success"]  # an "extra" part is judged on its own
+
+
 def test_the_recommendations_evidence_quotes_the_committed_results():
     """Every count and p-value the evidence strings quote is in docs/benchmarks/lime_eval_test.json."""
     import json

@@ -1,0 +1,133 @@
+"""The cheap LIME variants' CPU time per one-token answer: one ``lime_generate`` per answer against one
+:class:`~lime_attr.mitigation.session.LimeSession` for all of them, both as ratios to greedy in the same run.
+
+On the trained demo models (``lime_attr.models.load_builtin``, eager attention, fp32, one CPU thread), on
+``--items`` validation prior probes per condition (the four conditions of ``docs/lime_evaluation.rst``),
+one generated token each. Decoders, interleaved in rounds (every decoder on every item, then the next
+round), so that a shared machine's load affects them alike:
+
+* ``greedy``: one no-grad forward of the prompt (``model(**inputs)``), the argmax of its last logits;
+* ``call``: ``lime_generate(..., attribution=attribution)`` per answer, one attribution for all (so the
+  scope's one-time op-coverage check runs once, as the evaluation's ``--reuse-attribution``);
+* ``session``: every answer of the round inside one ``LimeSession`` (its entry and exit included).
+
+For each ``--settings`` entry ``objective:lr_factor:second_order`` (incremental mode, the model's preset
+with ``confidence_gate=None``, lr = preset lr x factor, ``scaled`` at temperature 1.0 as in the
+evaluation). Reported: the median over ``--rounds`` of the CPU ms per answer and its ratio to greedy's
+median. With ``--no-session`` the session decoder is left out (to run the script on code without it).
+
+Run: ``python -m benchmarks.bench_lime_session [--models digits-llava tones-qwen2audio] [--items 5]
+[--rounds 7] [--json out.json]``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from benchmarks import _common
+
+log = logging.getLogger(__name__)
+
+CONDITIONS = ("conflict", "consistent_yes", "consistent_no", "control")
+SETTINGS = ("logprob:10:frozen", "logprob:10:autograd", "scaled:10:autograd", "paper:10:autograd")
+
+
+def _config(model: Any, setting: str) -> Any:
+    from lime_attr.mitigation import LimeConfig
+
+    objective, factor, order = setting.split(":")
+    base = LimeConfig.for_model(model)
+    extra = {"temperature": 1.0} if objective == "scaled" else {}
+    return base.replace(mode="incremental", confidence_gate=None, objective=objective, second_order=order,
+                        lr=base.lr * float(factor), **extra)
+
+
+def _items(model: Any, processor: Any, name: str, n: int) -> list:
+    from benchmarks.hallucination_report import encode
+    from lime_attr.models import prior_probe
+
+    return [encode(model, processor, it) for c in CONDITIONS for it in prior_probe(name, c, n=n, split="validation")]
+
+
+def decoders(model: Any, processor: Any, items: list, settings: Sequence[str],
+             session: bool = True) -> dict[str, Callable[[], None]]:
+    """``{name: run()}``: each runs one round (every item once)."""
+    from lime_attr import LRP
+    from lime_attr.mitigation import lime_generate
+
+    def greedy() -> None:
+        with torch.no_grad():
+            for enc in items:
+                model(**enc).logits[:, -1].argmax(-1)
+
+    out: dict[str, Callable[[], None]] = {"greedy": greedy}
+    for setting in settings:
+        cfg, attribution = _config(model, setting), LRP(model)
+
+        def call(cfg: Any = cfg, attribution: Any = attribution) -> None:
+            for enc in items:
+                lime_generate(model, processor, enc, cfg, max_new_tokens=1, attribution=attribution)
+
+        out[f"{setting}/call"] = call
+        if session:
+            from lime_attr.mitigation import LimeSession
+
+            def in_session(cfg: Any = cfg) -> None:
+                with LimeSession(model, processor, cfg) as s:
+                    for enc in items:
+                        s.generate(enc, max_new_tokens=1)
+
+            out[f"{setting}/session"] = in_session
+    return out
+
+
+def run_model(name: str, n: int, rounds: int, settings: Sequence[str], session: bool = True) -> dict[str, Any]:
+    """Interleaved rounds of every decoder on one model: median ms per answer and the ratio to greedy."""
+    from lime_attr.models import load_builtin
+
+    model, processor = load_builtin(name, attn_implementation="eager")
+    model.eval()
+    items = _items(model, processor, name, n)
+    runs = decoders(model, processor, items, settings, session)
+    for run in runs.values():  # warm-up (first-call costs, the op-coverage check)
+        run()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, run in runs.items():
+            t0 = time.process_time()
+            run()
+            times[k].append((time.process_time() - t0) / len(items) * 1000)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"model": name, "items": len(items), "rounds": rounds, "ms_per_answer": med,
+            "x_greedy": {k: v / med["greedy"] for k, v in med.items()}, "all_ms": times}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["digits-llava", "tones-qwen2audio"])
+    ap.add_argument("--items", type=int, default=5, help="validation items per condition")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    ap.add_argument("--no-session", action="store_true", help="leave the LimeSession decoder out")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    start = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load": _common.load_average()}
+    results = [run_model(m, args.items, args.rounds, args.settings, not args.no_session) for m in args.models]
+    end = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load": _common.load_average()}
+    for r in results:
+        for k, ms in r["ms_per_answer"].items():
+            log.info("%-18s %-28s %8.2f ms  %5.2fx greedy", r["model"], k, ms, r["x_greedy"][k])
+    if args.json:
+        _common.write_json(args.json, {"start": start, "end": end, "machine": _common.machine_info(),
+                                       "args": vars(args), "results": results})
+
+
+if __name__ == "__main__":
+    main()
