@@ -12,3 +12,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def scope_entries(monkeypatch):
+    """The list of LRP scopes entered during the test (``LRPScope.__enter__`` counted; restored after)."""
+    from lime_attr.scope import LRPScope
+
+    entered = []
+    original = LRPScope.__enter__
+
+    def counting(self):
+        entered.append(self)
+        return original(self)
+
+    monkeypatch.setattr(LRPScope, "__enter__", counting)
+    return entered

@@ -17,7 +17,6 @@ import torch
 
 from lime_attr import LRP
 from lime_attr.mitigation import LimeConfig, LimeSession, lime_generate
-from lime_attr.scope import LRPScope
 from test_lime_incremental import _llava
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,16 +74,9 @@ def test_session_generations_equal_lime_generate(name):
     assert any(r.skipped is None for out in got for r in out.records)  # the inner loop ran
 
 
-def test_scope_installed_once_per_session(monkeypatch):
+def test_scope_installed_once_per_session(scope_entries):
     model, inputs, _, _ = _llava(2)
-    entered = []
-    original = LRPScope.__enter__
-
-    def counting(self):
-        entered.append(self)
-        return original(self)
-
-    monkeypatch.setattr(LRPScope, "__enter__", counting)
+    entered = scope_entries
     cfg = CONFIGS["incremental-frozen"]
     with LimeSession(model, None, cfg) as session:
         for seed in (1, 2, 3):

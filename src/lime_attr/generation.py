@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .mitigation.decoding import GenerationResult, config_to_dict, decode, get_decoding_method
+from .mitigation.decoding import GenerationResult, config_to_dict, decode, decoding_session, get_decoding_method
 from .mitigation.lime_method import LIME_MODES
 from .mitigation.sampling import check_sampling
 
-__all__ = ["METHODS", "DecodingConfig", "GenerationResult", "generate", "prepare_inputs"]
+__all__ = ["METHODS", "DecodingConfig", "GenerationResult", "generate", "generation_session", "prepare_inputs"]
 
 #: The built-in decoding methods; every registered one is in
 #: :func:`~lime_attr.mitigation.available_decoding_methods`.
@@ -151,6 +151,26 @@ def generate(model: nn.Module, processor: Any, inputs: Mapping[str, Any], cfg: D
         The answers, their tokens, the wall-clock seconds and the method's details.
     """
     return decode(model, processor, inputs, cfg.method, cfg.method_config())
+
+
+def generation_session(model: nn.Module, processor: Any, cfg: DecodingConfig) -> Any:
+    """A context manager for many :func:`generate` calls with one config, the method's set-up done once
+    (:func:`lime_attr.mitigation.decoding_session`; LIME installs its LRP scope once).
+
+    Parameters
+    ----------
+    model, processor
+        The model and its processor (or tokenizer).
+    cfg : DecodingConfig
+        The method (a registered name) and its settings.
+
+    Returns
+    -------
+    object
+        A context manager; entering it gives ``run(inputs) -> GenerationResult``, the answers
+        :func:`generate` gives.
+    """
+    return decoding_session(model, processor, cfg.method, cfg.method_config())
 
 
 def prepare_inputs(model: nn.Module, processor: Any, prompts: list, images: Optional[list] = None,

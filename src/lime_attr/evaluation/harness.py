@@ -9,6 +9,7 @@ carries the parser and the full decoding configuration.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -28,9 +29,10 @@ BENCHMARK_FILES = ("questions", "image_dir", "audio_dir", "annotations", "captio
 BUILTIN_PARSER = "strict"
 
 
-def _answer_fn(model: Any, processor: Any, decoding: Any, builtin: Optional[str], media_root: Optional[str],
+def _answer_fn(model: Any, processor: Any, run: Any, builtin: Optional[str], media_root: Optional[str],
                question_field: str):
-    from ..generation import generate, load_audio, load_image, prepare_inputs
+    """``answer(item) -> text``; ``run(inputs) -> GenerationResult`` (a decoding session's)."""
+    from ..generation import load_audio, load_image, prepare_inputs
 
     def prompt_of(item: Any, kind: str) -> str:
         if builtin is not None:
@@ -54,7 +56,7 @@ def _answer_fn(model: Any, processor: Any, decoding: Any, builtin: Optional[str]
             audios, kind = [load_audio(str(Path(media_root or ".") / str(path)), sr)], "audio"
         enc = prepare_inputs(model, processor, [prompt_of(item, kind)], images=images, audios=audios,
                              sampling_rate=sr)
-        return generate(model, processor, enc, decoding).texts[0]
+        return run(enc).texts[0]
 
     return answer
 
@@ -170,19 +172,35 @@ def run_benchmark(benchmark: str, model_spec: str, decoding: Any, split: str = "
     if builtin is not None:
         base["corruption"] = None if corrupt is None else str(corrupt)
     chosen = parser or (BUILTIN_PARSER if builtin is not None else bench.parser)
-    results = []
-    for sp in splits:
-        request = BenchmarkRequest(benchmark=bench.name, model_spec=model_spec, split=sp, files=files,
-                                   corruption=corrupt, parser=chosen)
-        data = bench.load_items(request)
-        items = list(data.items) if limit is None else list(data.items)[:limit]
-        if not items:
-            raise ValueError(f"no {bench.name} questions for split {sp!r}" if sp is not None
-                             else f"no {bench.name} items")
-        scorer = bench.make_scorer(request, items)
-        cfg = dict(base, split=sp, n=len(items)) if sp is not None else dict(base, n=len(items))
-        cfg.update(data.config)
-        fn = _answer_fn(model, processor, decoding, builtin, data.media_root, data.question_field)
-        results.append(run_eval(items, fn, scorer, cfg, progress=progress,
-                                desc=bench.name if sp is None else f"{bench.name} {sp}"))
-    return results
+    from ..generation import generation_session
+
+    with generation_session(model, processor, decoding) as run:  # e.g. LIME's LRP scope: installed once
+        return [_run_split(bench, BenchmarkRequest(benchmark=bench.name, model_spec=model_spec, split=sp, files=files,
+                                                   corruption=corrupt, parser=chosen),
+                           _Answering(model, processor, run, builtin), base, limit, progress) for sp in splits]
+
+
+@dataclass(frozen=True)
+class _Answering:
+    """What answers the questions: the model, its processor, the decoding session's ``run``, the builtin name."""
+
+    model: Any
+    processor: Any
+    run: Any
+    builtin: Optional[str]
+
+
+def _run_split(bench: Any, request: BenchmarkRequest, answering: _Answering, base: dict, limit: Optional[int],
+               progress: bool) -> Any:
+    """One split of a benchmark: its items, scorer and config, answered with the session's ``run``."""
+    sp = request.split
+    data = bench.load_items(request)
+    items = list(data.items) if limit is None else list(data.items)[:limit]
+    if not items:
+        raise ValueError(f"no {bench.name} questions for split {sp!r}" if sp is not None else f"no {bench.name} items")
+    scorer = bench.make_scorer(request, items)
+    cfg = dict(base, split=sp, n=len(items)) if sp is not None else dict(base, n=len(items))
+    cfg.update(data.config)
+    a = answering
+    fn = _answer_fn(a.model, a.processor, a.run, a.builtin, data.media_root, data.question_field)
+    return run_eval(items, fn, scorer, cfg, progress=progress, desc=bench.name if sp is None else f"{bench.name} {sp}")

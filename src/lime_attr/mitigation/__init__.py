@@ -22,6 +22,7 @@ from .decoding import (
     available_decoding_methods,
     config_to_dict,
     decode,
+    decoding_session,
     get_decoding_method,
     register_decoding_method,
     unregister_decoding_method,
@@ -35,6 +36,6 @@ __all__ = ["LimeConfig", "PRESETS", "LimeOptimizer", "IncrementalOptimizer", "To
            "modality_positions", "VCDLogitsProcessor", "vcd_noise",
            "DecodingMethod", "DecodingMethodConfig", "GenerationResult", "UnknownDecodingMethodError",
            "register_decoding_method", "unregister_decoding_method", "get_decoding_method",
-           "available_decoding_methods", "decode", "config_to_dict",
+           "available_decoding_methods", "decode", "decoding_session", "config_to_dict",
            "GreedyConfig", "SamplingParams", "SampleConfig", "VCDConfig", "LimeMethodConfig",
            "Objective", "register_objective", "unregister_objective", "get_objective", "available_objectives"]

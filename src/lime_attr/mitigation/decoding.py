@@ -23,13 +23,18 @@ is one file plus one :func:`register_decoding_method` call.
         return GenerationResult(texts=["" for _ in first], tokens=first.tolist())
 
     register_decoding_method(DecodingMethod("echo", EchoConfig, echo, description="the first prompt token"))
+
+A method whose set-up is costly per call can also give a ``session``: a factory of a context manager,
+entered once for many inputs (:func:`decoding_session`; the evaluation harness runs each benchmark in
+one). LIME's installs its LRP scope once (:class:`~lime_attr.mitigation.session.LimeSession`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -47,6 +52,7 @@ __all__ = [
     "get_decoding_method",
     "available_decoding_methods",
     "decode",
+    "decoding_session",
     "config_to_dict",
 ]
 
@@ -139,6 +145,11 @@ class DecodingMethod:
         :class:`lime_attr.generation.DecodingConfig` (``max_new_tokens``, ``temperature``, ``top_k``,
         ``top_p``, ``do_sample``, ``seed``, ``vcd_*``, ``lime_*``). Default: the options named like a field
         of ``config_type``.
+    session : callable, optional
+        ``session(model, processor, config)`` -> a context manager whose ``__enter__`` returns
+        ``run(inputs) -> GenerationResult``, the same answers as ``generate`` with its set-up done once
+        for all the inputs of the block (:func:`decoding_session`). Default: none (every call is
+        ``generate``).
     """
 
     name: str
@@ -146,6 +157,7 @@ class DecodingMethod:
     generate: GenerateFn
     description: str = ""
     from_options: Optional[Callable[[Mapping[str, Any]], Any]] = None
+    session: Optional[Callable[[nn.Module, Any, Any], Any]] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or self.name.startswith("-"):
@@ -156,6 +168,9 @@ class DecodingMethod:
             raise TypeError(f"decoding method {self.name!r}: config_type must be a frozen dataclass, got {ct!r}")
         if not callable(self.generate):
             raise TypeError(f"decoding method {self.name!r}: generate must be callable, got {self.generate!r}")
+        if self.session is not None and not callable(self.session):
+            raise TypeError(f"decoding method {self.name!r}: session must be callable as session(model, processor, "
+                            f"config) -> context manager, got {self.session!r}")
 
     def make_config(self, options: Optional[Mapping[str, Any]] = None, **overrides: Any) -> Any:
         """The method's config from flat decoding options (see ``from_options``) and ``overrides``."""
@@ -265,3 +280,37 @@ def decode(model: nn.Module, processor: Any, inputs: Mapping[str, Any], method: 
         raise TypeError(f"decoding method {spec.name!r} returned {type(result).__name__}, not a GenerationResult")
     result.seconds = time.perf_counter() - start
     return result
+
+
+@contextlib.contextmanager
+def decoding_session(model: nn.Module, processor: Any, method: str,
+                     config: Any = None) -> Iterator[Callable[[Mapping[str, Any]], GenerationResult]]:
+    """Many generations with one registered decoding ``method``, its set-up done once.
+
+    Parameters
+    ----------
+    model, processor, method, config
+        As for :func:`decode`.
+
+    Yields
+    ------
+    callable
+        ``run(inputs) -> GenerationResult`` (``seconds``: that call's wall-clock time): the method's
+        ``session`` where it has one, else :func:`decode` per call.
+    """
+    spec = get_decoding_method(method)
+    config = spec.check_config(config)
+    with contextlib.ExitStack() as stack:
+        generate = (stack.enter_context(spec.session(model, processor, config)) if spec.session is not None
+                    else lambda inputs: spec.generate(model, processor, inputs, config))
+
+        def run(inputs: Mapping[str, Any]) -> GenerationResult:
+            start = time.perf_counter()
+            result = generate(inputs)
+            if not isinstance(result, GenerationResult):
+                raise TypeError(f"decoding method {spec.name!r} returned {type(result).__name__}, not a "
+                                "GenerationResult")
+            result.seconds = time.perf_counter() - start
+            return result
+
+        yield run

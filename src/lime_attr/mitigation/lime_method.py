@@ -1,12 +1,14 @@
 """LIME (Allouche and Keshet, 2026) as a decoding method, registered as ``"lime"``.
 
-It calls LIME's public API only: :meth:`LimeConfig.for_model <lime_attr.mitigation.LimeConfig.for_model>`
-and :func:`~lime_attr.mitigation.lime_generate`.
+It calls LIME's public API only: :meth:`LimeConfig.for_model <lime_attr.mitigation.LimeConfig.for_model>`,
+:func:`~lime_attr.mitigation.lime_generate` and, for many inputs,
+:class:`~lime_attr.mitigation.session.LimeSession`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,10 +17,11 @@ from torch import nn
 
 from .config import LimeConfig
 from .decoding import DecodingMethod, GenerationResult, register_decoding_method
-from .generate import lime_generate
+from .generate import LimeOutput, lime_generate
 from .sampling import SamplingParams
+from .session import LimeSession
 
-__all__ = ["LimeMethodConfig", "lime_method_generate", "LIME_MODES", "LIME"]
+__all__ = ["LimeMethodConfig", "lime_method_generate", "lime_method_session", "LIME_MODES", "LIME"]
 
 #: The modes of :class:`~lime_attr.mitigation.LimeConfig` a decoding config may choose.
 LIME_MODES = ("fast", "reference", "incremental")
@@ -74,10 +77,27 @@ def lime_method_generate(model: nn.Module, processor: Any, inputs: Mapping[str, 
     """LIME answers of a left-padded batch; ``details`` holds the per-token modality shares before and
     after the optimisation (``share_before``, ``share_after``) and where LIME changed the token
     (``changed``)."""
+    return _result(lime_generate(model, processor, dict(inputs.items()), config.lime_config(model),
+                                 **_generation_kwargs(config)))
+
+
+@contextlib.contextmanager
+def lime_method_session(model: nn.Module, processor: Any,
+                        config: LimeMethodConfig) -> Iterator[Callable[[Mapping[str, Any]], GenerationResult]]:
+    """The ``"lime"`` method's session: one :class:`~lime_attr.mitigation.session.LimeSession` (the LRP
+    scope installed once); yields ``run(inputs)``, the answers :func:`lime_method_generate` gives."""
+    with LimeSession(model, processor, config.lime_config(model)) as session:
+        yield lambda inputs: _result(session.generate(dict(inputs.items()), **_generation_kwargs(config)))
+
+
+def _generation_kwargs(config: LimeMethodConfig) -> dict:
     gen: dict[str, Any] = {"max_new_tokens": config.max_new_tokens}
-    if config.do_sample:
+    if config.do_sample:  # a new generator per call, seeded alike: the same draws as one call alone
         gen.update(config.generate_kwargs(), generator=torch.Generator().manual_seed(config.seed))
-    res = lime_generate(model, processor, dict(inputs.items()), config.lime_config(model), **gen)
+    return gen
+
+
+def _result(res: LimeOutput) -> GenerationResult:
     details = {"share_before": res.share_before.tolist(), "share_after": res.share_after.tolist(),
                "changed": res.changed.tolist()}
     return GenerationResult([t.strip() for t in res.texts], [row.tolist() for row in res.tokens], details=details)
@@ -95,4 +115,4 @@ def _from_options(options: Mapping[str, Any]) -> LimeMethodConfig:
 LIME = register_decoding_method(DecodingMethod(
     "lime", LimeMethodConfig, lime_method_generate,
     description="LIME: relevance-guided key/value perturbation (Allouche and Keshet, 2026)",
-    from_options=_from_options))
+    from_options=_from_options, session=lime_method_session))
