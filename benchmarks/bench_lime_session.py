@@ -2,7 +2,8 @@
 :class:`~lime_attr.mitigation.session.LimeSession` for all of them, both as ratios to greedy in the same run.
 
 On the trained demo models (``lime_attr.models.load_builtin``, eager attention, fp32, one CPU thread), on
-``--items`` validation prior probes per condition (the four conditions of ``docs/lime_evaluation.rst``),
+``--items`` validation prior probes per condition (the four conditions of ``docs/lime_evaluation.rst``,
+encoded as ``benchmarks/lime_objectives_eval.py`` does),
 one generated token each. Decoders, interleaved in rounds (every decoder on every item, then the next
 round), so that a shared machine's load affects them alike:
 
@@ -11,9 +12,9 @@ round), so that a shared machine's load affects them alike:
   scope's one-time op-coverage check runs once, as the evaluation's ``--reuse-attribution``);
 * ``session``: every answer of the round inside one ``LimeSession`` (its entry and exit included).
 
-For each ``--settings`` entry ``objective:lr_factor:second_order`` (incremental mode, the model's preset
-with ``confidence_gate=None``, lr = preset lr x factor, ``scaled`` at temperature 1.0 as in the
-evaluation). Reported: the median over ``--rounds`` of the CPU ms per answer and its ratio to greedy's
+For each ``--settings`` entry ``objective:lr_factor:second_order``: the evaluation's configuration of that
+setting in incremental mode (``lime_objectives_eval.Setting.config``: the model's preset with
+``confidence_gate=None``, lr = preset lr x factor, ``scaled`` at temperature 1.0). Reported: the median over ``--rounds`` of the CPU ms per answer and its ratio to greedy's
 median. With ``--no-session`` the session decoder is left out (to run the script on code without it).
 
 Run: ``python -m benchmarks.bench_lime_session [--models digits-llava tones-qwen2audio] [--items 5]
@@ -33,25 +34,22 @@ from benchmarks import _common
 
 log = logging.getLogger(__name__)
 
-CONDITIONS = ("conflict", "consistent_yes", "consistent_no", "control")
 SETTINGS = ("logprob:10:frozen", "logprob:10:autograd", "scaled:10:autograd", "paper:10:autograd")
 
 
 def _config(model: Any, setting: str) -> Any:
-    from lime_attr.mitigation import LimeConfig
+    """The evaluation's config of ``objective:lr_factor:second_order`` in incremental mode."""
+    from benchmarks.lime_objectives_eval import Setting
 
     objective, factor, order = setting.split(":")
-    base = LimeConfig.for_model(model)
-    extra = {"temperature": 1.0} if objective == "scaled" else {}
-    return base.replace(mode="incremental", confidence_gate=None, objective=objective, second_order=order,
-                        lr=base.lr * float(factor), **extra)
+    return Setting(objective, float(factor), order, mode="incremental").config(model)
 
 
 def _items(model: Any, processor: Any, name: str, n: int) -> list:
-    from benchmarks.hallucination_report import encode
-    from lime_attr.models import prior_probe
+    """The processor outputs of ``n`` validation probes per condition, condition after condition."""
+    from benchmarks.lime_objectives_eval import encoded_items
 
-    return [encode(model, processor, it) for c in CONDITIONS for it in prior_probe(name, c, n=n, split="validation")]
+    return [enc for per in encoded_items(model, processor, name, "validation", n).values() for _, enc in per]
 
 
 def decoders(model: Any, processor: Any, items: list, settings: Sequence[str],

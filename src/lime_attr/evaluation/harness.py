@@ -201,6 +201,6 @@ def _run_split(bench: Any, request: BenchmarkRequest, answering: _Answering, bas
     scorer = bench.make_scorer(request, items)
     cfg = dict(base, split=sp, n=len(items)) if sp is not None else dict(base, n=len(items))
     cfg.update(data.config)
-    a = answering
-    fn = _answer_fn(a.model, a.processor, a.run, a.builtin, data.media_root, data.question_field)
+    fn = _answer_fn(answering.model, answering.processor, answering.run, answering.builtin, data.media_root,
+                    data.question_field)
     return run_eval(items, fn, scorer, cfg, progress=progress, desc=bench.name if sp is None else f"{bench.name} {sp}")

@@ -274,8 +274,13 @@ def decode(model: nn.Module, processor: Any, inputs: Mapping[str, Any], method: 
     """
     spec = get_decoding_method(method)
     config = spec.check_config(config)
+    return _timed(spec, lambda: spec.generate(model, processor, inputs, config))
+
+
+def _timed(spec: DecodingMethod, generate: Callable[[], Any]) -> GenerationResult:
+    """``generate()``'s result, checked to be a :class:`GenerationResult`, with ``seconds`` its wall-clock time."""
     start = time.perf_counter()
-    result = spec.generate(model, processor, inputs, config)
+    result = generate()
     if not isinstance(result, GenerationResult):
         raise TypeError(f"decoding method {spec.name!r} returned {type(result).__name__}, not a GenerationResult")
     result.seconds = time.perf_counter() - start
@@ -305,12 +310,6 @@ def decoding_session(model: nn.Module, processor: Any, method: str,
                     else lambda inputs: spec.generate(model, processor, inputs, config))
 
         def run(inputs: Mapping[str, Any]) -> GenerationResult:
-            start = time.perf_counter()
-            result = generate(inputs)
-            if not isinstance(result, GenerationResult):
-                raise TypeError(f"decoding method {spec.name!r} returned {type(result).__name__}, not a "
-                                "GenerationResult")
-            result.seconds = time.perf_counter() - start
-            return result
+            return _timed(spec, lambda: generate(inputs))
 
         yield run

@@ -40,7 +40,7 @@ from ..strict_json import jsonable
 from .records import TokenRecord
 
 __all__ = ["lime_generate", "LimeOutput", "modality_positions", "check_sampling_params", "GENERATION_KEYS", "checked_call",
-           "decode_loop", "decode", "prompt_embeddings"]
+           "inner_engine", "decode_loop", "run_decode_loop", "prompt_embeddings"]
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +303,18 @@ def lime_generate(model: nn.Module, processor: Any, inputs: Any, config: Optiona
         raise TypeError(f"lime_generate got unexpected keyword argument(s) {unknown}; supported: "
                         f"{', '.join(GENERATION_KEYS)}")
     config, max_new = checked_call(model, config, generation_kwargs.get("max_new_tokens", 32))
-    return decode(decode_loop(model, processor, inputs, config, generation_kwargs), max_new)
+    return run_decode_loop(decode_loop(model, processor, inputs, config, generation_kwargs), max_new)
+
+
+def inner_engine(model: nn.Module, config: LimeConfig, attribution: Any = None) -> Any:
+    """The inner-loop engine of ``config.mode``: :class:`IncrementalOptimizer` for ``"incremental"``, else
+    :class:`LimeOptimizer`, on ``attribution`` (default ``LRP(model)``)."""
+    if attribution is None:
+        from ..attribution import LRP
+
+        attribution = LRP(model)
+    engine = IncrementalOptimizer if config.mode == "incremental" else LimeOptimizer
+    return engine(attribution, config)
 
 
 def decode_loop(model: nn.Module, processor: Any, inputs: Any, config: LimeConfig, generation_kwargs: dict,
@@ -317,20 +328,20 @@ def decode_loop(model: nn.Module, processor: Any, inputs: Any, config: LimeConfi
     generation_kwargs : dict
         :data:`GENERATION_KEYS` only.
     optimizer : LimeOptimizer or IncrementalOptimizer, optional
-        An inner-loop engine to use instead of a new one (a
+        An inner-loop engine to use instead of a new :func:`inner_engine` (a
         :class:`~lime_attr.mitigation.session.LimeSession`'s, already in session).
 
     Returns
     -------
     object
         The loop (the prompt pass, one inner optimisation per token, the cache, stopping, records); run it
-        with :func:`decode`.
+        with :func:`run_decode_loop`.
     """
     loop_class = _IncrementalLoop if config.mode == "incremental" else _DecodeLoop
     return loop_class(model, processor, inputs, config, generation_kwargs, optimizer)
 
 
-def decode(loop: Any, max_new: int) -> LimeOutput:
+def run_decode_loop(loop: Any, max_new: int) -> LimeOutput:
     """Run a decode loop for up to ``max_new`` tokens (no grad outside the inner loop).
 
     Parameters
@@ -382,14 +393,7 @@ class _DecodeLoop:
         _check_multimodal_inputs(model, processor, inp, ids, mask)
         self.inp, self.ids, self.mask = inp, ids, mask
         self.modality = modality_positions(model, processor, ids, mask, g.get("modality_mask")).to(ids.device)
-        if optimizer is None:
-            attribution = g.get("attribution")
-            if attribution is None:
-                from ..attribution import LRP
-
-                attribution = LRP(model)
-            optimizer = self.optimizer(attribution, config)
-        self.lime = optimizer
+        self.lime = optimizer if optimizer is not None else inner_engine(model, config, g.get("attribution"))
         self.events: Optional[list] = [] if g.get("record_events") else None
         self.lime.events = self.events
         self.callback: Optional[Callable] = g.get("callback")
@@ -405,11 +409,6 @@ class _DecodeLoop:
         self.ref_logits: Optional[Tensor] = None
 
     session_up_front = property(lambda self: not self.fast_cache, doc="Enter the LRP scope before the prompt pass.")
-
-    @staticmethod
-    def optimizer(attribution: Any, config: LimeConfig) -> Any:
-        """The inner-loop engine of this decode loop."""
-        return LimeOptimizer(attribution, config)
 
     def advance(self) -> None:
         """After a token is appended: the next position's unperturbed logits (fast mode's cached step)."""
@@ -551,10 +550,6 @@ class _IncrementalLoop(_DecodeLoop):
     appends that position's unperturbed keys / values."""
 
     session_up_front = False  # entered at the first optimised token (never with steps = 0)
-
-    @staticmethod
-    def optimizer(attribution: Any, config: LimeConfig) -> Any:
-        return IncrementalOptimizer(attribution, config)
 
     def advance(self) -> None:
         """Nothing to compute: the token's step already appended its position to the cache."""

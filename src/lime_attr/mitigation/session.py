@@ -20,9 +20,7 @@ from typing import Any, Optional
 from torch import nn
 
 from .config import LimeConfig
-from .generate import GENERATION_KEYS, LimeOutput, checked_call, decode, decode_loop
-from .incremental import IncrementalOptimizer
-from .optimizer import LimeOptimizer
+from .generate import GENERATION_KEYS, LimeOutput, checked_call, decode_loop, inner_engine, run_decode_loop
 
 __all__ = ["LimeSession"]
 
@@ -65,12 +63,7 @@ class LimeSession:
                  attribution: Any = None) -> None:
         self.model, self.processor = model, processor
         self.config, _ = checked_call(model, config, 0)
-        if attribution is None:
-            from ..attribution import LRP
-
-            attribution = LRP(model)
-        engine = IncrementalOptimizer if self.config.mode == "incremental" else LimeOptimizer
-        self.optimizer = engine(attribution, self.config)
+        self.optimizer = inner_engine(model, self.config, attribution)
         self._stack: Optional[contextlib.ExitStack] = None
 
     @property
@@ -118,4 +111,4 @@ class LimeSession:
                             f"{', '.join(_PER_CALL_KEYS)}")
         _, max_new = checked_call(self.model, self.config, generation_kwargs.get("max_new_tokens", 32))
         loop = decode_loop(self.model, self.processor, inputs, self.config, generation_kwargs, self.optimizer)
-        return decode(loop, max_new)
+        return run_decode_loop(loop, max_new)
