@@ -49,10 +49,13 @@ class Setting:
     lr_factor: float
     second_order: str
     mode: str = "fast"
+    fast_updates: Optional[int] = None  # None: the config's default schedule ("auto")
 
     @property
     def name(self) -> str:
         base = f"{self.objective}@x{self.lr_factor:g}/{self.second_order}"
+        if self.fast_updates is not None:
+            base += f"/u{self.fast_updates}"
         if self.mode == "reference":
             return "published-reference"
         return base if self.mode == "fast" else f"{self.mode}:{base}"
@@ -64,6 +67,8 @@ class Setting:
         if self.mode == "reference":
             return base.replace(mode="reference")
         extra = {"temperature": 1.0} if self.objective == "scaled" else {}  # (relative; docs/lime_evaluation.rst)
+        if self.fast_updates is not None:
+            extra["fast_updates"] = self.fast_updates
         return base.replace(mode=self.mode, confidence_gate=None, objective=self.objective, lr=base.lr * self.lr_factor,
                             second_order=self.second_order, **extra)
 
@@ -71,15 +76,15 @@ class Setting:
 PUBLISHED = Setting("paper", 1.0, "autograd", mode="reference")
 
 
-def grid(mode: str = "fast", second_order: Optional[str] = None) -> list[Setting]:
+def grid(mode: str = "fast", second_order: Optional[str] = None, fast_updates: Optional[int] = None) -> list[Setting]:
     """The validation grid: objectives x lr factors x second orders (``docs/lime_evaluation.rst``); the cheap
     ``"incremental"`` mode has one second order per grid (``"autograd"``, or ``"frozen"``: the second cheap
-    variant)."""
+    variant); ``fast_updates`` fixes the number of updates per token (default: the config's schedule)."""
     if mode == "fast":
         orders = SECOND_ORDERS if second_order is None else (second_order,)
     else:
         orders = (second_order or "autograd",)
-    return [Setting(o, f, s, mode) for o in OBJECTIVES for f in LR_FACTORS for s in orders]
+    return [Setting(o, f, s, mode, fast_updates) for o in OBJECTIVES for f in LR_FACTORS for s in orders]
 
 
 @dataclass
@@ -211,6 +216,15 @@ def grounding(model: Any, processor: Any, model_name: str, items: list, setting:
             "higher": sum(a > b for b, a in pairs), "lower": sum(a < b for b, a in pairs)}
 
 
+def _extra_setting(spec: str) -> Setting:
+    """``objective:lr_factor:second_order:mode[:fast_updates]`` as a :class:`Setting`."""
+    parts = spec.split(":")
+    if len(parts) not in (4, 5):
+        raise SystemExit(f"--extra {spec!r}: expected objective:lr_factor:second_order:mode[:fast_updates]")
+    o, f, s, m = parts[:4]
+    return Setting(o, float(f), s, m, int(parts[4]) if len(parts) == 5 else None)
+
+
 def test_methods(validations: Sequence[dict], extra: Sequence[Setting] = (), published: bool = True) -> dict:
     """``{name: Setting}``: the published algorithm, every validation run's selected settings, ``extra``."""
     methods = {PUBLISHED.name: PUBLISHED} if published else {}
@@ -304,13 +318,14 @@ def _rows_dict(rows: Sequence[Row]) -> list[dict]:
 
 
 def run_validation(model_name: str, n: int, mode: str = "fast", second_order: Optional[str] = None,
-                   reuse_attribution: bool = False, session: bool = False) -> dict[str, Any]:
+                   reuse_attribution: bool = False, session: bool = False,
+                   fast_updates: Optional[int] = None) -> dict[str, Any]:
     """Greedy and the whole grid on the validation probes; the selected settings and the recommendation."""
     model, processor = _load(model_name)
     items = encoded_items(model, processor, model_name, "validation", n)
     greedy = {c: greedy_rows(model, processor, model_name, items[c]) for c in CONDITIONS}
     per_setting: dict[str, dict[str, dict]] = {}
-    settings = grid(mode, second_order)
+    settings = grid(mode, second_order, fast_updates)
     for setting in tqdm(settings, desc=f"{model_name} grid"):
         per_setting[setting.name] = {c: counts(greedy[c], lime_rows(model, processor, model_name, items[c], setting,
                                                                     reuse_attribution, session)) for c in CONDITIONS}
@@ -319,7 +334,7 @@ def run_validation(model_name: str, n: int, mode: str = "fast", second_order: Op
     selected = {o: select(per_setting, [s for s in settings if s.objective == o]) for o in OBJECTIVES}
     best = recommend(per_setting, selected)
     return {"model": model_name, "split": "validation", "mode": mode, "second_order": second_order,
-            "reuse_attribution": reuse_attribution, "session": session, "n_per_condition": n,
+            "fast_updates": fast_updates, "reuse_attribution": reuse_attribution, "session": session, "n_per_condition": n,
             "machine": _common.machine_info(),
             "greedy_accuracy": {c: counts(greedy[c], greedy[c])["accuracy"] for c in CONDITIONS},
             "grid": per_setting, "selected": {o: (s.__dict__ if s else None) for o, s in selected.items()},
@@ -496,6 +511,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--second-order", choices=("autograd", "exact", "frozen"),
                     help="the validation grid's one second order (default: fast mode both autograd and exact, "
                     "incremental mode autograd; 'frozen': the second cheap variant)")
+    ap.add_argument("--fast-updates", type=int, help="the validation grid's updates per token (default: the "
+                    "config's schedule, 2 in fast mode)")
     ap.add_argument("--reuse-attribution", action="store_true", help="one LRP(model) per setting and condition "
                     "(the op-coverage check runs once) instead of a new one per lime_generate call")
     ap.add_argument("--session", action="store_true", help="each setting's items of a condition in one LimeSession "
@@ -516,13 +533,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for name in args.models:
         n = args.n or N_ITEMS[args.split]
         if args.split == "validation":
-            out.append(run_validation(name, n, args.mode, args.second_order, args.reuse_attribution, args.session))
+            out.append(run_validation(name, n, args.mode, args.second_order, args.reuse_attribution, args.session,
+                                      args.fast_updates))
         else:
             validations = [json.load(open(p)) for p in args.selection]
             if args.grounding:
                 out.append(run_grounding(name, n, validations))
                 continue
-            extra = [Setting(o, float(f), s, m) for o, f, s, m in (e.split(":") for e in args.extra)]
+            extra = [_extra_setting(e) for e in args.extra]
             conds = (DESCRIPTION,) if args.descriptions else CONDITIONS
             out.append(run_test(name, n, validations, extra, published=not args.no_published, conditions=conds,
                                 reuse_attribution=args.reuse_attribution, session=args.session))

@@ -193,3 +193,26 @@ def test_the_cheap_variants_judgement(net_conflict, net_control, cost, within, k
     assert j["needed_net"] == pytest.approx(43.2)
     d = ev.cheap_judgement(_cheap_merged(0, 0, 2.0), "digits-llava", "m")
     assert d["keeps_fixes"] and d["meets"]  # the best objective's net on digits-llava is 0
+
+
+def test_a_setting_with_fixed_updates_runs_that_schedule_and_keeps_its_name_and_round_trip():
+    """``fast_updates=1``: one update carrying the total step; named apart; stored settings (with or without
+    the field) load back."""
+    import dataclasses
+
+    from lime_attr.models import load_builtin
+
+    model, _ = load_builtin("digits-llava")
+    one = ev.Setting("paper", 10.0, "autograd", fast_updates=1)
+    default = ev.Setting("paper", 10.0, "autograd")
+    n1, lr1 = one.config(model).schedule
+    n2, lr2 = default.config(model).schedule
+    assert (n1, n2) == (1, 2) and lr1 == pytest.approx(2 * lr2)
+    assert one.name == "paper@x10/autograd/u1" and default.name == "paper@x10/autograd"
+    assert ev.Setting(**dataclasses.asdict(one)) == one
+    stored = {k: v for k, v in dataclasses.asdict(default).items() if k != "fast_updates"}  # an earlier run's
+    assert ev.Setting(**stored) == default
+    assert {s.fast_updates for s in ev.grid("fast", fast_updates=1)} == {1} and len(ev.grid("fast", fast_updates=1)) == 30
+    assert ev._extra_setting("paper:10:autograd:fast:1") == one
+    with pytest.raises(SystemExit, match="expected objective"):
+        ev._extra_setting("paper:10")
