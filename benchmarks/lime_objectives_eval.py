@@ -374,14 +374,26 @@ def method_label(method: str, part: dict) -> str:
     return f"{method}+session" if part.get("session") else method
 
 
+_ANSWER_KEYS = ("answers", "greedy_answers")
+
+
 def merge_tests(parts: Sequence[dict]) -> dict[str, Any]:
-    """Both models' test results, with Holm's correction over every (model x method x condition)."""
+    """Both models' test results, with Holm's correction over every (model x method x condition); the parts
+    are kept without their per-item answers (those stay in each part's own file)."""
     results: dict[str, dict[str, dict]] = {}
+    stripped = []
     for p in parts:  # (a method's description part adds its "description" cell to the same entry)
+        keys = {}
         for m, per in p["results"].items():
-            results.setdefault(f"{p['model']}|{method_label(m, p)}", {}).update(per)
+            key = f"{p['model']}|{method_label(m, p)}"
+            while set(results.get(key, ())) & set(per):  # a later run of the same cells: kept apart, not overwritten
+                key += "+rerun"
+            results.setdefault(key, {}).update(per)
+            keys[m] = key
+        # answers stay in the parts' own files; merged_keys: where each method's cells are in "results"
+        stripped.append({**{k: v for k, v in p.items() if k not in _ANSWER_KEYS}, "merged_keys": keys})
     add_tests(results)
-    merged = {"parts": list(parts), "results": results, "holm_family": sum(len(v) for v in results.values())}
+    merged = {"parts": stripped, "results": results, "holm_family": sum(len(v) for v in results.values())}
     merged["verdict"] = verdict(merged)
     return merged
 
@@ -428,9 +440,10 @@ def render_test(merged: dict, last: Optional[int] = None) -> list[str]:
         model, conds = part["model"], part.get("conditions", CONDITIONS)
         rows = []
         for name, per in part["results"].items():
-            cells = merged["results"][f"{model}|{method_label(name, part)}"]
-            mark = " (recommended)" if name == part["recommended"] else ""
-            rows.append([f"``{method_label(name, part)}``{mark}", *(f"{_fi(cells[c])} p={_p(cells[c]['holm_p'])} acc "
+            key = part.get("merged_keys", {}).get(name, f"{model}|{method_label(name, part)}")
+            cells = merged["results"][key]
+            mark = " (recommended)" if name == part["recommended"] and part.get("role") in (None, "main") else ""
+            rows.append([f"``{key.split('|', 1)[1]}``{mark}", *(f"{_fi(cells[c])} p={_p(cells[c]['holm_p'])} acc "
                                                  f"{cells[c]['greedy_accuracy']:.3f}->{cells[c]['accuracy']:.3f}"
                                                  for c in conds),
                          f"{cells[conds[0]]['share_before']:.3f}->{cells[conds[0]]['share_after']:.3f}",
@@ -438,7 +451,8 @@ def render_test(merged: dict, last: Optional[int] = None) -> list[str]:
                          f"{sum(cells[c]['cpu_ratio'] for c in conds) / len(conds):.{2 if last else 1}f}"])
         head = ["method", *(f"{c}: fixed/introduced, Holm p, accuracy" for c in conds),
                 f"reliance ({conds[0]})", f"KL ({conds[0]})", "CPU x greedy"]
-        what = {"extra": "the cheap variant's selected settings", "descriptions": "broken-pair descriptions (accuracy ="
+        what = {"extra": "a later variant's selected settings (and the references named with ``--extra``)",
+                "descriptions": "broken-pair descriptions (accuracy ="
                 " the absent partner not named)"}.get(part.get("role"), "main methods")
         lines += [f"**{model}**, test, {what}, {part['n_per_condition']} items per condition.", "",
                   *_table(head, rows)]

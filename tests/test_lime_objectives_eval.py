@@ -140,6 +140,30 @@ def test_a_session_run_of_a_setting_stays_a_separate_cell_in_the_merge():
     assert merged["verdict"]["success"]  # an "extra" part is judged on its own
 
 
+def test_a_rerun_of_the_same_cells_is_kept_apart_in_the_merge():
+    """A later plain run of an already merged setting (a cost reference) gets its own cells, so the
+    earlier counts and costs stay; a description part still adds its cell to the same entry."""
+    plain = _merged()
+    cell = {"greedy_accuracy": 0.5, "accuracy": 0.5, "share_before": 0.1, "share_after": 0.2, "kl": 0.0,
+            "cpu_ratio": 2.0}
+    described = {"model": "tones-qwen2audio", "recommended": None, "role": "descriptions",
+                 "conditions": ["description"], "results": {"x": {"description": {"fixed": 1, "introduced": 1,
+                                                                                  **cell}}}}
+    again = {"model": "tones-qwen2audio", "recommended": "x", "role": "extra", "conditions": ["conflict"],
+             "n_per_condition": 2,
+             "answers": {"x": {}}, "results": {"x": {"conflict": {"fixed": 2, "introduced": 0, **cell}}}}
+    merged = ev.merge_tests([*plain["parts"], described, again])
+    assert merged["results"]["tones-qwen2audio|x"]["conflict"]["fixed"] == 30
+    assert merged["results"]["tones-qwen2audio|x+rerun"]["conflict"]["fixed"] == 2
+    assert merged["results"]["tones-qwen2audio|x"]["description"]["fixed"] == 1
+    assert merged["holm_family"] == 10
+    assert all("answers" not in p for p in merged["parts"])  # they stay in the parts' own files
+    assert merged["parts"][-1]["merged_keys"] == {"x": "tones-qwen2audio|x+rerun"}
+    table = "\n".join(ev.render_test(merged, last=1))
+    assert "``x+rerun``" in table and "2/0" in table  # the rerun's own cells are rendered
+    assert "(recommended)" not in table  # an extra part's own selection is not the page's recommendation
+
+
 def test_the_recommendations_evidence_quotes_the_committed_results():
     """Every count and p-value the evidence strings quote is in docs/benchmarks/lime_eval_test.json."""
     import json
