@@ -12,8 +12,8 @@ round), so that a shared machine's load affects them alike:
   scope's one-time op-coverage check runs once, as the evaluation's ``--reuse-attribution``);
 * ``session``: every answer of the round inside one ``LimeSession`` (its entry and exit included).
 
-For each ``--settings`` entry ``objective:lr_factor:second_order``: the evaluation's configuration of that
-setting in incremental mode (``lime_objectives_eval.Setting.config``: the model's preset with
+For each ``--settings`` entry ``objective:lr_factor:second_order[:mode[:fast_updates]]``: the evaluation's
+configuration of that setting (in incremental mode unless ``mode`` is given) (``lime_objectives_eval.Setting.config``: the model's preset with
 ``confidence_gate=None``, lr = preset lr x factor, ``scaled`` at temperature 1.0). Reported: the median over ``--rounds`` of the CPU ms per answer and its ratio to greedy's
 median. With ``--no-session`` the session decoder is left out (to run the script on code without it).
 
@@ -38,11 +38,14 @@ SETTINGS = ("logprob:10:frozen", "logprob:10:autograd", "scaled:10:autograd", "p
 
 
 def _config(model: Any, setting: str) -> Any:
-    """The evaluation's config of ``objective:lr_factor:second_order`` in incremental mode."""
+    """The evaluation's config of ``objective:lr_factor:second_order[:mode[:fast_updates]]`` (mode default
+    ``incremental``)."""
     from benchmarks.lime_objectives_eval import Setting
 
-    objective, factor, order = setting.split(":")
-    return Setting(objective, float(factor), order, mode="incremental").config(model)
+    objective, factor, order, *rest = setting.split(":")
+    mode = rest[0] if rest else "incremental"
+    updates = int(rest[1]) if len(rest) > 1 else None
+    return Setting(objective, float(factor), order, mode=mode, fast_updates=updates).config(model)
 
 
 def _items(model: Any, processor: Any, name: str, n: int) -> list:

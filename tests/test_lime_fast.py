@@ -203,3 +203,41 @@ def test_inner_optimizer_is_torch_optim_bit_for_bit(kind):
         mine.zero_grad()
         for p, q in zip(a, b):
             assert torch.equal(p, q), (step, (p - q).abs().max())
+
+
+def test_emission_forward_runs_without_grad_and_equals_the_grad_enabled_one(model, prompt, monkeypatch):
+    """The emission forward (after the last update) runs under no_grad, its Delta added by the no-grad
+    attention transform (no rule, no graph); its logits are those of the same forward with gradients enabled
+    (the rules' forward values are the plain ones)."""
+    import contextlib
+
+    from lime_attr.mitigation.optimizer import LimeOptimizer
+
+    calls = []
+    handle = model.register_forward_hook(  # the inner and emission forwards take inputs_embeds, the cached steps ids
+        lambda m, a, kw, out: calls.append((torch.is_grad_enabled(), out.logits[:, -1].detach().clone()))
+        if kw.get("inputs_embeds") is not None else None, with_kwargs=True)
+    cfg = LimeConfig(mode="fast", steps=3, lr=0.3, kl_weight=0.0, confidence_gate=None, emit="final")
+    try:
+        new = _gen(model, prompt, cfg, n=3, record_events=True)
+        no_grad = [c for c in calls]
+        calls.clear()
+
+        @contextlib.contextmanager
+        def with_grad(self):  # the previous emission: the same Delta, gradients enabled (rules run)
+            self._grad_deltas = False
+            with torch.enable_grad():
+                yield
+
+        monkeypatch.setattr(LimeOptimizer, "_emitting_without_grad", with_grad)
+        old = _gen(model, prompt, cfg, n=3)
+    finally:
+        handle.remove()
+    assert new.changed.any()  # the perturbation moved tokens: the comparison is not trivial
+    assert new.tokens.tolist() == old.tokens.tolist()
+    emissions_new = [c for c in no_grad if not c[0]]
+    emissions_old = calls[2::3]  # per token: 2 inner forwards, then the emission
+    assert all(grad for grad, _ in calls) and [grad for grad, _ in no_grad] == [True, True, False] * 3
+    assert len(emissions_new) == 3 and len(emissions_old) == 3
+    for (_, a), (_, b) in zip(emissions_new, emissions_old):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -148,6 +148,7 @@ class LimeOptimizer:
         self._deltas: dict[int, tuple[Optional[Tensor], Optional[Tensor]]] = {}
         self._pos_mask: Optional[Tensor] = None
         self._grad_deltas = True
+        self._emitting = False  # the no-grad emission forward is running (its transform adds the final Delta)
         self._in_session = False
         self._checkpoint: Optional[LayerCheckpoint] = None
         self.events: Optional[list] = None  # set to a list to record the step order
@@ -174,6 +175,9 @@ class LimeOptimizer:
             with scope, contextlib.ExitStack() as stack:
                 transform = scope.add_attention_transform(self._transform, stage=self.config.placement)
                 stack.callback(transform.remove)
+                emission = scope.add_attention_transform(self._emission_transform, stage=self.config.placement,
+                                                         also_without_grad=True)
+                stack.callback(emission.remove)
                 if self.config.activation_checkpoint:
                     self._checkpoint = stack.enter_context(LayerCheckpoint(
                         self._layers, self.layer_ids, self, scope, self.config.release_heap).installed())
@@ -219,6 +223,24 @@ class LimeOptimizer:
         if dv is not None:
             v = v + self._masked(dv).to(v.dtype)
         return q, k, v
+
+    def _emission_transform(self, module: nn.Module, q: Tensor, k: Tensor, v: Tensor, kwargs: dict):
+        """The final Delta in the no-grad emission forward (:meth:`_emitting`); the identity in every other
+        forward (those with grad get :meth:`_transform`)."""
+        if not self._emitting or torch.is_grad_enabled():
+            return q, k, v
+        return self._transform(module, q, k, v, kwargs)
+
+    @contextlib.contextmanager
+    def _emitting_without_grad(self) -> Iterator[None]:
+        """A forward with the final, fixed Delta and no gradients: no rule runs (rules change only gradients), no
+        graph is built."""
+        self._grad_deltas, self._emitting = False, True
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self._emitting = False
 
     def delta_pair(self, layer: int, hidden_states: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """``(Delta_K, Delta_V)`` of decoder layer ``layer`` for the current token, created (zero) for
@@ -562,11 +584,13 @@ class LimeOptimizer:
         self._grad_deltas = False
         if cfg.emit_from == "cached" and emit_fn is not None:
             self._event("emit", "cached")
-            with torch.enable_grad():  # the scope applies attention transforms only with grad enabled
+            with self._emitting_without_grad():
                 return emit_fn().detach().float()
         self._event("emit", "final")
         if not cfg.final_relevance:
-            return self._forward(embeds, model_kwargs, st.pick, False, False).logits.detach()
+            with self._emitting_without_grad():
+                out = self.model(inputs_embeds=embeds.detach(), **model_kwargs)
+            return self._work((out.logits if hasattr(out, "logits") else out[0])[:, -1, :])
         # relevance under the perturbation the token is emitted from (first order, no graph)
         fin = self._forward(embeds, model_kwargs, st.pick, True, False)
         st.rec.share_after = modality_share(fin.relevance.detach(), st.mod_f, st.valid_f).tolist()
