@@ -8,6 +8,7 @@ from lime_attr import LRP
 from lime_attr.mitigation import LimeConfig, lime_generate
 from lime_attr.mitigation.config import FAST_CONFIDENCE_GATE, FAST_UPDATES
 from test_lime import _llama  # the same tiny Llama
+from test_vcd import qwen2vl  # noqa: F401 - the fixture
 
 SPAN = (2, 8)
 
@@ -235,9 +236,53 @@ def test_emission_forward_runs_without_grad_and_equals_the_grad_enabled_one(mode
         handle.remove()
     assert new.changed.any()  # the perturbation moved tokens: the comparison is not trivial
     assert new.tokens.tolist() == old.tokens.tolist()
-    emissions_new = [c for c in no_grad if not c[0]]
-    emissions_old = calls[2::3]  # per token: 2 inner forwards, then the emission
-    assert all(grad for grad, _ in calls) and [grad for grad, _ in no_grad] == [True, True, False] * 3
+    # per token: 2 inner forwards (grad), then the emission; after the first token also the prompt's deferred
+    # no-grad forward (the later cached steps take input ids, so they are not recorded)
+    assert [grad for grad, _ in no_grad] == [True, True, False, False, True, True, False, True, True, False]
+    emissions_new = [no_grad[i] for i in (2, 6, 9)]
+    with_grad_calls = [c for c in calls if c[0]]
+    assert len(with_grad_calls) == 9
+    emissions_old = with_grad_calls[2::3]
     assert len(emissions_new) == 3 and len(emissions_old) == 3
     for (_, a), (_, b) in zip(emissions_new, emissions_old):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_tokens", [1, 6])
+def test_ungated_generation_defers_the_prompt_forward_with_the_same_results(model, prompt, n_tokens):
+    """Without a gate nothing needs the prompt's own forward before the first inner loop: it is left out (one
+    token) or run with the first cached step (more tokens), and every token, unperturbed token and record is
+    the gated-but-never-firing run's (confidence_gate=1.0 runs the prompt forward first)."""
+    calls = []
+    handle = model.register_forward_hook(  # completed forwards (the embeddings' capture stops before the model)
+        lambda m, a, kw, out: calls.append("ids" if kw.get("input_ids") is not None else "embeds"), with_kwargs=True)
+    base = dict(mode="fast", steps=3, lr=0.3, kl_weight=0.1)
+    try:
+        deferred = _gen(model, prompt, LimeConfig(confidence_gate=None, **base), n=n_tokens)
+        deferred_calls = list(calls)
+        calls.clear()
+        upfront = _gen(model, prompt, LimeConfig(confidence_gate=1.0, **base), n=n_tokens)
+    finally:
+        handle.remove()
+    assert calls[0] == "ids" and deferred_calls[0] == "embeds"  # the prompt forward ran first only when gated
+    assert deferred_calls.count("ids") == max(n_tokens - 2, 0)  # cached steps after the deferred one
+    assert len(deferred_calls) == len(calls) - 1  # one model forward fewer
+    assert deferred.changed.any()
+    assert deferred.tokens.tolist() == upfront.tokens.tolist()
+    for a, b in zip(deferred.records, upfront.records):
+        assert a.unperturbed_tokens == b.unperturbed_tokens and a.changed == b.changed
+        assert a.share_before == pytest.approx(b.share_before, abs=1e-6)
+        assert sum(a.kl, []) == pytest.approx(sum(b.kl, []), abs=1e-6)
+
+
+def test_deferred_prompt_forward_keeps_mrope_positions(qwen2vl):
+    """A tiny Qwen2-VL (3-D M-RoPE positions, a left-padded batch of two): the ungated run, whose prompt
+    forward is deferred to the first cached step, emits the never-firing gated run's tokens and records."""
+    model, proc, enc = qwen2vl
+    base = dict(mode="fast", steps=3, lr=0.3, kl_weight=0.1)
+    runs = [lime_generate(model, proc, enc, LimeConfig(confidence_gate=gate, **base), max_new_tokens=4)
+            for gate in (None, 1.0)]
+    assert runs[0].tokens.tolist() == runs[1].tokens.tolist()
+    for a, b in zip(runs[0].records, runs[1].records):
+        assert a.unperturbed_tokens == b.unperturbed_tokens
+        assert a.share_before == pytest.approx(b.share_before, abs=1e-5)

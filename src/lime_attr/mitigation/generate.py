@@ -40,7 +40,7 @@ from ..strict_json import jsonable
 from .records import TokenRecord
 
 __all__ = ["lime_generate", "LimeOutput", "modality_positions", "check_sampling_params", "GENERATION_KEYS", "checked_call",
-           "inner_engine", "decode_loop", "run_decode_loop", "prompt_embeddings"]
+           "inner_engine", "decode_loop", "run_decode_loop", "prompt_embeddings", "prompt_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -411,17 +411,46 @@ class _DecodeLoop:
     session_up_front = property(lambda self: not self.fast_cache, doc="Enter the LRP scope before the prompt pass.")
 
     def advance(self) -> None:
-        """After a token is appended: the next position's unperturbed logits (fast mode's cached step)."""
+        """After a token is appended: the next position's unperturbed logits (fast mode's cached step; the
+        prompt's forward with it when :meth:`prompt_pass` deferred it)."""
         if self.fast_cache:
-            self.cached_step()
+            if self.cache is None:
+                self.deferred_prompt_step()
+            else:
+                self.cached_step()
 
     def enter_session(self) -> None:
         if not self.in_session:
             self.stack.enter_context(self.lime.session())
             self.in_session = True
 
+    @property
+    def defers_prompt(self) -> bool:
+        """Whether nothing needs the prompt's own forward before the first token's inner loop: no KV cache
+        (reference mode, ``kv_cache=False``), or a cache with no confidence gate, no emission over the cache and
+        at least one update (the first inner forward, at Delta = 0, gives the unperturbed logits)."""
+        cfg = self.config
+        return not self.fast_cache or (self.gate is None and cfg.emit_from != "cached" and cfg.schedule[0] > 0)
+
     def prompt_pass(self) -> None:
-        """One no-grad forward of the prompt: the language model's input embeddings and positions, the cache."""
+        """The language model's input embeddings and positions; with the KV cache and unless
+        :attr:`defers_prompt`, one no-grad forward of the prompt for the cache and the unperturbed logits."""
+        model, ids, mask = self.model, self.ids, self.mask
+        pos2d = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        given = None if uses_mrope(model) else pos2d
+        if self.defers_prompt:
+            embeds, positions = prompt_inputs(model, ids, mask, given, self.inp)
+            self.vocab = int(model.get_output_embeddings().weight.shape[0])
+        else:
+            embeds, positions, out = self._prompt_forward(given)
+            self.cache, self.ref_logits = output_cache(out), out.logits[:, -1, :].float()
+            self.vocab = int(out.logits.shape[-1])
+        self.positions = (pos2d if positions is None or positions.dim() != 3 else positions).detach()
+        self.embeds, self.all_ids = embeds.detach(), ids
+
+    def _prompt_forward(self, positions: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor], Any]:
+        """One no-grad forward of the prompt with the cache: ``(embeds, position_ids, output)``, the language
+        model's inputs taken by a pre-hook."""
         model, ids, mask = self.model, self.ids, self.mask
         captured: dict[str, Any] = {}
 
@@ -429,27 +458,30 @@ class _DecodeLoop:
             if "embeds" not in captured:
                 captured["embeds"], captured["position_ids"] = kw.get("inputs_embeds"), kw.get("position_ids")
 
-        pos2d = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
         handle = language_decoder(model).register_forward_pre_hook(capture, with_kwargs=True)
         try:
-            kwargs = dict(self.inp) if uses_mrope(model) else {**self.inp, "position_ids": pos2d}
-            out = model(input_ids=ids, attention_mask=mask, use_cache=self.fast_cache, **self.keep1, **kwargs)
+            kwargs = self.inp if positions is None else {**self.inp, "position_ids": positions}
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True, **self.keep1, **kwargs)
         except Exception as exc:  # noqa: BLE001 - re-raised with the context (lime_attr's own errors unchanged)
             raise forward_error(exc, "lime_generate: the model's forward failed on these inputs (are they this "
                                      "model's processor output?)") from exc
         finally:
             handle.remove()
         embeds = captured.get("embeds")
-        embeds = (model.get_input_embeddings()(ids) if embeds is None else embeds).detach()
+        embeds = model.get_input_embeddings()(ids) if embeds is None else embeds
         if embeds.shape[1] != ids.shape[1]:
             raise ValueError(f"the language model received {embeds.shape[1]} positions for {ids.shape[1]} input ids: "
                              "the model expands its features inside the forward; expand the placeholders in the processor")
-        positions = captured.get("position_ids")
-        self.positions = (pos2d if positions is None or positions.dim() != 3 else positions).detach()
-        self.embeds, self.all_ids = embeds, ids
-        self.cache = output_cache(out) if self.fast_cache else None
-        self.ref_logits = out.logits[:, -1, :].float() if self.fast_cache else None
-        self.vocab = int(out.logits.shape[-1])
+        return embeds, captured.get("position_ids"), out
+
+    def deferred_prompt_step(self) -> None:
+        """The prompt's deferred forward, with the first emitted token: one no-grad forward of the language
+        model on the input embeddings of all positions so far, filling the cache (the next position's
+        unperturbed logits)."""
+        o = self.model(inputs_embeds=self.embeds, attention_mask=self.mask, position_ids=self.positions,
+                       use_cache=True, **self.keep1)
+        self.cache = output_cache(o)
+        self.ref_logits = o.logits[:, -1, :].float()
 
     def next_token(self, t: int) -> Tensor:
         """Decode token ``t`` of every row: gated (emitted from the unperturbed logits) or optimised."""
@@ -590,18 +622,64 @@ class _IncrementalLoop(_DecodeLoop):
 
 
 class _Embedded(Exception):
-    """Raised by :func:`prompt_embeddings`' hook: the language model's input embeddings, its forward skipped."""
+    """Raised by :func:`prompt_inputs`' hook: the language model's input embeddings, its forward skipped."""
 
-    def __init__(self, embeds: Optional[Tensor]) -> None:
+    def __init__(self, embeds: Optional[Tensor], positions: Optional[Tensor]) -> None:
         super().__init__("prompt embeddings captured")
-        self.embeds = embeds
+        self.embeds, self.positions = embeds, positions
+
+
+def prompt_inputs(model: nn.Module, ids: Tensor, mask: Tensor, positions: Optional[Tensor],
+                  inputs: dict) -> tuple[Tensor, Optional[Tensor]]:
+    """What the language model receives as ``inputs_embeds`` and ``position_ids`` for this prompt, without
+    running it.
+
+    The model's own forward runs up to its language model (image / audio features merged, M-RoPE positions
+    computed by its own code); a forward pre-hook on the language model takes its inputs and stops the call.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+    ids, mask : Tensor
+        ``[B, S]`` input ids and attention mask.
+    positions : Tensor or None
+        ``[B, S]`` position ids to pass; ``None`` lets the model compute its own (M-RoPE).
+    inputs : dict
+        The processor's other outputs (``pixel_values``, ``input_features``...).
+
+    Returns
+    -------
+    embeds : Tensor
+        ``[B, S, D]``.
+    position_ids : Tensor or None
+        The ``position_ids`` the language model received (``None`` if it received none).
+    """
+
+    def stop(module: nn.Module, args: tuple, kw: dict) -> None:
+        raise _Embedded(kw.get("inputs_embeds"), kw.get("position_ids"))
+
+    embeds = received = None
+    kwargs = inputs if positions is None else {**inputs, "position_ids": positions}
+    handle = language_decoder(model).register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
+    except _Embedded as done:
+        embeds, received = done.embeds, done.positions
+    except Exception as exc:  # noqa: BLE001 - re-raised with the context
+        raise forward_error(exc, "lime_generate: the model's forward failed on these inputs (are they this "
+                                 "model's processor output?)") from exc
+    finally:
+        handle.remove()
+    embeds = model.get_input_embeddings()(ids) if embeds is None else embeds
+    if embeds.shape[:2] != ids.shape:
+        raise ValueError(f"the language model received {embeds.shape[1]} positions for {ids.shape[1]} input ids: "
+                         "the model expands its features inside the forward; expand the placeholders in the processor")
+    return embeds, received
 
 
 def prompt_embeddings(model: nn.Module, ids: Tensor, mask: Tensor, positions: Tensor, inputs: dict) -> Tensor:
-    """What the language model receives as ``inputs_embeds`` for this prompt, without running it.
-
-    The model's own forward runs up to its language model (image / audio features merged by its own code);
-    a forward pre-hook on the language model takes the embeddings and stops the call there.
+    """What the language model receives as ``inputs_embeds`` for this prompt, without running it
+    (:func:`prompt_inputs`' embeddings).
 
     Parameters
     ----------
@@ -616,26 +694,7 @@ def prompt_embeddings(model: nn.Module, ids: Tensor, mask: Tensor, positions: Te
     Tensor
         ``[B, S, D]``.
     """
-
-    def stop(module: nn.Module, args: tuple, kw: dict) -> None:
-        raise _Embedded(kw.get("inputs_embeds"))
-
-    embeds = None
-    handle = language_decoder(model).register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **inputs)
-    except _Embedded as done:
-        embeds = done.embeds
-    except Exception as exc:  # noqa: BLE001 - re-raised with the context
-        raise forward_error(exc, "lime_generate: the model's forward failed on these inputs (are they this "
-                                 "model's processor output?)") from exc
-    finally:
-        handle.remove()
-    embeds = model.get_input_embeddings()(ids) if embeds is None else embeds
-    if embeds.shape[:2] != ids.shape:
-        raise ValueError(f"the language model received {embeds.shape[1]} positions for {ids.shape[1]} input ids: "
-                         "the model expands its features inside the forward; expand the placeholders in the processor")
-    return embeds
+    return prompt_inputs(model, ids, mask, positions, inputs)[0]
 
 
 def _stopping(model: nn.Module, tok: Any, g: dict) -> tuple[set, int, list]:
