@@ -20,18 +20,14 @@ Run: ``python -m benchmarks.bench_lime_floor [--models ...] [--items 5] [--round
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from benchmarks import _common
-from benchmarks.bench_lime_session import _items, decoders, time_rounds
+from benchmarks.bench_lime_session import _items, decoders, parser, run_and_report, time_rounds
 
-log = logging.getLogger(__name__)
 
 SETTINGS = ("logprob:10:frozen", "logprob:10:autograd", "scaled:10:autograd")
 
@@ -94,24 +90,8 @@ def run_model(name: str, n: int, rounds: int, settings: Sequence[str]) -> dict[s
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["digits-llava", "tones-qwen2audio"])
-    ap.add_argument("--items", type=int, default=5, help="validation items per condition")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS))
-    ap.add_argument("--json")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    start = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load": _common.load_average()}
-    results = [run_model(m, args.items, args.rounds, args.settings) for m in args.models]
-    end = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load": _common.load_average()}
-    for r in results:
-        for k, ms in r["ms_per_answer"].items():
-            log.info("%-18s %-28s %8.2f ms  %5.2fx greedy", r["model"], k, ms, r["x_greedy"][k])
-    if args.json:
-        _common.write_json(args.json, {"start": start, "end": end, "machine": _common.machine_info(),
-                                       "args": vars(args), "results": results})
-
+    args = parser(__doc__.splitlines()[0], SETTINGS).parse_args(argv)
+    run_and_report(args, lambda m: run_model(m, args.items, args.rounds, args.settings))
 
 if __name__ == "__main__":
     main()

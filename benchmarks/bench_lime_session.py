@@ -113,19 +113,31 @@ def time_rounds(runs: dict[str, Callable[[], None]], n_items: int, rounds: int) 
             "x_greedy": {k: v / med["greedy"] for k, v in med.items()}, "all_ms": times}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser(description: str, settings: Sequence[str]) -> argparse.ArgumentParser:
+    """The options these timing scripts share: ``--models --items --rounds --settings --json``."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--models", nargs="+", default=["digits-llava", "tones-qwen2audio"])
     ap.add_argument("--items", type=int, default=5, help="validation items per condition")
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS))
-    ap.add_argument("--no-session", action="store_true", help="leave the LimeSession decoder out")
+    ap.add_argument("--settings", nargs="+", default=list(settings))
     ap.add_argument("--json")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ap = parser(__doc__.splitlines()[0], SETTINGS)
+    ap.add_argument("--no-session", action="store_true", help="leave the LimeSession decoder out")
     args = ap.parse_args(argv)
+    run_and_report(args, lambda m: run_model(m, args.items, args.rounds, args.settings, not args.no_session))
+
+
+def run_and_report(args: argparse.Namespace, run_one: Callable[[str], dict[str, Any]]) -> None:
+    """``run_one(model)`` for every ``args.models`` (one torch thread), logged per decoder, and written to
+    ``args.json`` with the start and end time, the load averages and the machine."""
     torch.set_num_threads(1)
     start = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load": _common.load_average()}
-    results = [run_model(m, args.items, args.rounds, args.settings, not args.no_session) for m in args.models]
+    results = [run_one(m) for m in args.models]
     end = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load": _common.load_average()}
     for r in results:
         for k, ms in r["ms_per_answer"].items():
