@@ -22,7 +22,8 @@ own), on one CPU thread, and every ratio is to greedy measured in the same run.
 * ``lime-fast-nogate-ckpt-keepheap``: ``lime-fast-nogate-ckpt`` with ``release_heap=False``;
 * ``lime-incremental``: ``mode="incremental"`` (issue 15's cheap variant: relevance along the KV-cache path,
   Delta on the current query's reads, every token optimised, one update carrying the total step);
-* ``lime-incremental-2``: the same with two updates (``fast_updates=2``).
+* ``lime-incremental-2``: the same with two updates (``fast_updates=2``);
+* ``lime-incremental-frozen``: ``lime-incremental`` with ``second_order="frozen"`` (its first-order variant).
 
 ``--lr-factor K`` also runs the decoders named by ``--lr-decoders`` (default ``lime-reference`` and
 ``lime-fast``) at K times the preset learning rate.
@@ -68,7 +69,7 @@ from benchmarks._common import Stopwatch, machine_line, max_rss_mb, rss_mb, writ
 
 DECODERS = ("greedy", "vcd", "lime-reference", "lime-fast", "lime-fast-nogate", "lime-fast-v1", "lime-fast-cached",
             "lime-fast-1", "lime-reference-ckpt", "lime-fast-nogate-ckpt", "lime-fast-nogate-ckpt-keepheap", "lime-incremental",
-            "lime-incremental-2")
+            "lime-incremental-2", "lime-incremental-frozen")
 TASK_DECODERS = ("greedy", "lime-reference", "lime-fast", "lime-fast-nogate")
 TASK_MODELS = ("digits-llava", "tones-qwen2audio")
 
@@ -94,6 +95,8 @@ def lime_configs(model: Any = None, lr_factor: float = 1.0) -> dict:
         # the cheap variant (issue 15): one position over the KV cache, every token optimised (no gate)
         "lime-incremental": base.replace(mode="incremental"),  # 1 update at (steps - 1) x lr
         "lime-incremental-2": base.replace(mode="incremental", fast_updates=2),
+        # its first-order variant: the rule gradient held constant, no double backward, no-grad emission
+        "lime-incremental-frozen": base.replace(mode="incremental", second_order="frozen"),
     }
     if lr_factor != 1.0:
         for k in ("lime-reference", "lime-fast", "lime-fast-1", "lime-incremental", "lime-incremental-2"):
