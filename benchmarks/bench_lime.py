@@ -23,7 +23,9 @@ own), on one CPU thread, and every ratio is to greedy measured in the same run.
 * ``lime-incremental``: ``mode="incremental"`` (issue 15's cheap variant: relevance along the KV-cache path,
   Delta on the current query's reads, every token optimised, one update carrying the total step);
 * ``lime-incremental-2``: the same with two updates (``fast_updates=2``);
-* ``lime-incremental-frozen``: ``lime-incremental`` with ``second_order="frozen"`` (its first-order variant).
+* ``lime-incremental-frozen``: ``lime-incremental`` with ``second_order="frozen"`` (its first-order variant);
+* ``lime-incremental-fused``, ``lime-incremental-frozen-fused``: those two with ``prompt_pass="fused"`` (the
+  whole prompt in the first inner forward instead of a separate no-grad forward of its prefix).
 
 ``--lr-factor K`` also runs the decoders named by ``--lr-decoders`` (default ``lime-reference`` and
 ``lime-fast``) at K times the preset learning rate.
@@ -69,7 +71,7 @@ from benchmarks._common import Stopwatch, machine_line, max_rss_mb, rss_mb, writ
 
 DECODERS = ("greedy", "vcd", "lime-reference", "lime-fast", "lime-fast-nogate", "lime-fast-v1", "lime-fast-cached",
             "lime-fast-1", "lime-reference-ckpt", "lime-fast-nogate-ckpt", "lime-fast-nogate-ckpt-keepheap", "lime-incremental",
-            "lime-incremental-2", "lime-incremental-frozen")
+            "lime-incremental-2", "lime-incremental-frozen", "lime-incremental-fused", "lime-incremental-frozen-fused")
 TASK_DECODERS = ("greedy", "lime-reference", "lime-fast", "lime-fast-nogate")
 TASK_MODELS = ("digits-llava", "tones-qwen2audio")
 
@@ -97,6 +99,9 @@ def lime_configs(model: Any = None, lr_factor: float = 1.0) -> dict:
         "lime-incremental-2": base.replace(mode="incremental", fast_updates=2),
         # its first-order variant: the rule gradient held constant, no double backward, no-grad emission
         "lime-incremental-frozen": base.replace(mode="incremental", second_order="frozen"),
+        # both with the whole prompt in the first inner forward instead of a separate no-grad prefix forward
+        "lime-incremental-fused": base.replace(mode="incremental", prompt_pass="fused"),
+        "lime-incremental-frozen-fused": base.replace(mode="incremental", second_order="frozen", prompt_pass="fused"),
     }
     if lr_factor != 1.0:
         for k in ("lime-reference", "lime-fast", "lime-fast-1", "lime-incremental", "lime-incremental-2"):

@@ -587,8 +587,10 @@ class _IncrementalLoop(_DecodeLoop):
         """Nothing to compute: the token's step already appended its position to the cache."""
 
     def prompt_pass(self) -> None:
-        """The language model's input embeddings of the prompt (its perceptual encoders run, no grad); the
-        cache stays empty: the first token's first inner forward computes the whole prompt and fills it."""
+        """The language model's input embeddings of the prompt (its perceptual encoders run, no grad); with
+        ``prompt_pass="separate"`` a no-grad forward of all positions but the last fills the cache, with
+        ``"fused"`` the cache stays empty: the first token's first inner forward computes the whole prompt and
+        fills it."""
         model, ids, mask = self.model, self.ids, self.mask
         if uses_mrope(model):
             raise ValueError("LIME mode='incremental' does not support M-RoPE models (the Qwen2-VL family) yet; use "
@@ -598,8 +600,13 @@ class _IncrementalLoop(_DecodeLoop):
                              "text (the current query is the last prompt token)")
         self.positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
         self.vocab = int(model.get_output_embeddings().weight.shape[0])
-        self.all_ids, self.kv, self.whole_prompt = ids, KVCacheState([]), True
+        self.all_ids, self.kv = ids, KVCacheState([])
         self.embeds = prompt_embeddings(model, ids, mask, self.positions, self.inp).detach()
+        self.whole_prompt = self.config.prompt_pass == "fused" or ids.shape[1] == 1
+        if not self.whole_prompt:
+            out = model(inputs_embeds=self.embeds[:, :-1], attention_mask=mask[:, :-1],
+                        position_ids=self.positions[:, :-1], use_cache=True, **self.keep1)
+            self.kv = KVCacheState.from_cache(output_cache(out))
 
     def next_token(self, t: int) -> Tensor:
         """Token ``t`` of every row: one incremental LIME step of the last position (every token optimised)."""
