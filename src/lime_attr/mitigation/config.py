@@ -200,8 +200,8 @@ class LimeConfig:
         earlier positions' keys and values read detached; the same numbers up to rounding), one forward fewer.
         That saves Python overhead on very small models (9-12% for the first-order update on the 0.3M-parameter
         demo models) but runs the backward's matrix products over every prompt position: on the 1.2B
-        benchmark model a one-token answer cost 2.4x (first order) and 5.0x (autograd) greedy's time fused,
-        1.4x and 1.5x separate (``docs/lime.rst``, "Incremental mode").
+        benchmark model a one-token answer cost 2.17x (first order) and 4.48x (autograd) greedy's CPU time
+        fused, 1.25x and 1.29x separate (``docs/lime.rst``, "Incremental mode").
     objective : str or Objective
         What is explained, which relevance loss is minimised and how the inner lr is scaled
         (:mod:`lime_attr.mitigation.objectives`): a name of
