@@ -32,10 +32,13 @@ computed, over the unperturbed KV cache of the positions before it:
 * **The cache** keeps the unperturbed keys and values: every forward runs on a fresh
   :class:`~transformers.DynamicCache` built from them (:class:`KVCacheState`), and the current position's
   entries are taken, detached, from the first inner forward (where :math:`\Delta = 0`).
-* **The first token** has no cache yet: its first inner forward computes the whole prompt (``x`` of shape
+* **The first token**: by default (``prompt_pass="separate"``) the decode loop fills the cache with a no-grad
+  forward of the prompt's prefix and the first token is one position over it, like every other. With
+  ``prompt_pass="fused"`` its first inner forward computes the whole prompt instead (``x`` of shape
   ``[B, t + 1, D]`` over an empty state), the earlier positions' keys and values read detached where the
   rule sees them, as cached ones are, so that the backward runs along the last position's path only; it
-  fills the cache, and the token's later forwards run over it (no separate prompt pass).
+  fills the cache, and the token's later forwards run over it (one forward fewer; on large models its
+  backward's products run over every position, see ``docs/lime.rst``).
 
 Per token this costs ``n`` forwards of one position with their relevance backward and double backward,
 plus one forward of one position for the emission (the schedule is fast mode's: ``n = min(fast_updates,
