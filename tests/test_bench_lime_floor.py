@@ -41,3 +41,17 @@ def test_time_rounds_reports_ratios_to_greedy(digits):
     assert all(len(v) == 2 for v in out["all_ms"].values())
     assert out["x_greedy"]["floor/first-order"] == pytest.approx(
         out["ms_per_answer"]["floor/first-order"] / out["ms_per_answer"]["greedy"])
+
+
+def test_width_sweep_builds_growing_models_and_times_every_variant():
+    """bench_lime_scale: the language model grows with the width, the prompt has the 64 image tokens, and one
+    round of every decoder runs (the LIME variants inside a session)."""
+    from benchmarks import bench_lime_scale as scale
+
+    small, inputs = scale.build(64, prompts=1)
+    larger, _ = scale.build(128, prompts=1)
+    count = lambda m: sum(p.numel() for p in m.model.language_model.parameters())  # noqa: E731
+    assert count(larger) > 3 * count(small)
+    assert int((inputs[0]["input_ids"] == scale.IMAGE_TOKEN).sum()) == 64
+    out = scale.run_width(64, prompts=1, rounds=1)
+    assert set(out["x_greedy"]) == {"greedy", *scale.VARIANTS}
