@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from benchmarks import _common
-from benchmarks.bench_lime_session import time_rounds
-
-log = logging.getLogger(__name__)
+from benchmarks.bench_lime_session import run_and_report, time_rounds
 
 IMAGE_TOKEN = 1023
 VARIANTS = {"lime-incremental": {}, "lime-incremental-frozen": {"second_order": "frozen"}}
@@ -78,7 +74,8 @@ def decoders(model: Any, inputs: list[dict]) -> dict[str, Callable[[], None]]:
 def run_width(width: int, prompts: int, rounds: int) -> dict[str, Any]:
     model, inputs = build(width, prompts)
     n_params = sum(p.numel() for p in model.model.language_model.parameters())
-    return {"width": width, "lm_parameters": n_params, **time_rounds(decoders(model, inputs), len(inputs), rounds)}
+    return {"model": f"llava-w{width} ({n_params / 1e6:.1f}M LM)", "width": width, "lm_parameters": n_params,
+            **time_rounds(decoders(model, inputs), len(inputs), rounds)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -89,18 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    start = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load": _common.load_average()}
-    results = [run_width(w, args.prompts, args.rounds) for w in args.widths]
-    end = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load": _common.load_average()}
-    for r in results:
-        log.info("width %5d  LM %6.1fM params  greedy %8.2f ms  %s", r["width"], r["lm_parameters"] / 1e6,
-                 r["ms_per_answer"]["greedy"],
-                 "  ".join(f"{k} {v:.2f}x" for k, v in r["x_greedy"].items() if k != "greedy"))
-    if args.json:
-        _common.write_json(args.json, {"start": start, "end": end, "machine": _common.machine_info(),
-                                       "args": vars(args), "results": results})
-
+    run_and_report(args, lambda w: run_width(w, args.prompts, args.rounds), cases=args.widths)
 
 if __name__ == "__main__":
     main()

@@ -132,12 +132,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     run_and_report(args, lambda m: run_model(m, args.items, args.rounds, args.settings, not args.no_session))
 
 
-def run_and_report(args: argparse.Namespace, run_one: Callable[[str], dict[str, Any]]) -> None:
-    """``run_one(model)`` for every ``args.models`` (one torch thread), logged per decoder, and written to
-    ``args.json`` with the start and end time, the load averages and the machine."""
+def run_and_report(args: argparse.Namespace, run_one: Callable[[Any], dict[str, Any]],
+                   cases: Optional[Sequence[Any]] = None) -> None:
+    """``run_one(case)`` for every case (default ``args.models``; one torch thread), each result's decoders
+    logged under its ``"model"``, and all written to ``args.json`` with the start and end time, the load
+    averages and the machine."""
     torch.set_num_threads(1)
     start = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load": _common.load_average()}
-    results = [run_one(m) for m in args.models]
+    results = [run_one(c) for c in (args.models if cases is None else cases)]
     end = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load": _common.load_average()}
     for r in results:
         for k, ms in r["ms_per_answer"].items():

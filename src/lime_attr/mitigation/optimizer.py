@@ -233,9 +233,9 @@ class LimeOptimizer:
 
     @contextlib.contextmanager
     def _emitting_without_grad(self) -> Iterator[None]:
-        """A forward with the final, fixed Delta and no gradients: no rule runs (rules change only gradients), no
-        graph is built."""
-        self._grad_deltas, self._emitting = False, True
+        """A forward with the final, fixed Delta (``_grad_deltas`` already off) and no gradients: no rule runs
+        (rules change only gradients), no graph is built."""
+        self._emitting = True
         try:
             with torch.no_grad():
                 yield
